@@ -1,0 +1,53 @@
+"""Matching features of two models at one merge point (ZipIt!, Stoica et al., ICLR 2024).
+
+``match(correlation, method="zipit", **params) -> (merge, unmerge)`` turns the 2F x 2F
+correlation matrix of [features of A ; features of B] into a merge matrix M (F x 2F, each row
+the mean over one cluster's members) and an unmerge matrix U (2F x F, 0/1), with M @ U = I.
+Split by model: M = [M_A | M_B], U = [U_A ; U_B].
+
+Built-in methods (see :func:`list_matchers`): "zipit" (greedy zip, the paper's method),
+"permute" (Hungarian assignment across models, Git Re-Basin) and "average" (identity pairs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxzip.match.correlation import check_correlation, correlation_from_covariance
+from onnxzip.match.registry import (
+    Matcher,
+    Param,
+    get_matcher,
+    list_matchers,
+    register,
+    validate_params,
+)
+
+# Importing the modules registers the built-in matchers.
+from onnxzip.match import average as _average  # noqa: F401
+from onnxzip.match import permute as _permute  # noqa: F401
+from onnxzip.match import zipit as _zipit  # noqa: F401
+
+__all__ = [
+    "match",
+    "list_matchers",
+    "get_matcher",
+    "validate_params",
+    "register",
+    "Matcher",
+    "Param",
+    "correlation_from_covariance",
+]
+
+
+def match(correlation, method: str = "zipit", **params) -> tuple[np.ndarray, np.ndarray]:
+    """Match features with ``method``; returns (merge F x 2F, unmerge 2F x F), float64.
+
+    ``correlation``: square 2F x 2F (with zipit's ``num_models=N``: NF x NF), features of model
+    A first; any diagonal (the matcher sets it); no NaN (+-inf allowed). Unknown method or
+    parameter, or a parameter out of range: OptionError. Malformed matrix: ValueError.
+    """
+    matcher = get_matcher(method)
+    params = validate_params(matcher.name, params)
+    c = check_correlation(correlation, int(params.get("num_models", 2)))
+    return matcher.function(c, **params)

@@ -1,0 +1,30 @@
+""""average": plain weight averaging, feature c of A with feature c of B (no matching).
+
+The floor baseline of ZipIt! (Stoica et al., ICLR 2024, Sec. 5; the authors'
+match_tensors_identity): M = [I/2, I/2], U = [I; I].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxzip.match.correlation import check_correlation
+from onnxzip.match.permute import pairs_to_merge
+from onnxzip.match.registry import register
+
+__all__ = ["average"]
+
+
+@register(
+    "average",
+    reference=(
+        "Weight averaging baseline of ZipIt! (Stoica et al., ICLR 2024, Sec. 5; "
+        "Wortsman et al., 'Model soups', ICML 2022)"
+    ),
+    description="Average feature c of model A with feature c of model B (no matching).",
+)
+def average(correlation):
+    """Identity pairs; returns (merge F x 2F, unmerge 2F x F). The correlation gives only F."""
+    C = check_correlation(correlation, 2)
+    F = C.shape[0] // 2
+    return pairs_to_merge(np.arange(F))

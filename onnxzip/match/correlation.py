@@ -1,0 +1,73 @@
+"""From feature covariance to the correlation matrix the matchers work on.
+
+ZipIt! (Stoica et al., ICLR 2024, Sec. 4.3) matches features by the correlation of their
+activations over calibration data: C = cov / outer(std, std), with the denominator clamped
+(at 1e-7, as the authors' code does) so that near-dead features get correlations near 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["correlation_from_covariance", "check_correlation", "EPS"]
+
+#: Clamp of the denominator outer(std, std) (the authors' value).
+EPS = 1e-7
+
+
+def correlation_from_covariance(cov, eps: float = EPS) -> np.ndarray:
+    """Correlation matrix (float64) of a covariance matrix.
+
+    ``C[i, j] = cov[i, j] / max(std_i * std_j, eps)``. A feature with zero (or, from rounding,
+    negative) variance -- a dead or constant channel -- gets correlation 0 with everything,
+    itself included, so the result never contains NaN. The diagonal is otherwise left as
+    computed (about 1); each matcher decides what to do with it.
+    """
+    cov = np.array(cov, dtype=np.float64, copy=True)
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"covariance must be a square matrix, got shape {cov.shape}")
+    if not np.all(np.isfinite(cov)):
+        bad = np.argwhere(~np.isfinite(cov))[0]
+        raise ValueError(
+            f"covariance contains {cov[tuple(bad)]} at {tuple(int(b) for b in bad)}: "
+            "the statistics are invalid; check the calibration data and activations for NaN/inf"
+        )
+    var = np.diagonal(cov).copy()
+    dead = ~(var > 0)
+    std = np.sqrt(np.where(dead, 0.0, var))
+    denom = np.maximum(np.outer(std, std), eps)
+    corr = cov / denom
+    if dead.any():
+        corr[dead, :] = 0.0
+        corr[:, dead] = 0.0
+    return corr
+
+
+def check_correlation(correlation, num_models: int = 2) -> np.ndarray:
+    """Validate a correlation matrix for matching; return it as a new float64 array.
+
+    It must be square, of size num_models * F with F >= 1, with no NaN (+-inf is allowed:
+    -inf means "never merge this pair" to zipit). Raises ValueError otherwise.
+    """
+    try:
+        c = np.array(correlation, dtype=np.float64, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"correlation matrix is not numeric: {exc}") from None
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(
+            f"correlation matrix has shape {c.shape}: it must be square, "
+            f"{num_models}F x {num_models}F (model A's F features, then model B's)"
+        )
+    n = c.shape[0]
+    if n == 0 or n % num_models:
+        raise ValueError(
+            f"correlation matrix is {n} x {n}: its size must be a positive multiple of "
+            f"{num_models} (F features from each of the {num_models} models)"
+        )
+    if np.isnan(c).any():
+        bad = tuple(int(b) for b in np.argwhere(np.isnan(c))[0])
+        raise ValueError(
+            f"correlation matrix contains NaN at {bad}: compute it with "
+            "correlation_from_covariance, which maps dead channels to 0"
+        )
+    return c
