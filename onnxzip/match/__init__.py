@@ -11,6 +11,9 @@ Built-in methods (see :func:`list_matchers`): "zipit" (greedy zip, the paper's m
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 
 from onnxzip.match.correlation import check_correlation, correlation_from_covariance
@@ -51,3 +54,13 @@ def match(correlation, method: str = "zipit", **params) -> tuple[np.ndarray, np.
     params = validate_params(matcher.name, params)
     c = check_correlation(correlation, int(params.get("num_models", 2)))
     return matcher.function(c, **params)
+
+
+class _CallableModule(types.ModuleType):
+    """``onnxzip.match`` is both this package and the :func:`match` function."""
+
+    def __call__(self, correlation, method: str = "zipit", **params):
+        return match(correlation, method, **params)
+
+
+sys.modules[__name__].__class__ = _CallableModule

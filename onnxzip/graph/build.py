@@ -1,0 +1,401 @@
+"""build_layer_graph(): parse a normalized model into a :class:`LayerGraph`.
+
+Walks the nodes in topological order; each op's handler (``onnxzip.ops``) says how the feature
+space of its inputs reaches its outputs. Shapes come from one onnxruntime probe run on an
+example batch (exact, whatever the exporter wrote in value_info).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxzip.errors import ModelLoadError, UnsupportedOpError
+from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
+from onnxzip.graph.spaces import (
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, NoFeatures, Space, leaves,
+)
+from onnxzip.ops import get_handler
+
+__all__ = ["build_layer_graph", "probe_shapes", "example_inputs", "BuildContext"]
+
+_ONNX_TO_NP = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_, onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT8: np.int8,
+}
+
+
+def input_specs(model: onnx.ModelProto) -> list[tuple[str, list, type]]:
+    """(name, dims with None for symbolic ones, numpy dtype) of each graph input."""
+    specs = []
+    for i in model.graph.input:
+        t = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        specs.append((i.name, dims, _ONNX_TO_NP.get(t.elem_type, np.float32)))
+    return specs
+
+
+def example_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zeros shaped like the inputs; symbolic dimensions become ``batch`` on axis 0, else 1."""
+    feeds = {}
+    for name, dims, dtype in input_specs(model):
+        shape = [d if d else (batch if k == 0 else 1) for k, d in enumerate(dims)]
+        feeds[name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """Run the model once with every node output fetched; return every tensor's shape."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for n in m.graph.node:
+        for o in n.output:
+            if o and o not in existing:
+                m.graph.output.append(helper.make_empty_tensor_value_info(o))
+                existing.add(o)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        values = sess.run(names, feeds)
+    except Exception as e:
+        raise ModelLoadError(
+            f"onnxruntime cannot run the model on an example batch ({str(e).splitlines()[0][:300]}); "
+            "check that it runs in onnxruntime, or pass calibration data with the real input shapes"
+        ) from e
+    shapes = {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+    for k, v in feeds.items():
+        shapes[k] = tuple(v.shape)
+    for t in model.graph.initializer:
+        shapes[t.name] = tuple(t.dims)
+    return shapes
+
+
+class BuildContext:
+    """What op handlers see: spaces, constants, shapes, and the records being built."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple]):
+        self.model = model
+        self.consts = {t.name: t for t in model.graph.initializer}
+        self._const_values: dict[str, np.ndarray] = {}
+        self.shapes = shapes
+        self.spaces: dict[str, Space] = {}
+        self.parent: dict[int, int] = {}
+        self.group_size: dict[int, int] = {}
+        self.crossed: dict[int, list] = {}
+        self.layers: list[Layer] = []
+        self.params: list[ChannelParam] = []
+        self.unsupported: list[Unsupported] = []
+        self.topo = 0
+        self.axis_of: dict[str, int] = {}
+        for name, _, _ in input_specs(model):
+            self.spaces[name] = InputSpace()
+
+    # ---- lookups
+    def is_const(self, name: str) -> bool:
+        return name in self.consts
+
+    def const(self, name: str) -> np.ndarray:
+        if name not in self._const_values:
+            self._const_values[name] = numpy_helper.to_array(self.consts[name])
+        return self._const_values[name]
+
+    def space(self, name: str) -> Space:
+        if not name or name in self.consts:
+            return NoFeatures()
+        return self.spaces.get(name, NoFeatures())
+
+    def shape(self, name: str) -> tuple | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        s = self.shapes.get(name)
+        return None if s is None else len(s)
+
+    @staticmethod
+    def attr(node: onnx.NodeProto, name: str, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    # ---- groups
+    def find(self, gid: int) -> int:
+        while self.parent[gid] != gid:
+            self.parent[gid] = self.parent[self.parent[gid]]
+            gid = self.parent[gid]
+        return gid
+
+    def new_group(self, size: int, tensor: str, axis: int) -> GroupSpace:
+        gid = len(self.parent)
+        self.parent[gid] = gid
+        self.group_size[gid] = size
+        return GroupSpace(gid, size, tensor, axis)
+
+    def union(self, spaces: list[GroupSpace], tensor: str, axis: int) -> GroupSpace:
+        root = self.find(spaces[0].gid)
+        for s in spaces[1:]:
+            other = self.find(s.gid)
+            if other != root:
+                self.parent[max(root, other)] = min(root, other)
+                root = min(root, other)
+        return GroupSpace(root, spaces[0].size, tensor, axis)
+
+    def feature_axis(self, name: str) -> int | None:
+        """The channel axis of a feature tensor."""
+        space = self.space(name)
+        if isinstance(space, GroupSpace):
+            return space.axis
+        return self.axis_of.get(name)
+
+    def set_axis(self, name: str, axis: int) -> None:
+        self.axis_of[name] = axis
+
+    @staticmethod
+    def is_feature(space: Space) -> bool:
+        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace))
+
+    def follow(self, space: Space, tensor: str, axis: int | None = None) -> Space:
+        """The space of an element-wise op's output: the same features, now at ``tensor``."""
+        if isinstance(space, GroupSpace):
+            return GroupSpace(space.gid, space.size, tensor, space.axis if axis is None else axis)
+        return space
+
+    # ---- records
+    def add_layer(self, layer: Layer) -> None:
+        layer.topo = self.topo
+        self.layers.append(layer)
+
+    def add_param(self, node: onnx.NodeProto, index: int, axis: int, space: Space) -> None:
+        for leaf in leaves(space):
+            self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, leaf.gid, topo=self.topo))
+            return
+
+    def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
+        """``node`` mixes the channels of ``space``: fine for an output group, else a limit."""
+        for leaf in leaves(space):
+            self.crossed.setdefault(leaf.gid, []).append((node.name, node.op_type))
+
+    def unsupported_op(self, node: onnx.NodeProto, reason: str) -> list[Space]:
+        """Record that the zip cannot pass through ``node``; its outputs are blocked."""
+        spaces = [self.space(i) for i in node.input if i]
+        feats = [s for s in spaces if self.is_feature(s)]
+        if not feats and not any(isinstance(s, Blocked) for s in spaces):
+            # only model inputs or shapes flow in: the op computes the same thing in both models
+            kind = InputSpace() if any(isinstance(s, InputSpace) for s in spaces) else NoFeatures()
+            return [kind for _ in node.output]
+        for s in feats:
+            self.cross_channel(node, s)
+        self.unsupported.append(Unsupported(node.name, node.op_type, reason))
+        return [Blocked(node.name, node.op_type) for _ in node.output]
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    used = set()
+    for k, n in enumerate(model.graph.node):
+        if not n.name or n.name in used:
+            base = n.name or f"{n.op_type}_{k}"
+            name = base
+            while name in used:
+                name = f"{base}_{k}"
+            n.name = name
+        used.add(n.name)
+
+
+def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None) -> LayerGraph:
+    """Parse a normalized model (see :func:`onnxzip.normalize.normalize`).
+
+    Args:
+        model: the normalized model; nodes without names get unique ones (in place).
+        feeds: an example batch used to learn every tensor's shape (zeros if omitted).
+    """
+    _name_nodes(model)
+    shapes = probe_shapes(model, feeds if feeds is not None else example_inputs(model))
+    ctx = BuildContext(model, shapes)
+    for k, node in enumerate(model.graph.node):
+        ctx.topo = k
+        handler = get_handler(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if handler is None:
+            outs = ctx.unsupported_op(node, f"onnxzip has no handler for op type {node.domain + '.' if node.domain else ''}{node.op_type}")
+        else:
+            outs = handler(ctx, node)
+        for name, space in zip(node.output, outs):
+            if name:
+                ctx.spaces[name] = space
+    return _finish(ctx)
+
+
+def _resolve(ctx: BuildContext, space: Space) -> Space:
+    if isinstance(space, GroupSpace):
+        return GroupSpace(ctx.find(space.gid), space.size, space.tensor, space.axis)
+    if isinstance(space, ConcatSpace):
+        return ConcatSpace(tuple(_resolve(ctx, p) for p in space.parts), space.size)
+    if isinstance(space, ExpandSpace):
+        return ExpandSpace(_resolve(ctx, space.part), space.outer, space.inner, space.size)
+    return space
+
+
+def _finish(ctx: BuildContext) -> LayerGraph:
+    model = ctx.model
+    spaces = {k: _resolve(ctx, v) for k, v in ctx.spaces.items()}
+    for layer in ctx.layers:
+        layer.in_space = _resolve(ctx, layer.in_space)
+        layer.out_space = _resolve(ctx, layer.out_space)
+    for p in ctx.params:
+        p.gid = ctx.find(p.gid)
+    _number_layers(model, ctx.layers)
+    _bias_chains(model, ctx)
+
+    groups: dict[int, FeatureGroup] = {}
+    order = sorted(ctx.layers, key=lambda l: (l.number, l.depth, l.topo))
+    for idx, layer in enumerate(order):
+        for leaf in leaves(layer.out_space):
+            g = groups.setdefault(leaf.gid, FeatureGroup(leaf.gid, leaf.size))
+            g.producers.append(idx)
+    # renumber groups canonically: by the first layer producing them
+    remap: dict[int, int] = {}
+    for layer in order:
+        for leaf in leaves(layer.out_space):
+            remap.setdefault(leaf.gid, len(remap))
+    for gid in list(ctx.group_size):
+        root = ctx.find(gid)
+        remap.setdefault(root, len(remap))
+
+    def rg(space: Space) -> Space:
+        if isinstance(space, GroupSpace):
+            return GroupSpace(remap[space.gid], space.size, space.tensor, space.axis)
+        if isinstance(space, ConcatSpace):
+            return ConcatSpace(tuple(rg(p) for p in space.parts), space.size)
+        if isinstance(space, ExpandSpace):
+            return ExpandSpace(rg(space.part), space.outer, space.inner, space.size)
+        return space
+
+    spaces = {k: rg(v) for k, v in spaces.items()}
+    for layer in order:
+        layer.in_space, layer.out_space = rg(layer.in_space), rg(layer.out_space)
+    new_groups: dict[int, FeatureGroup] = {}
+    for old, g in groups.items():
+        g.gid = remap[old]
+        new_groups[g.gid] = g
+    for p in ctx.params:
+        p.gid = remap[p.gid]
+    for old_root, crossers in ctx.crossed.items():
+        gid = remap[ctx.find(old_root)]
+        if gid in new_groups:
+            new_groups[gid].blocked_by.extend(crossers)
+    outputs = [o.name for o in model.graph.output]
+    for o in outputs:
+        for leaf in leaves(spaces.get(o, NoFeatures())):
+            if leaf.gid in new_groups:
+                new_groups[leaf.gid].output = True
+    seen = set()
+    for layer in order:
+        for leaf in leaves(layer.in_space):
+            if leaf.tensor not in seen and leaf.gid in new_groups:
+                seen.add(leaf.tensor)
+                new_groups[leaf.gid].tensors.append((leaf.tensor, leaf.axis))
+
+    num_layers = max((l.number for l in order), default=0)
+    unsupported = list(ctx.unsupported)
+    for u in unsupported:
+        u.max_depth = num_layers
+    for g in new_groups.values():
+        if g.blocked_by and not g.output:
+            limit = min(order[i].number for i in g.producers) - 1
+            for node, op in g.blocked_by:
+                hit = next((u for u in unsupported if u.node == node), None)
+                if hit is None:
+                    hit = Unsupported(node, op, f"{op} mixes the channels of a feature group", num_layers)
+                    unsupported.append(hit)
+                hit.max_depth = min(hit.max_depth, limit)
+    # params: canonical order inside each group
+    depth_of_tensor = _tensor_depths(model, order)
+    node_by_name = {n.name: n for n in model.graph.node}
+    for p in ctx.params:
+        p.depth = depth_of_tensor.get(node_by_name[p.node].input[0], 0)
+    params = sorted(ctx.params, key=lambda p: (p.gid, p.depth, p.topo, p.input_index))
+    return LayerGraph(
+        model=model, layers=order, groups=dict(sorted(new_groups.items())), params=params,
+        spaces=spaces, shapes=ctx.shapes, unsupported=unsupported,
+        inputs=[i.name for i in model.graph.input], outputs=outputs, num_layers=num_layers,
+        axes=dict(ctx.axis_of),
+    )
+
+
+def _tensor_depths(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, int]:
+    """Longest path of weight layers from the inputs to each tensor."""
+    by_node = {l.node: l for l in layers}
+    depth: dict[str, int] = {}
+    for n in model.graph.node:
+        d = max((depth.get(i, 0) for i in n.input if i), default=0)
+        if n.name in by_node:
+            d += 1
+        for o in n.output:
+            depth[o] = d
+    return depth
+
+
+def _number_layers(model: onnx.ModelProto, layers: list[Layer]) -> None:
+    """The paper's numbering: m minus the longest path of weight layers to an output, plus one.
+
+    Main-path layers get 1..m in order; a shortcut layer gets the number of the last layer of
+    the block it bypasses (it joins the main path where that block ends).
+    """
+    by_node = {l.node: l for l in layers}
+    depth = _tensor_depths(model, layers)
+    height: dict[str, int] = {}
+    for n in reversed(model.graph.node):
+        h = max((height.get(o, 0) for o in n.output if o), default=0)
+        if n.name in by_node:
+            h += 1
+            by_node[n.name].depth = depth[n.output[0]]
+            by_node[n.name].number = h  # temporarily the height
+        for i in n.input:
+            if i:
+                height[i] = max(height.get(i, 0), h)
+    m = max((l.number for l in layers), default=0)
+    for l in layers:
+        l.number = m - l.number + 1
+
+
+def _bias_chains(model: onnx.ModelProto, ctx: BuildContext) -> None:
+    """Per layer, the per-channel bias Adds that follow it alone (MatMul + Add is one dense layer)."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in model.graph.output}
+    params = {(p.node, p.input_index) for p in ctx.params}
+    for layer in ctx.layers:
+        t = layer.output
+        while t not in outputs and len(consumers.get(t, [])) == 1:
+            n = consumers[t][0]
+            if n.op_type not in ("Add", "Sub") or len(n.input) != 2:
+                break
+            k = 1 if n.input[0] == t else 0
+            if (n.name, k) not in params:
+                break
+            sign = -1.0 if (n.op_type == "Sub" and k == 1) else 1.0
+            if n.op_type == "Sub" and k == 0:
+                break  # const - x flips the sign of the features
+            layer.bias_chain.append((n.name, k, n.input[k], sign))
+            t = n.output[0]
+        layer.preact = t
+
+
+def require_depth(graph: LayerGraph, stop_at: int, label: str = "model") -> None:
+    """Raise if an unsupported op lies before ``stop_at``."""
+    for u in graph.unsupported:
+        if stop_at > u.max_depth:
+            raise UnsupportedOpError(
+                f"{label}: cannot zip through node '{u.node}' ({u.op_type}): {u.reason}; "
+                f"zip at most {u.max_depth} layers (--stop-at {u.max_depth}) or re-export without it"
+            )

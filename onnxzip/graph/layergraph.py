@@ -1,0 +1,137 @@
+"""The layer graph: weight layers, feature groups and per-channel parameters of one model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from onnxzip.graph.spaces import GroupSpace, Space, leaves
+
+__all__ = ["Layer", "ChannelParam", "FeatureGroup", "Unsupported", "LayerGraph"]
+
+
+@dataclass
+class Layer:
+    """A node with trainable weights: Conv, Gemm or MatMul with an initializer.
+
+    ``w_out_axis``/``w_in_axis`` say which axis of the weight tensor holds output and input
+    channels (Gemm transB=1: 0/1; Gemm transB=0 and MatMul: 1/0; Conv: 0/1). A depthwise
+    Conv (group == channels) is ``per_channel``: its output stays in its input's group.
+    """
+
+    node: str
+    op_type: str
+    weight: str
+    bias: str | None
+    input: str
+    output: str
+    in_space: Space
+    out_space: Space
+    w_out_axis: int
+    w_in_axis: int
+    weight_shape: tuple
+    per_channel: bool = False
+    group: int = 1
+    preact: str = ""  # end of the chain of bias Adds after the layer: where REPAIR measures
+    bias_chain: list = field(default_factory=list)  # (node name, input index, initializer, sign)
+    number: int = 0  # the paper's layer number (1-based, shortcuts share their block's number)
+    depth: int = 0  # longest path of weight layers from the inputs, this one included
+    topo: int = 0  # position of the node in the graph
+
+    @property
+    def kind(self) -> str:
+        if self.per_channel:
+            return "depthwise"
+        return "conv" if self.op_type == "Conv" else "dense"
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_space.size if self.in_space.size else self.weight_shape[self.w_in_axis]
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_shape[self.w_out_axis]
+
+    def describe(self) -> str:
+        shape = "x".join(str(d) for d in self.weight_shape[2:])
+        k = f" {shape}" if shape else ""
+        g = " depthwise" if self.per_channel else (f" groups={self.group}" if self.group > 1 else "")
+        return f"{self.op_type} {self.in_channels}->{self.out_channels}{k}{g}"
+
+
+@dataclass
+class ChannelParam:
+    """A per-channel parameter (BatchNormalization, per-channel Mul/Add, LayerNorm scale/bias)."""
+
+    node: str
+    op_type: str
+    input_index: int
+    initializer: str
+    axis: int  # the channel axis inside the initializer
+    gid: int
+    depth: int = 0
+    topo: int = 0
+
+
+@dataclass
+class FeatureGroup:
+    """A merge point: features that share one merge/unmerge."""
+
+    gid: int
+    size: int
+    producers: list = field(default_factory=list)  # layer indices
+    tensors: list = field(default_factory=list)  # (tensor, axis) where the group's features are measured
+    output: bool = False  # reaches a graph output: its channels mean the same in every model
+    blocked_by: list = field(default_factory=list)  # nodes that cannot zip through it
+
+
+@dataclass
+class Unsupported:
+    node: str
+    op_type: str
+    reason: str
+    max_depth: int = 0  # deepest zip still possible before this op
+
+
+@dataclass
+class LayerGraph:
+    """What the zip needs to know about one normalized model."""
+
+    model: onnx.ModelProto
+    layers: list[Layer]
+    groups: dict[int, FeatureGroup]
+    params: list[ChannelParam]
+    spaces: dict[str, Space]
+    shapes: dict[str, tuple]
+    unsupported: list[Unsupported]
+    inputs: list[str]
+    outputs: list[str]
+    num_layers: int  # m: the paper's count of layers on the main path
+    axes: dict = field(default_factory=dict)  # feature tensor -> its channel axis
+
+    def channel_axis(self, tensor: str) -> int | None:
+        space = self.spaces.get(tensor)
+        if isinstance(space, GroupSpace):
+            return space.axis
+        return self.axes.get(tensor)
+
+    def max_depth(self) -> int:
+        """The deepest ``stop_at`` the zip can reach, given unsupported ops."""
+        depth = self.num_layers
+        for u in self.unsupported:
+            depth = min(depth, u.max_depth)
+        return depth
+
+    def layer_by_node(self, node: str) -> Layer | None:
+        return next((l for l in self.layers if l.node == node), None)
+
+    def measure_points(self) -> list[GroupSpace]:
+        """Distinct group leaves read by the weight layers (post-activation features)."""
+        seen, out = set(), []
+        for layer in self.layers:
+            for leaf in leaves(layer.in_space):
+                if leaf.tensor not in seen:
+                    seen.add(leaf.tensor)
+                    out.append(leaf)
+        return out

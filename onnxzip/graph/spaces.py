@@ -1,0 +1,76 @@
+"""Feature spaces: what the channel axis of an activation tensor is made of.
+
+A weight layer starts a new feature group (a merge point). Element-wise and per-channel ops
+carry a tensor's space to their output; residual Adds unify two groups into one; a Concat on the
+channel axis builds a :class:`ConcatSpace`; flattening a C x H x W map into C*H*W features builds
+an :class:`ExpandSpace` whose unmerge is ``kron(I_outer, kron(U, I_inner))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Space", "InputSpace", "NoFeatures", "Blocked", "GroupSpace", "ConcatSpace", "ExpandSpace", "leaves"]
+
+
+class Space:
+    """Base class of feature spaces; feature spaces have a ``size`` (channel count)."""
+
+
+@dataclass(frozen=True)
+class InputSpace(Space):
+    """Tensors computed from the graph inputs only: identical in both models, never merged."""
+
+    size = 0
+
+
+@dataclass(frozen=True)
+class NoFeatures(Space):
+    """Shape computations, integer tensors, constants: no channel axis."""
+
+
+@dataclass(frozen=True)
+class Blocked(Space):
+    """Downstream of an op the zip cannot pass through."""
+
+    node: str
+    op_type: str
+
+
+@dataclass(frozen=True)
+class GroupSpace(Space):
+    """The features of one group, measured at ``tensor`` along ``axis``."""
+
+    gid: int
+    size: int
+    tensor: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class ConcatSpace(Space):
+    """Channel-axis concatenation of several spaces."""
+
+    parts: tuple
+    size: int
+
+
+@dataclass(frozen=True)
+class ExpandSpace(Space):
+    """A space repeated across flattened positions: feature index = (o * size + c) * inner + i."""
+
+    part: Space
+    outer: int
+    inner: int
+    size: int
+
+
+def leaves(space: Space) -> list[GroupSpace]:
+    """The group spaces a (composite) space is made of, in channel order."""
+    if isinstance(space, GroupSpace):
+        return [space]
+    if isinstance(space, ConcatSpace):
+        return [leaf for p in space.parts for leaf in leaves(p)]
+    if isinstance(space, ExpandSpace):
+        return leaves(space.part)
+    return []

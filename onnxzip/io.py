@@ -1,0 +1,169 @@
+"""Reading and writing ONNX files: the only module that touches model files on disk.
+
+Loading checks what can go wrong with a file from elsewhere (missing, not ONNX, truncated,
+external data missing or pointing outside the model's folder) and raises
+:class:`~onnxzip.errors.ModelLoadError` with a one-line message. Saving is atomic: the model
+(and its external data) is written under temporary names in the destination folder, checked,
+and only then renamed into place, so an interrupted run never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnxzip.errors import ModelLoadError, OutputPathError
+
+__all__ = ["load_model", "save_model", "file_sha256", "check_output_path", "EXTERNAL_DATA_THRESHOLD"]
+
+# Protobuf cannot serialize messages over 2 GiB; stay well below it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (external data not included)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _external_locations(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(tensor name, location) of every initializer stored as external data."""
+    found = []
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            found.append((t.name, info.get("location", "")))
+    return found
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model with its external data.
+
+    Raises:
+        ModelLoadError: the file is missing, not ONNX, corrupt, or its external data is
+            missing or lies outside the model's folder.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file; check the path")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a folder, not an ONNX file; pass the .onnx file inside it")
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ModelLoadError(f"{p}: cannot be read ({e.strerror}); check its permissions") from e
+    if not data:
+        raise ModelLoadError(f"{p}: the file is empty; re-export or re-download the model")
+    try:
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(
+            f"{p}: not a readable ONNX model (truncated or corrupt protobuf: {e}); "
+            "re-export or re-download it"
+        ) from e
+    if not model.graph.node or not model.opset_import:
+        raise ModelLoadError(
+            f"{p}: does not look like an ONNX model (no graph nodes or no opset); "
+            "pass the .onnx file written by your exporter"
+        )
+    base = p.resolve().parent
+    for name, location in _external_locations(model):
+        target = (base / location).resolve()
+        if not location or os.path.isabs(location) or base not in target.parents:
+            raise ModelLoadError(
+                f"{p}: initializer '{name}' points to external data '{location}' outside the "
+                "model's folder; refusing to read it (move the data next to the model)"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{p}: external data file '{location}' for initializer '{name}' is missing; "
+                f"copy it next to the model (expected at {target})"
+            )
+    if _external_locations(model):
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(
+                f"{p}: external data could not be read ({e}); the .data file may be truncated"
+            ) from e
+    return model
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
+    """Refuse an output path whose folder is missing or that would overwrite an input."""
+    out = Path(output)
+    if out.exists() and out.is_dir():
+        raise OutputPathError(f"{out}: is a folder; give a file name such as {out / 'zipped.onnx'}")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{out}: folder {parent} does not exist; create it first")
+    for src in inputs:
+        s = Path(src)
+        if s.exists() and out.exists() and os.path.samefile(s, out):
+            raise OutputPathError(f"{out}: is one of the input models; choose another output path")
+        if s.resolve() == out.resolve():
+            raise OutputPathError(f"{out}: is one of the input models; choose another output path")
+        if (s.resolve().parent / (s.name + ".data")) == out.resolve():
+            raise OutputPathError(f"{out}: would overwrite an input's external data; choose another path")
+    return out
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Write a model atomically; large models go to ``<name>.data`` beside it.
+
+    The model is written to temporary files in the destination folder, checked with
+    ``onnx.checker`` (by path, so models over 2 GB work), and renamed into place.
+    """
+    out = Path(path)
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise OutputPathError(f"{out}: folder {folder} does not exist; create it first")
+    if external_data is None:
+        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _small_enough(model) else True
+    data_name = out.name + ".data"
+    tmpdir = tempfile.mkdtemp(prefix=".onnxzip-", dir=folder)
+    tmp_model = Path(tmpdir) / out.name
+    try:
+        if external_data:
+            onnx.save_model(
+                model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=data_name, size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(tmp_model))
+        onnx.checker.check_model(str(tmp_model))
+        if external_data:
+            os.replace(Path(tmpdir) / data_name, folder / data_name)
+        elif (folder / data_name).exists():
+            # a stale data file of an earlier external-data save would confuse readers
+            os.remove(folder / data_name)
+        os.replace(tmp_model, out)
+    finally:
+        for leftover in Path(tmpdir).glob("*"):
+            leftover.unlink()
+        os.rmdir(tmpdir)
+    return out
+
+
+def _small_enough(model: onnx.ModelProto) -> bool:
+    """ByteSize itself fails on protos over 2 GiB; estimate from the initializers first."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else 0
+        if total > EXTERNAL_DATA_THRESHOLD:
+            return False
+    return True

@@ -1,0 +1,103 @@
+"""Weight layers: Conv, Gemm and MatMul with an initializer start a new feature group."""
+
+from __future__ import annotations
+
+from onnxzip.graph.layergraph import Layer
+from onnxzip.graph.spaces import Blocked, GroupSpace, InputSpace, NoFeatures
+from onnxzip.ops.registry import register
+
+
+def _check_input(ctx, node, name, axis):
+    """The input's space, if its channel axis is where the layer reads channels."""
+    space = ctx.space(name)
+    if isinstance(space, (InputSpace, Blocked)):
+        return space
+    if isinstance(space, NoFeatures):
+        return InputSpace()
+    if ctx.feature_axis(name) != axis:
+        return None
+    return space
+
+
+@register("Conv")
+def conv(ctx, node):
+    x, w = node.input[0], node.input[1]
+    if not ctx.is_const(w):
+        return ctx.unsupported_op(node, "Conv weights are computed at run time, not stored as an initializer")
+    weight = ctx.const(w)
+    space = _check_input(ctx, node, x, 1)
+    if space is None:
+        return ctx.unsupported_op(node, "Conv input's channel axis is not axis 1")
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and not ctx.is_const(bias):
+        return ctx.unsupported_op(node, "Conv bias is computed at run time")
+    group = int(ctx.attr(node, "group", 1))
+    out = node.output[0]
+    c_in = ctx.shape(x)[1]
+    if group == 1:
+        out_space = ctx.new_group(weight.shape[0], out, 1)
+        per_channel = False
+    elif group == c_in and weight.shape[1] == 1 and weight.shape[0] == c_in:
+        if not isinstance(space, GroupSpace):
+            return ctx.unsupported_op(node, "depthwise Conv on model inputs or on concatenated features")
+        out_space = ctx.follow(space, out, 1)
+        per_channel = True
+    else:
+        return ctx.unsupported_op(node, f"grouped Conv (group={group}) is not supported yet")
+    ctx.add_layer(Layer(
+        node=node.name, op_type="Conv", weight=w, bias=bias, input=x, output=out, in_space=space,
+        out_space=out_space, w_out_axis=0, w_in_axis=1, weight_shape=tuple(weight.shape),
+        per_channel=per_channel, group=group,
+    ))
+    return [out_space]
+
+
+@register("Gemm")
+def gemm(ctx, node):
+    x, w = node.input[0], node.input[1]
+    if ctx.attr(node, "transA", 0):
+        return ctx.unsupported_op(node, "Gemm with transA=1")
+    if not ctx.is_const(w):
+        return ctx.unsupported_op(node, "Gemm weights are computed at run time, not stored as an initializer")
+    weight = ctx.const(w)
+    trans_b = int(ctx.attr(node, "transB", 0))
+    out_axis, in_axis = (0, 1) if trans_b else (1, 0)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and (not ctx.is_const(bias) or ctx.const(bias).size not in (weight.shape[out_axis],)):
+        return ctx.unsupported_op(node, "Gemm bias is not one value per output feature")
+    space = _check_input(ctx, node, x, 1)
+    if space is None:
+        return ctx.unsupported_op(node, "Gemm input's feature axis is not axis 1")
+    out = node.output[0]
+    out_space = ctx.new_group(weight.shape[out_axis], out, 1)
+    ctx.add_layer(Layer(
+        node=node.name, op_type="Gemm", weight=w, bias=bias, input=x, output=out, in_space=space,
+        out_space=out_space, w_out_axis=out_axis, w_in_axis=in_axis, weight_shape=tuple(weight.shape),
+    ))
+    return [out_space]
+
+
+@register("MatMul")
+def matmul(ctx, node):
+    a, b = node.input[0], node.input[1]
+    sa, sb = ctx.space(a), ctx.space(b)
+    if ctx.is_const(b) and not ctx.is_const(a):
+        weight = ctx.const(b)
+        if weight.ndim != 2:
+            return ctx.unsupported_op(node, "MatMul with a weight of rank other than 2")
+        rank = ctx.rank(a)
+        space = _check_input(ctx, node, a, rank - 1)
+        if space is None:
+            return ctx.unsupported_op(node, "MatMul input's feature axis is not the last axis")
+        out = node.output[0]
+        out_space = ctx.new_group(weight.shape[1], out, ctx.rank(out) - 1)
+        ctx.add_layer(Layer(
+            node=node.name, op_type="MatMul", weight=b, bias=None, input=a, output=out, in_space=space,
+            out_space=out_space, w_out_axis=1, w_in_axis=0, weight_shape=tuple(weight.shape),
+        ))
+        return [out_space]
+    if ctx.is_const(a) and not ctx.is_const(b):
+        return ctx.unsupported_op(node, "MatMul with the weight as the left operand")
+    if not ctx.is_feature(sa) and not ctx.is_feature(sb):
+        return ctx.unsupported_op(node, "MatMul of model inputs")
+    return ctx.unsupported_op(node, "MatMul between two activations (attention) is not supported yet")

@@ -1,0 +1,44 @@
+"""Normalization ops: per-channel parameters follow the group (method.md, zip propagation)."""
+
+from __future__ import annotations
+
+from onnxzip.graph.spaces import GroupSpace
+from onnxzip.ops.registry import register
+
+
+@register("BatchNormalization", "InstanceNormalization")
+def batchnorm(ctx, node):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return [space] + [space for _ in node.output[1:]]
+    if not isinstance(space, GroupSpace) or space.axis != 1:
+        return ctx.unsupported_op(node, f"{node.op_type} over concatenated features or not on axis 1")
+    for k in range(1, len(node.input)):
+        if not ctx.is_const(node.input[k]):
+            return ctx.unsupported_op(node, f"{node.op_type} parameters computed at run time")
+        ctx.add_param(node, k, 0, space)
+    return [ctx.follow(space, node.output[0])] + [space for _ in node.output[1:]]
+
+
+@register("LayerNormalization")
+def layernorm(ctx, node):
+    """LayerNorm over the channel axis only: its scale and bias are per channel.
+
+    The normalization itself mixes channels (mean and variance over all of them); the zip treats
+    it as per-channel, an approximation the docs state.
+    """
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return [space for _ in node.output]
+    rank = ctx.rank(x)
+    axis = ctx.attr(node, "axis", -1) % rank
+    if not isinstance(space, GroupSpace) or axis != rank - 1 or space.axis != rank - 1:
+        return ctx.unsupported_op(node, "LayerNormalization over more than the channel axis")
+    for k in range(1, len(node.input)):
+        if node.input[k]:
+            if not ctx.is_const(node.input[k]):
+                return ctx.unsupported_op(node, "LayerNormalization parameters computed at run time")
+            ctx.add_param(node, k, len(ctx.shape(node.input[k])) - 1, space)
+    return [ctx.follow(space, node.output[0])] + [ctx.space("") for _ in node.output[1:]]

@@ -1,0 +1,273 @@
+"""Ops that move, pool, reshape or join tensors: where the channel axis goes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, NoFeatures
+from onnxzip.ops.registry import register
+
+
+def _nonfeature(ctx, node):
+    """Outputs of a node with no feature inputs: input-derived, blocked or shape-only."""
+    spaces = [ctx.space(i) for i in node.input if i]
+    for s in spaces:
+        if isinstance(s, Blocked):
+            return [s for _ in node.output]
+    kind = InputSpace() if any(isinstance(s, InputSpace) for s in spaces) else NoFeatures()
+    return [kind for _ in node.output]
+
+
+def _moved(ctx, node, space, axis):
+    out = node.output[0]
+    if isinstance(space, GroupSpace):
+        return ctx.follow(space, out, axis)
+    ctx.set_axis(out, axis)
+    return space
+
+
+@register("Shape", "Size", "NonZero", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike")
+def shape_only(ctx, node):
+    return [NoFeatures() for _ in node.output]
+
+
+def map_axis(in_shape, out_shape, axis):
+    """Where channel axis ``axis`` of ``in_shape`` lands after a row-major reshape.
+
+    Returns (out_axis, outer, inner): the output axis holds ``outer x C x inner`` entries per
+    channel block, or None when the channels are split across output axes.
+    """
+    c = in_shape[axis]
+    inner_in = int(np.prod(in_shape[axis + 1:], dtype=np.int64))
+    for k in range(len(out_shape)):
+        inner_out = int(np.prod(out_shape[k + 1:], dtype=np.int64))
+        span = inner_out * out_shape[k]
+        if inner_out <= inner_in and inner_in % inner_out == 0 and span >= inner_in * c and span % (inner_in * c) == 0:
+            return k, span // (inner_in * c), inner_in // inner_out
+    return None
+
+
+@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape(ctx, node):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
+    axis = ctx.feature_axis(x)
+    found = map_axis(in_shape, out_shape, axis) if in_shape and out_shape is not None else None
+    if found is None:
+        return ctx.unsupported_op(node, f"{node.op_type} {list(in_shape)} -> {list(out_shape)} splits the channel axis")
+    k, outer, inner = found
+    if outer == 1 and inner == 1:
+        return [_moved(ctx, node, space, k)]
+    expanded = ExpandSpace(space, outer, inner, outer * space.size * inner)
+    ctx.set_axis(node.output[0], k)
+    return [expanded]
+
+
+@register("Transpose")
+def transpose(ctx, node):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    rank = ctx.rank(x)
+    perm = list(ctx.attr(node, "perm", list(range(rank))[::-1]))
+    return [_moved(ctx, node, space, perm.index(ctx.feature_axis(x)))]
+
+
+@register("Concat")
+def concat(ctx, node):
+    names = [i for i in node.input if i]
+    spaces = [ctx.space(i) for i in names]
+    feats = [(i, s) for i, s in zip(names, spaces) if ctx.is_feature(s)]
+    if any(isinstance(s, Blocked) for s in spaces):
+        return [next(s for s in spaces if isinstance(s, Blocked))]
+    if not feats:
+        return _nonfeature(ctx, node)
+    out = node.output[0]
+    rank = ctx.rank(out)
+    axis = ctx.attr(node, "axis", 0) % rank
+    ch = {ctx.feature_axis(i) for i, _ in feats}
+    if len(ch) != 1:
+        return ctx.unsupported_op(node, "inputs' channel axes differ")
+    ch = ch.pop()
+    if axis == ch:
+        if len(feats) != len(names):
+            return ctx.unsupported_op(node, "concatenates features with model inputs or constants along channels")
+        parts = tuple(s for _, s in feats)
+        space = ConcatSpace(parts, sum(p.size for p in parts))
+        ctx.set_axis(out, ch)
+        return [space]
+    # joined along another axis (tokens, say): the channels stay one group
+    groups = [s for _, s in feats]
+    if not all(isinstance(s, GroupSpace) for s in groups) or len({s.size for s in groups}) != 1:
+        return ctx.unsupported_op(node, "joins different feature spaces along a non-channel axis")
+    result = ctx.union(groups, out, ch)
+    for k, i in enumerate(node.input):
+        if i and ctx.is_const(i):
+            shape = ctx.shape(i)
+            if shape[ch] != 1:
+                ctx.add_param(node, k, ch, result)
+        elif i and not ctx.is_feature(ctx.space(i)):
+            return ctx.unsupported_op(node, "joins features with model inputs")
+    return [result]
+
+
+def _passthrough(ctx, node, need_axis=None):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    axis = ctx.feature_axis(x)
+    if need_axis is not None and axis != need_axis:
+        return ctx.unsupported_op(node, f"{node.op_type} expects channels on axis {need_axis}")
+    out_rank, in_rank = ctx.rank(node.output[0]), ctx.rank(x)
+    outs = [_moved(ctx, node, space, axis + out_rank - in_rank)]
+    return outs + [NoFeatures() for _ in node.output[1:]]
+
+
+@register("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "MaxRoiPool")
+def pool(ctx, node):
+    return _passthrough(ctx, node, need_axis=1)
+
+
+@register("Resize", "Upsample", "Expand")
+def resize(ctx, node):
+    return _passthrough(ctx, node)
+
+
+def _axes(ctx, node, rank, input_index=1):
+    axes = ctx.attr(node, "axes", None)
+    if axes is None and len(node.input) > input_index and node.input[input_index]:
+        if not ctx.is_const(node.input[input_index]):
+            return None
+        axes = ctx.const(node.input[input_index]).tolist()
+    return None if axes is None else [int(a) % rank for a in axes]
+
+
+@register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare")
+def reduce(ctx, node):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    rank = ctx.rank(x)
+    axes = _axes(ctx, node, rank)
+    if axes is None or len(axes) == 0:
+        if len(node.input) > 1 and node.input[1] and axes is None:
+            return ctx.unsupported_op(node, "reduction axes computed at run time")
+        if ctx.attr(node, "noop_with_empty_axes", 0):
+            return _passthrough(ctx, node)
+        axes = list(range(rank))
+    axis = ctx.feature_axis(x)
+    if axis in axes:
+        ctx.cross_channel(node, space)
+        return [NoFeatures()]
+    keep = ctx.attr(node, "keepdims", 1)
+    new_axis = axis if keep else axis - sum(1 for a in axes if a < axis)
+    return [_moved(ctx, node, space, new_axis)]
+
+
+@register("Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "ArgMax", "ArgMin", "TopK", "CumSum")
+def channel_mixing(ctx, node):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    rank = ctx.rank(x)
+    axis = ctx.attr(node, "axis", -1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax", "LpNormalization") else 0)
+    if node.op_type == "CumSum":
+        axis = int(ctx.const(node.input[1])) if ctx.is_const(node.input[1]) else ctx.feature_axis(x)
+    axis %= rank
+    ch = ctx.feature_axis(x)
+    if axis == ch:
+        ctx.cross_channel(node, space)
+    if node.op_type in ("ArgMax", "ArgMin"):
+        return [NoFeatures()]
+    if node.op_type == "TopK":
+        return [_moved(ctx, node, space, ch), NoFeatures()] if axis != ch else [space, NoFeatures()]
+    return [_moved(ctx, node, space, ch)]
+
+
+@register("Pad")
+def pad(ctx, node):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    rank = ctx.rank(x)
+    pads = ctx.attr(node, "pads", None)
+    if pads is None:
+        if len(node.input) < 2 or not ctx.is_const(node.input[1]):
+            return ctx.unsupported_op(node, "pads computed at run time")
+        pads = ctx.const(node.input[1]).tolist()
+    axes = _axes(ctx, node, rank, input_index=3) or list(range(rank))
+    axis = ctx.feature_axis(x)
+    n = len(axes)
+    for k, a in enumerate(axes):
+        if a == axis and (pads[k] != 0 or pads[k + n] != 0):
+            return ctx.unsupported_op(node, "pads the channel axis")
+    return [_moved(ctx, node, space, axis)]
+
+
+@register("Slice")
+def slice_(ctx, node):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    axis = ctx.feature_axis(x)
+    if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
+        return ctx.unsupported_op(node, "slices the channel axis")
+    return [_moved(ctx, node, space, axis)]
+
+
+@register("Split")
+def split(ctx, node):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    rank = ctx.rank(x)
+    axis = ctx.attr(node, "axis", 0) % rank
+    ch = ctx.feature_axis(x)
+    if axis == ch:
+        return ctx.unsupported_op(node, "splits the channel axis")
+    outs = []
+    for o in node.output:
+        if isinstance(space, GroupSpace):
+            outs.append(ctx.follow(space, o))
+        else:
+            ctx.set_axis(o, ch)
+            outs.append(space)
+    return outs
+
+
+@register("Gather")
+def gather(ctx, node):
+    x, idx = node.input[0], node.input[1]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    rank = ctx.rank(x)
+    axis = ctx.attr(node, "axis", 0) % rank
+    ch = ctx.feature_axis(x)
+    if axis == ch:
+        return ctx.unsupported_op(node, "gathers along the channel axis")
+    idx_rank = ctx.rank(idx) or 0
+    new = ch if axis > ch else ch - 1 + idx_rank
+    return [_moved(ctx, node, space, new)]
+
+
+@register("Tile")
+def tile(ctx, node):
+    x = node.input[0]
+    space = ctx.space(x)
+    if not ctx.is_feature(space):
+        return _nonfeature(ctx, node)
+    ch = ctx.feature_axis(x)
+    if ctx.shape(node.output[0])[ch] != ctx.shape(x)[ch]:
+        return ctx.unsupported_op(node, "tiles the channel axis")
+    return [_moved(ctx, node, space, ch)]

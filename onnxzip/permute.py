@@ -1,0 +1,37 @@
+"""permute_model(): reorder every feature group of a model; the function it computes is unchanged.
+
+A model permuted this way is what a differently initialized copy of the same network looks
+like to a matcher: the invariant behind the tests (a permuted model computes the same outputs;
+zipping a model with a permuted copy of itself gives it back).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxzip.graph.layergraph import LayerGraph
+from onnxzip.merge import GroupMerge, Merges
+from onnxzip.split import build_zipped_model
+
+__all__ = ["permute_model", "random_permutations"]
+
+
+def random_permutations(graph: LayerGraph, seed: int = 0) -> dict[int, np.ndarray]:
+    """A random permutation per feature group (identity for groups that reach an output)."""
+    rng = np.random.default_rng(seed)
+    return {gid: (np.arange(g.size) if g.output else rng.permutation(g.size)) for gid, g in graph.groups.items()}
+
+
+def permute_model(graph: LayerGraph, perms: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """The model of ``graph`` with group g's channel c moved to position ``perms[g][c]``'s inverse.
+
+    New channel j of group g is old channel ``perms[g][j]``.
+    """
+    merges = Merges()
+    for gid, g in graph.groups.items():
+        p = np.zeros((g.size, g.size))
+        p[np.arange(g.size), perms[gid]] = 1.0  # new j <- old perm[j]
+        merges[gid] = GroupMerge(p, p.T.copy(), fixed=g.output)
+    model, _ = build_zipped_model([graph], merges, graph.num_layers, ["model"])
+    return model

@@ -1,0 +1,312 @@
+"""zip_models(): the whole pipeline, the one function the CLI calls.
+
+load -> normalize -> build layer graphs -> check they match -> collect statistics (one
+lockstep pass) -> match every feature group -> merged weights, trunk and branches -> statistics
+correction -> validate -> save.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxzip.data import DataSet, InputSpec, open_data
+from onnxzip.errors import ArchitectureMismatchError, CalibrationDataError, OptionError
+from onnxzip.graph.build import build_layer_graph, input_specs, require_depth
+from onnxzip.graph.compare import first_difference
+from onnxzip.graph.layergraph import LayerGraph
+from onnxzip.io import check_output_path, file_sha256, load_model, save_model
+from onnxzip.match import get_matcher, validate_params
+from onnxzip.merge import Merges, compute_merges
+from onnxzip.normalize import convert_opset, normalize, opset_of
+from onnxzip.repair import RepairReport, repair
+from onnxzip.split import ZipLayout, build_zipped_model
+from onnxzip.stats.collect import PairStats, collect_stats, make_session
+
+__all__ = ["ZipResult", "PreparedPair", "prepare_pair", "zip_models", "load_layer_graph", "resolve_stop_at", "zip_prepared"]
+
+# Below this many calibration samples the statistics of wide layers are not trustworthy.
+MIN_TRUSTED_SAMPLES = 64
+
+
+@dataclass
+class PreparedPair:
+    """Two models parsed and checked, with their statistics: what every zip candidate reuses."""
+
+    graphs: list[LayerGraph]
+    sources: list[str]
+    hashes: list[str]
+    data: DataSet
+    stats: PairStats | None
+    batch_size: int
+    max_samples: int | None
+    providers: list[str] | None
+    timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+    def batches(self):
+        return self.data.batches(self.batch_size, self.max_samples)
+
+
+@dataclass
+class ZipResult:
+    model: onnx.ModelProto
+    layout: ZipLayout
+    method: str
+    params: dict
+    stop_at: int
+    num_layers: int
+    tasks: list[str]
+    repair: RepairReport | None
+    timings: dict
+    samples: int
+    warnings: list
+    output: str | None = None
+
+    def summary(self) -> dict:
+        return {
+            "output": self.output,
+            "method": self.method,
+            "params": self.params,
+            "stop_at": self.stop_at,
+            "num_layers": self.num_layers,
+            "shared_layers": f"{self.stop_at}/{self.num_layers}",
+            "tasks": self.tasks,
+            "outputs": self.layout.outputs,
+            "calibration_samples": self.samples,
+            "repair": None if self.repair is None else {
+                "layers": self.repair.layers, "passes": self.repair.passes, "samples": self.repair.samples,
+            },
+            "unmerge_gathers": self.layout.unmerge_nodes,
+            "unmerges_folded": self.layout.folded_unmerges,
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "warnings": self.warnings,
+        }
+
+
+def _load(model, label: str) -> tuple[onnx.ModelProto, str, str]:
+    if isinstance(model, onnx.ModelProto):
+        return model, label, "in-memory"
+    return load_model(model), str(model), file_sha256(model)
+
+
+def _specs(model: onnx.ModelProto) -> list[InputSpec]:
+    return [InputSpec(n, tuple(d), t) for n, d, t in input_specs(model)]
+
+
+def _example_feeds(data: DataSet, model: onnx.ModelProto) -> dict:
+    batch = next(data.batches(batch_size=1, max_samples=1))
+    return batch.feeds
+
+
+def load_layer_graph(model, data=None) -> LayerGraph:
+    """Load (path or proto), normalize and parse one model."""
+    m, _, _ = _load(model, "model")
+    m = normalize(m)
+    feeds = None
+    if data is not None:
+        feeds = _example_feeds(open_data(data, _specs(m)), m)
+    return build_layer_graph(m, feeds)
+
+
+def default_tasks(sources: list[str]) -> list[str]:
+    stems = []
+    for s in sources:
+        stem = Path(s).name
+        stem = re.sub(r"(\.onnx)$", "", stem)
+        stem = re.sub(r"\.(dynamo|torchscript)$", "", stem)
+        stems.append(stem)
+    if len(set(stems)) != len(stems) or any(not s for s in stems):
+        return [chr(ord("a") + k) for k in range(len(sources))]
+    return stems
+
+
+def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int | None = None,
+                 providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None) -> PreparedPair:
+    """Load, normalize, parse and check two models; optionally collect their statistics."""
+    t0 = time.perf_counter()
+    if batch_size < 1:
+        raise OptionError(f"--batch-size {batch_size} must be at least 1")
+    if max_samples is not None and max_samples < 1:
+        raise OptionError(f"--max-samples {max_samples} must be at least 1")
+    loaded = [_load(model_a, "A"), _load(model_b, "B")]
+    models = [m for m, _, _ in loaded]
+    sources = [s for _, s, _ in loaded]
+    hashes = [h for _, _, h in loaded]
+    opsets = [opset_of(m) for m in models]
+    if opsets[0] != opsets[1]:
+        target = max(opsets)
+        models = [convert_opset(m, target, s) for m, s in zip(models, sources)]
+    models = [normalize(m) for m in models]
+    if tasks is None:
+        tasks = default_tasks(sources)
+    specs = [_specs(m) for m in models]
+    if len(specs[0]) != len(specs[1]):
+        raise ArchitectureMismatchError(f"A has {len(specs[0])} inputs, B has {len(specs[1])}; the models must take the same inputs")
+    if len(specs[0]) > 1 and [s.name for s in specs[0]] != [s.name for s in specs[1]]:
+        raise ArchitectureMismatchError(
+            f"input names differ: A {[s.name for s in specs[0]]}, B {[s.name for s in specs[1]]}; re-export with the same input names"
+        )
+    for sa, sb in zip(*specs):
+        da = [d for d in sa.dims[1:]]
+        db = [d for d in sb.dims[1:]]
+        if len(da) != len(db) or any(x is not None and y is not None and x != y for x, y in zip(da, db)):
+            raise ArchitectureMismatchError(
+                f"input shapes differ: A '{sa.name}' {list(sa.dims)}, B '{sb.name}' {list(sb.dims)}; the models must take the same input"
+            )
+    dataset = open_data(data, specs[0], tasks)
+    if dataset.per_task and len(dataset.task_names) != len(models):
+        raise CalibrationDataError(f"got data for tasks {dataset.task_names}; give data for every task {tasks}, or one mixed set")
+    feeds = _example_feeds(dataset, models[0])
+    graphs = []
+    for k, m in enumerate(models):
+        fk = {name: feeds[specs[0][j].name] for j, name in enumerate(s.name for s in specs[k])}
+        graphs.append(build_layer_graph(m, fk))
+    diff = first_difference(graphs[0], graphs[1])
+    if diff is not None:
+        raise ArchitectureMismatchError(f"the models differ: {diff}; zip models of the same architecture")
+    warnings = []
+    n = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
+    if n < MIN_TRUSTED_SAMPLES:
+        warnings.append(f"only {n} calibration samples: statistics may be unreliable (use a few hundred)")
+    timings = {"load_and_parse": time.perf_counter() - t0}
+    pair = PreparedPair(graphs, sources, hashes, dataset, None, batch_size, max_samples, providers, timings, warnings)
+    if collect:
+        t1 = time.perf_counter()
+        pair.stats = collect_stats(graphs, pair.batches(), providers, progress)
+        timings["statistics"] = time.perf_counter() - t1
+    return pair
+
+
+def resolve_stop_at(stop_at, num_layers: int) -> int:
+    """None -> all but the final layer (one head per task); "all" -> every layer."""
+    if stop_at is None or stop_at == "heads":
+        return max(num_layers - 1, 0)
+    if isinstance(stop_at, str):
+        if stop_at == "all":
+            return num_layers
+        try:
+            stop_at = int(stop_at)
+        except ValueError:
+            raise OptionError(f"--stop-at {stop_at!r}: give a layer number 0..{num_layers}, 'all' or nothing") from None
+    if not 0 <= stop_at <= num_layers:
+        raise OptionError(f"--stop-at {stop_at} is out of range: the models have {num_layers} layers (0..{num_layers})")
+    return int(stop_at)
+
+
+def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None = None, stop_at=None,
+                 tasks: list[str] | None = None, do_repair: bool = True, repair_heads: bool = True,
+                 progress=None) -> ZipResult:
+    """One zip candidate from prepared statistics: match, rewrite, split, repair, validate."""
+    params = validate_params(get_matcher(method).name, dict(params or {}))
+    graphs = pair.graphs
+    m = graphs[0].num_layers
+    depth = resolve_stop_at(stop_at, m)
+    for k, g in enumerate(graphs):
+        require_depth(g, depth, pair.sources[k])
+    tasks = tasks or default_tasks(pair.sources)
+    _check_tasks(tasks, len(graphs))
+    timings = {}
+    t = time.perf_counter()
+    merges = compute_merges(graphs[0], pair.stats, method, params, n_models=len(graphs))
+    timings["matching"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model, layout = build_zipped_model(graphs, merges, depth, tasks)
+    timings["rewrite"] = time.perf_counter() - t
+    report = None
+    if do_repair:
+        t = time.perf_counter()
+        report = repair(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
+                        heads=repair_heads, progress=progress)
+        timings["repair"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _set_metadata(model, pair, method, params, depth, m, tasks)
+    validate(model, pair)
+    timings["validate"] = time.perf_counter() - t
+    return ZipResult(model, layout, method, params, depth, m, tasks, report, timings, pair.stats.samples, list(pair.warnings))
+
+
+def _check_tasks(tasks: list[str], n: int) -> None:
+    if len(tasks) != n:
+        raise OptionError(f"--tasks needs {n} names, got {len(tasks)} ({','.join(tasks)})")
+    if len(set(tasks)) != n:
+        raise OptionError(f"--tasks names must differ, got {','.join(tasks)}")
+    for t in tasks:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", t):
+            raise OptionError(f"task name {t!r} may only use letters, digits, '_', '.', '-'")
+
+
+def _set_metadata(model, pair, method, params, depth, m, tasks) -> None:
+    import json
+
+    from onnxzip import __version__
+
+    meta = {
+        "onnxzip.version": __version__,
+        "onnxzip.sources": json.dumps([{"path": Path(s).name, "sha256": h} for s, h in zip(pair.sources, pair.hashes)]),
+        "onnxzip.method": method,
+        "onnxzip.params": json.dumps(params, sort_keys=True),
+        "onnxzip.stop_at": f"{depth}/{m}",
+        "onnxzip.tasks": ",".join(tasks),
+    }
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    model.producer_name = "onnxzip"
+    model.producer_version = __version__
+
+
+def validate(model: onnx.ModelProto, pair: PreparedPair) -> None:
+    """onnx.checker, then one calibration batch through onnxruntime: outputs must be finite."""
+    from onnxzip.errors import InternalError
+
+    try:
+        if model.ByteSize() < 2_000_000_000:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise InternalError(f"the zipped model fails onnx.checker: {str(e).splitlines()[0]}") from e
+    sess = make_session(model, pair.providers)
+    batch = next(pair.batches())
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(names, {i.name: batch.feeds[i.name] for i in sess.get_inputs()})
+    for n, o in zip(names, outs):
+        if np.issubdtype(o.dtype, np.floating) and not np.isfinite(o).all():
+            raise InternalError(f"the zipped model's output '{n}' is not finite on calibration data")
+
+
+def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, method: str = "zipit",
+               params: dict | None = None, stop_at=None, tasks: list[str] | None = None, do_repair: bool = True,
+               repair_heads: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
+               progress=None) -> ZipResult:
+    """Zip two models of the same architecture into one multi-task model.
+
+    Args:
+        model_a, model_b: paths to ONNX files (or ModelProtos).
+        data: calibration data: an .npz path or folder, or {task: path} per task.
+        output: where to save the zipped model (atomically); None to only return it.
+        method: a registered matcher ("zipit", "permute", "average", ...).
+        params: the matcher's parameters (zipit: alpha, beta).
+        stop_at: layers to share: None = all but the last (one head per task), "all", or n.
+        tasks: task names (default: the file stems), used as output prefixes.
+        do_repair: correct statistics after merging (REPAIR).
+    """
+    get_matcher(method)
+    validate_params(get_matcher(method).name, dict(params or {}))
+    if output is not None:
+        check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)])
+    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress)
+    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads)
+    result.timings = {**pair.timings, **result.timings}
+    if output is not None:
+        t = time.perf_counter()
+        save_model(result.model, output)
+        result.timings["save"] = time.perf_counter() - t
+        result.output = str(output)
+    return result

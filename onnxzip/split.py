@@ -1,0 +1,417 @@
+"""build_zipped_model(): one ONNX graph with a shared, zipped trunk and one branch per task.
+
+The trunk is the first model's graph up to the zip depth, with merged weights (method.md,
+"Applying the matches"): W* = sum_k M_k,out W_k U_k,in, per-channel parameters p* = sum_k M_k p_k.
+After the depth, each model keeps its own remaining nodes, renamed ``<task>/...``. A feature
+tensor that crosses from the trunk into a branch goes through that model's unmerge: folded into
+the branch's weight layer when a weight layer reads it, else an explicit Gather on the channel
+axis (the unmerge of a 0/1 match is a selection of channels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxzip.errors import ArchitectureMismatchError, InternalError
+from onnxzip.graph.layergraph import Layer, LayerGraph
+from onnxzip.graph.spaces import GroupSpace, InputSpace, NoFeatures, leaves
+from onnxzip.merge import Merges
+
+__all__ = ["ZipLayout", "LayerSite", "build_zipped_model", "branch_nodes"]
+
+
+@dataclass
+class LayerSite:
+    """Where a weight layer of the zipped model lives, for the statistics correction."""
+
+    index: int  # index into the layer graphs' (common) layer list
+    model: int  # -1 for a trunk layer, else the model whose branch holds it
+    node: str
+    weight: str
+    bias: str | None
+    out_axis: int
+    preact: str
+    channel_axis: int
+    chain: list = field(default_factory=list)  # (node, initializer, axis, sign)
+    number: int = 0
+
+
+@dataclass
+class ZipLayout:
+    stop_at: int
+    tasks: list[str]
+    trunk_layers: list[int]
+    sites: list[LayerSite]
+    outputs: dict[str, list[str]]  # task -> output names in the zipped model
+    unmerge_nodes: int = 0
+    folded_unmerges: int = 0
+
+
+def branch_nodes(graph: LayerGraph, trunk_layer_nodes: set[str]) -> set[str]:
+    """Names of the nodes that depend on a weight layer outside the trunk."""
+    layer_nodes = {l.node for l in graph.layers}
+    tainted_tensors: set[str] = set()
+    out: set[str] = set()
+    for n in graph.model.graph.node:
+        if (n.name in layer_nodes and n.name not in trunk_layer_nodes) or any(i in tainted_tensors for i in n.input):
+            out.add(n.name)
+            tainted_tensors.update(n.output)
+    return out
+
+
+def _as_out_in(w: np.ndarray, out_axis: int, in_axis: int) -> np.ndarray:
+    return np.moveaxis(w, (out_axis, in_axis), (0, 1))
+
+
+def _from_out_in(w: np.ndarray, out_axis: int, in_axis: int) -> np.ndarray:
+    return np.moveaxis(w, (0, 1), (out_axis, in_axis))
+
+
+def merged_layer(layers: list[Layer], weights: list[np.ndarray], biases: list[np.ndarray | None],
+                 merges: Merges) -> tuple[np.ndarray, np.ndarray | None]:
+    """W* = sum_k M_k,out W_k U_k,in and b* = sum_k M_k,out b_k (method.md)."""
+    ref = layers[0]
+    total = None
+    bias = None
+    out_gid = ref.out_space.gid
+    for k, (layer, w, b) in enumerate(zip(layers, weights, biases)):
+        m = merges[out_gid].merge_of(k)
+        w = _as_out_in(w.astype(np.float64), layer.w_out_axis, layer.w_in_axis)
+        if layer.per_channel:
+            wk = np.tensordot(m, w, axes=(1, 0))
+        else:
+            u = merges.unmerge(layer.in_space, k)
+            wk = np.tensordot(m, w, axes=(1, 0))
+            if u is not None:
+                wk = np.moveaxis(np.tensordot(wk, u, axes=(1, 0)), -1, 1)
+        total = wk if total is None else total + wk
+        if b is not None:
+            bk = m @ b.astype(np.float64).reshape(-1)
+            bias = bk if bias is None else bias + bk
+    return _from_out_in(total, ref.w_out_axis, ref.w_in_axis), bias
+
+
+def fold_unmerge(layer: Layer, w: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """W U on the layer's input axis: a branch layer reading merged features."""
+    moved = np.moveaxis(w.astype(np.float64), layer.w_in_axis, -1)
+    return np.moveaxis(moved @ u, -1, layer.w_in_axis)
+
+
+def _tensor_map(graphs: list[LayerGraph], trunk: list[set[str]]) -> list[dict[str, str]]:
+    """For each model, its trunk tensors -> the first model's names (structural correspondence)."""
+    a = graphs[0]
+    maps = [{}]
+    a_consumers: dict[str, list] = {}
+    for n in a.model.graph.node:
+        for i in n.input:
+            a_consumers.setdefault(i, []).append(n)
+    a_consts = {t.name for t in a.model.graph.initializer}
+    for g in graphs[1:]:
+        mp = {}
+        for na, nb in zip(a.inputs, g.inputs):
+            mp[nb] = na
+        for la, lb in zip(a.layers, g.layers):
+            mp.setdefault(lb.input, la.input)
+            mp.setdefault(lb.output, la.output)
+            mp.setdefault(lb.preact, la.preact)
+            for x, y in zip(leaves(la.in_space), leaves(lb.in_space)):
+                mp.setdefault(y.tensor, x.tensor)
+        consts = {t.name for t in g.model.graph.initializer}
+        for n in g.model.graph.node:
+            if all(o in mp for o in n.output if o):
+                continue
+            ins = [i for i in n.input if i and i not in consts]
+            if not ins or not all(i in mp for i in ins):
+                continue
+            want = [mp[i] for i in ins]
+            for cand in a_consumers.get(want[0], []):
+                if cand.op_type != n.op_type or len(cand.output) != len(n.output):
+                    continue
+                cins = [i for i in cand.input if i and i not in a_consts]
+                same = cins == want or (n.op_type in ("Add", "Mul", "Sum", "Max", "Min") and sorted(cins) == sorted(want))
+                if same and all(_attrs(cand) == _attrs(n) for _ in [0]):
+                    for ob, oa in zip(n.output, cand.output):
+                        if ob:
+                            mp.setdefault(ob, oa)
+                    break
+        maps.append(mp)
+    return maps
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def build_zipped_model(graphs: list[LayerGraph], merges: Merges, stop_at: int, tasks: list[str]) -> tuple[onnx.ModelProto, ZipLayout]:
+    """Assemble the zipped model; ``graphs[k].layers[i]`` correspond across models."""
+    a = graphs[0]
+    n_models = len(graphs)
+    trunk_idx = [i for i, l in enumerate(a.layers) if l.number <= stop_at]
+    trunk_sets = [{g.layers[i].node for i in trunk_idx} for g in graphs]
+    branches = [branch_nodes(g, trunk_sets[k]) for k, g in enumerate(graphs)]
+    inits = [{t.name: t for t in g.model.graph.initializer} for g in graphs]
+    values = [dict() for _ in graphs]
+
+    def value(k: int, name: str) -> np.ndarray:
+        if name not in values[k]:
+            values[k][name] = numpy_helper.to_array(inits[k][name])
+        return values[k][name]
+
+    new_inits: dict[str, np.ndarray] = {}
+    nodes: list[onnx.NodeProto] = []
+    sites: list[LayerSite] = []
+    param_by_site = {}
+    for k, g in enumerate(graphs):
+        for p in g.params:
+            param_by_site[(k, p.node, p.input_index)] = p
+
+    # ---- trunk: the first model's nodes, merged weights
+    trunk_nodes = [n for n in a.model.graph.node if n.name not in branches[0]]
+    used = {i for n in trunk_nodes for i in n.input}
+    for name in used:
+        if name in inits[0]:
+            new_inits[name] = value(0, name)
+    for i in trunk_idx:
+        layers = [g.layers[i] for g in graphs]
+        ws = [value(k, l.weight) for k, l in enumerate(layers)]
+        bs = [value(k, l.bias) if l.bias else None for k, l in enumerate(layers)]
+        w, b = merged_layer(layers, ws, bs, merges)
+        la = layers[0]
+        new_inits[la.weight] = w.astype(ws[0].dtype)
+        bias_name = la.bias
+        if b is not None:
+            if bias_name is None:
+                bias_name = _fresh(la.weight + "_bias", new_inits)
+                node = next(n for n in trunk_nodes if n.name == la.node)
+                if la.op_type in ("Conv", "Gemm"):
+                    while len(node.input) < 3:
+                        node.input.append("")
+                    node.input[2] = bias_name
+                else:
+                    raise InternalError(f"layer {la.node}: bias on a MatMul without a bias Add")
+            new_inits[bias_name] = b.astype(ws[0].dtype)
+    # per-channel parameters, paired across models by their canonical order
+    trunk_names = {n.name for n in trunk_nodes}
+    for j, pa in enumerate(a.params):
+        if pa.node not in trunk_names:
+            continue
+        total = None
+        for k, g in enumerate(graphs):
+            p = g.params[j]
+            v = np.moveaxis(value(k, p.initializer).astype(np.float64), p.axis, 0)
+            mk = merges[pa.gid].merge_of(k)
+            part = np.tensordot(mk, v, axes=(1, 0))
+            total = part if total is None else total + part
+        new_inits[pa.initializer] = np.moveaxis(total, 0, pa.axis).astype(value(0, pa.initializer).dtype)
+    nodes.extend(_copy(n) for n in trunk_nodes)
+    for i in trunk_idx:
+        la = a.layers[i]
+        node = next(n for n in nodes if n.name == la.node)
+        bias = node.input[2] if la.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] else None
+        sites.append(_site(a, la, i, -1, la.node, la.weight, bias, la.preact, "", param_by_site, 0))
+
+    # ---- branches
+    maps = _tensor_map(graphs, [set() for _ in graphs])
+    outputs: dict[str, list[str]] = {}
+    gathers: dict[tuple[int, str], str] = {}
+    n_gather = n_fold = 0
+    graph_inputs = list(a.model.graph.input)
+    any_branch = any(branches)
+    for k, g in enumerate(graphs):
+        t = tasks[k]
+        prefix = f"{t}/"
+        produced_in_branch: set[str] = set()
+        layer_by_node = {l.node: (idx, l) for idx, l in enumerate(g.layers)}
+        copied_trunk: dict[str, str] = {}
+
+        def trunk_tensor(name: str, consumer: str) -> str:
+            """The zipped model's name for model k's trunk tensor ``name`` (no unmerge)."""
+            if k == 0:
+                return name
+            if name in maps[k]:
+                return maps[k][name]
+            space = g.spaces.get(name, NoFeatures())
+            if isinstance(space, (NoFeatures, InputSpace)):
+                return copy_trunk_node(name)
+            raise ArchitectureMismatchError(
+                f"cannot route tensor '{name}' of model {t} from the trunk into its branch (read by '{consumer}'): "
+                "the two graphs differ around it; zip at another depth (--stop-at)"
+            )
+
+        def copy_trunk_node(name: str) -> str:
+            """Recompute a shape-only trunk tensor of model k inside its branch."""
+            if name in copied_trunk:
+                return copied_trunk[name]
+            producer = next((n for n in g.model.graph.node if name in n.output), None)
+            if producer is None:
+                raise ArchitectureMismatchError(f"tensor '{name}' of model {t} has no producer; re-export the model")
+            c = _copy(producer)
+            c.name = prefix + producer.name
+            for q, inp in enumerate(producer.input):
+                if not inp:
+                    continue
+                if inp in inits[k]:
+                    c.input[q] = _add_init(new_inits, prefix + inp, value(k, inp))
+                else:
+                    c.input[q] = trunk_tensor(inp, producer.name)
+            for q, o in enumerate(producer.output):
+                if o:
+                    c.output[q] = prefix + o
+                    copied_trunk[o] = prefix + o
+            nodes.append(c)
+            return copied_trunk[name]
+
+        def unmerged(name: str, consumer: str) -> str:
+            """Model k's features of trunk tensor ``name``: a Gather through its unmerge."""
+            key = (k, name)
+            if key in gathers:
+                return gathers[key]
+            space = g.spaces.get(name)
+            axis = g.channel_axis(name)
+            u = merges.unmerge(space, k)
+            src = trunk_tensor(name, consumer)
+            if u is None:
+                return src
+            rows = u.sum(axis=1)
+            if not np.allclose(rows, 1) or not np.isin(u, (0.0, 1.0)).all():
+                raise InternalError("an explicit unmerge needs a 0/1 match")
+            idx = u.argmax(axis=1).astype(np.int64)
+            nonlocal n_gather
+            if np.array_equal(idx, np.arange(len(idx))) and u.shape[0] == u.shape[1]:
+                gathers[key] = src
+                return src
+            idx_name = _add_init(new_inits, f"{prefix}unmerge/{name}/indices", idx)
+            out = f"{prefix}unmerge/{name}"
+            nodes.append(helper.make_node("Gather", [src, idx_name], [out], name=f"{prefix}unmerge/{name}", axis=int(axis)))
+            n_gather += 1
+            gathers[key] = out
+            return out
+
+        for n in g.model.graph.node:
+            if n.name not in branches[k]:
+                continue
+            c = _copy(n)
+            c.name = prefix + n.name
+            layer = layer_by_node.get(n.name)
+            for q, inp in enumerate(n.input):
+                if not inp:
+                    continue
+                if inp in inits[k]:
+                    if prefix + inp not in new_inits:  # a folded unmerge may have written it already
+                        new_inits[prefix + inp] = value(k, inp)
+                    c.input[q] = prefix + inp
+                elif inp in produced_in_branch:
+                    c.input[q] = prefix + inp
+                else:
+                    space = g.spaces.get(inp, NoFeatures())
+                    is_feature = not isinstance(space, (NoFeatures, InputSpace))
+                    if not is_feature:
+                        c.input[q] = trunk_tensor(inp, n.name)
+                    elif layer is not None and q == 0 and not layer[1].per_channel:
+                        u = merges.unmerge(layer[1].in_space, k)
+                        c.input[q] = trunk_tensor(inp, n.name)
+                        if u is not None:
+                            w = fold_unmerge(layer[1], value(k, layer[1].weight), u)
+                            new_inits[prefix + layer[1].weight] = w.astype(value(k, layer[1].weight).dtype)
+                            n_fold += 1
+                    else:
+                        c.input[q] = unmerged(inp, n.name)
+            for q, o in enumerate(n.output):
+                if o:
+                    c.output[q] = prefix + o
+                    produced_in_branch.add(o)
+            nodes.append(c)
+            if layer is not None:
+                idx, l = layer
+                bias = prefix + l.bias if l.bias else None
+                sites.append(_site(g, l, idx, k, prefix + l.node, prefix + l.weight, bias, prefix + l.preact, prefix, param_by_site, k))
+        if any_branch:
+            outs = []
+            for o in g.outputs:
+                if o in produced_in_branch:
+                    outs.append(prefix + o)
+                else:
+                    src = unmerged(o, "graph output")
+                    alias = prefix + o
+                    nodes.append(helper.make_node("Identity", [src], [alias], name=f"{prefix}output/{o}"))
+                    outs.append(alias)
+            outputs[t] = outs
+    if not any_branch:
+        outputs = {"*": list(a.outputs)}
+
+    graph_outputs = []
+    a_out = {o.name: o for o in a.model.graph.output}
+    for k, g in enumerate(graphs):
+        t = tasks[k]
+        if "*" in outputs:
+            graph_outputs = [_copy_vi(a_out[o], o) for o in a.outputs]
+            break
+        b_out = {o.name: o for o in g.model.graph.output}
+        for o, new in zip(g.outputs, outputs[t]):
+            graph_outputs.append(_copy_vi(b_out[o], new))
+    graph = helper.make_graph(
+        nodes, a.model.graph.name or "zipped", graph_inputs, graph_outputs,
+        initializer=[numpy_helper.from_array(np.asarray(v), name) for name, v in new_inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=list(a.model.opset_import), ir_version=a.model.ir_version)
+    _prune(model)
+    layout = ZipLayout(stop_at, list(tasks), trunk_idx, sites, outputs, n_gather, n_fold)
+    return model, layout
+
+
+def _site(g: LayerGraph, l: Layer, idx: int, k: int, node: str, weight: str, bias: str | None, preact: str,
+          prefix: str, param_by_site: dict, model: int) -> LayerSite:
+    chain = []
+    for node_name, q, init, sign in l.bias_chain:
+        p = param_by_site.get((model, node_name, q))
+        name = init if k == -1 else prefix + init
+        chain.append((prefix + node_name if k != -1 else node_name, name, p.axis if p else 0, sign))
+    axis = g.channel_axis(l.preact)
+    if axis is None:
+        axis = l.out_space.axis if isinstance(l.out_space, GroupSpace) else 1
+    return LayerSite(idx, k, node, weight, bias, l.w_out_axis, preact, axis, chain, l.number)
+
+
+def _copy(n: onnx.NodeProto) -> onnx.NodeProto:
+    c = onnx.NodeProto()
+    c.CopyFrom(n)
+    return c
+
+
+def _copy_vi(vi: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    c = onnx.ValueInfoProto()
+    c.CopyFrom(vi)
+    c.name = name
+    return c
+
+
+def _fresh(name: str, taken) -> str:
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _add_init(inits: dict, name: str, value: np.ndarray) -> str:
+    inits[name] = value
+    return name
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers nothing reads (e.g. trunk nodes only a branch needed)."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
