@@ -7,8 +7,9 @@ from onnxzip.errors import InternalError, OnnxZipError  # noqa: E402
 from onnxzip import match  # noqa: E402  (callable: onnxzip.match(correlation, method, **params))
 from onnxzip.match import list_matchers  # noqa: E402
 from onnxzip.pipeline import ZipResult, prepare_pair, zip_models, zip_prepared  # noqa: E402
+from onnxzip.describe import check, inspect  # noqa: E402
 
 __all__ = [
     "__version__", "zip_models", "prepare_pair", "zip_prepared", "ZipResult", "match", "list_matchers",
-    "OnnxZipError", "InternalError",
+    "OnnxZipError", "InternalError", "inspect", "check",
 ]

@@ -1,0 +1,1 @@
+"""The onnxzip command line (a thin layer over the onnxzip library)."""

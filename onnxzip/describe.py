@@ -1,0 +1,113 @@
+"""inspect() and check(): the layer graph of a model, and whether two models can be zipped."""
+
+from __future__ import annotations
+
+from onnxzip.errors import OnnxZipError
+from onnxzip.graph.compare import canonical_weight_shape, first_difference, space_signature
+from onnxzip.graph.layergraph import LayerGraph
+from onnxzip.graph.spaces import leaves
+from onnxzip.normalize import opset_of
+
+__all__ = ["inspect", "check", "graph_summary"]
+
+
+def _space_text(space) -> str:
+    sig = space_signature(space)
+
+    def fmt(s):
+        if s[0] == "group":
+            return f"g{s[1]}"
+        if s[0] == "concat":
+            return "concat(" + ", ".join(fmt(x) for x in s[1:]) + ")"
+        if s[0] == "expand":
+            return f"flatten(g{s[3][1] if s[3][0] == 'group' else '?'} x{s[1] * s[2]})"
+        return s[0]
+
+    return fmt(sig)
+
+
+def graph_summary(graph: LayerGraph) -> dict:
+    """A JSON-ready description of a layer graph."""
+    layers = []
+    for k, l in enumerate(graph.layers):
+        layers.append({
+            "index": k,
+            "number": l.number,
+            "node": l.node,
+            "op_type": l.op_type,
+            "kind": l.kind,
+            "weight": l.weight,
+            "weight_shape": list(l.weight_shape),
+            "in_channels": l.in_channels,
+            "out_channels": l.out_channels,
+            "kernel": list(canonical_weight_shape(l)[2:]),
+            "input": _space_text(l.in_space),
+            "output": _space_text(l.out_space),
+            "shortcut": any(o.number == l.number and o.depth > l.depth for o in graph.layers),
+        })
+    groups = []
+    for gid, g in graph.groups.items():
+        groups.append({
+            "group": gid,
+            "channels": g.size,
+            "producers": [graph.layers[i].node for i in g.producers],
+            "measured_at": [t for t, _ in g.tensors],
+            "output": g.output,
+            "passes_through": sorted({p.op_type for p in graph.params if p.gid == gid}),
+            "blocked_by": [n for n, _ in g.blocked_by] if not g.output else [],
+        })
+    return {
+        "inputs": {n: list(graph.shapes.get(n, ())) for n in graph.inputs},
+        "outputs": graph.outputs,
+        "opset": opset_of(graph.model),
+        "num_layers": graph.num_layers,
+        "max_stop_at": graph.max_depth(),
+        "layers": layers,
+        "groups": groups,
+        "channel_params": len(graph.params),
+        "unsupported": [
+            {"node": u.node, "op_type": u.op_type, "reason": u.reason, "max_stop_at": u.max_depth}
+            for u in graph.unsupported
+        ],
+    }
+
+
+def inspect(model, data=None) -> dict:
+    """Describe a model's layer graph (path or ModelProto; ``data`` fixes symbolic input shapes)."""
+    from onnxzip.pipeline import load_layer_graph
+
+    return graph_summary(load_layer_graph(model, data))
+
+
+def check(model_a, model_b, data=None) -> dict:
+    """Can two models be zipped? ``{"zippable": bool, "reason": str|None, ...}``."""
+    from onnxzip.pipeline import load_layer_graph
+    from onnxzip.normalize import convert_opset
+    from onnxzip.io import load_model
+    import onnx
+
+    loaded = []
+    for m in (model_a, model_b):
+        loaded.append(m if isinstance(m, onnx.ModelProto) else load_model(m))
+    ops = [opset_of(m) for m in loaded]
+    if ops[0] != ops[1]:
+        loaded = [convert_opset(m, max(ops), str(src)) for m, src in zip(loaded, (model_a, model_b))]
+    try:
+        graphs = [load_layer_graph(m, data) for m in loaded]
+    except OnnxZipError as e:
+        return {"zippable": False, "reason": str(e)}
+    diff = first_difference(graphs[0], graphs[1])
+    depth = min(g.max_depth() for g in graphs)
+    return {
+        "zippable": diff is None,
+        "reason": diff,
+        "num_layers": graphs[0].num_layers,
+        "max_stop_at": depth,
+        "opsets": ops,
+        "layers": [len(g.layers) for g in graphs],
+        "groups": [len(g.groups) for g in graphs],
+        "unsupported": [
+            {"model": "AB"[k], "node": u.node, "op_type": u.op_type, "max_stop_at": u.max_depth}
+            for k, g in enumerate(graphs) for u in g.unsupported
+        ],
+    }
