@@ -1,0 +1,128 @@
+"""Tiny torch models exported to ONNX the ways users export them (TorchScript and dynamo)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+torch = None
+
+
+def _torch():
+    global torch
+    if torch is None:
+        import torch as _t
+
+        torch = _t
+        torch.set_num_threads(1)
+    return torch
+
+
+def build(arch: str, seed: int):
+    t = _torch()
+    nn = t.nn
+    t.manual_seed(seed)
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(64, 24), nn.Linear(24, 16), nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.fc3(t.relu(self.fc2(t.relu(self.fc1(x)))))
+
+    class CNN(nn.Module):  # VGG-style with BatchNorm, flatten of a CxHxW map into a dense layer
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.b2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+            self.fc1, self.fc2 = nn.Linear(12 * 4 * 4, 16), nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = t.relu(self.b1(self.c1(x)))
+            x = t.nn.functional.max_pool2d(t.relu(self.b2(self.c2(x))), 2)
+            return self.fc2(t.relu(self.fc1(x.view(x.size(0), -1))))
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            self.short = None
+            if stride != 1 or cin != cout:
+                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(t.relu(self.bn1(self.conv1(x)))))
+            return t.relu(y + (x if self.short is None else self.short(x)))
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.l1, self.l2 = Block(8, 8, 1), Block(8, 16, 2)
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = self.l2(self.l1(t.relu(self.bn(self.stem(x)))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    class DW(nn.Module):  # MobileNet-style: depthwise convs and ReLU6
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+            self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6())
+            self.pw = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU6())
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.fc(t.flatten(self.pool(self.pw(self.dw(self.stem(x)))), 1))
+
+    class Cat(nn.Module):  # channel Concat of two branches
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(1, 4, 1)
+            self.c = nn.Conv2d(10, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = t.cat([t.relu(self.a(x)), t.sigmoid(self.b(x))], dim=1)
+            return self.fc(t.relu(self.c(x)).mean(dim=(2, 3)))
+
+    model = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "dw": DW, "cat": Cat}[arch]()
+    # non-trivial BatchNorm statistics, as after training
+    g = t.Generator().manual_seed(seed + 1000)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(t.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(t.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(t.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(t.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def export(model, path: Path, exporter: str = "torchscript", fold: bool = True, opset: int = 17) -> Path:
+    t = _torch()
+    x = t.rand(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            t.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          do_constant_folding=fold)
+        else:
+            batch = t.export.Dim("batch", min=1, max=1024)
+            t.onnx.export(model, (x,), str(path), dynamo=True, opset_version=max(opset, 18),
+                          dynamic_shapes=({0: batch},), optimize=fold, verbose=False)
+    return path
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    """Smooth random 1x8x8 images (correlated pixels, like real ones)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 1, 4, 4)).astype(np.float32)
+    return np.kron(x, np.ones((1, 1, 2, 2), dtype=np.float32)) + 0.05 * rng.standard_normal((n, 1, 8, 8)).astype(np.float32)
