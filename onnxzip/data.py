@@ -124,9 +124,10 @@ class DataSet:
 
     def batches(self, batch_size: int, max_samples: int | None = None) -> Iterator[Batch]:
         """Yield batches; a static batch dimension fixes the size and pads the last batch."""
-        static = {i.dims[0] for i in self.inputs if i.dims and i.dims[0] is not None}
+        sizes = {i.dims[0] for i in self.inputs if i.dims and i.dims[0] is not None}
+        static = bool(sizes)
         if static:
-            batch_size = static.pop()
+            batch_size = sizes.pop()
         # with per-task data, take an equal share of max_samples from each task
         share = None
         if max_samples is not None and self.per_task:

@@ -211,7 +211,7 @@ def build_zipped_model(graphs: list[LayerGraph], merges: Merges, stop_at: int, t
     for i in trunk_idx:
         la = a.layers[i]
         node = next(n for n in nodes if n.name == la.node)
-        bias = node.input[2] if la.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] else None
+        bias = node.input[2] if la.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] else la.bias
         sites.append(_site(a, la, i, -1, la.node, la.weight, bias, la.preact, "", param_by_site, 0))
 
     # ---- branches

@@ -96,6 +96,11 @@ class BuildContext:
         self.unsupported: list[Unsupported] = []
         self.topo = 0
         self.axis_of: dict[str, int] = {}
+        self.consumers: dict[str, int] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                self.consumers[i] = self.consumers.get(i, 0) + 1
+        self.graph_outputs = {o.name for o in model.graph.output}
         for name, _, _ in input_specs(model):
             self.spaces[name] = InputSpace()
 
@@ -170,6 +175,20 @@ class BuildContext:
         return space
 
     # ---- records
+    def attach_bias(self, node: onnx.NodeProto, index: int, tensor: str, axis: int) -> bool:
+        """MatMul + Add(bias): make the Add's constant the MatMul layer's bias."""
+        layer = next((l for l in reversed(self.layers) if l.output == tensor), None)
+        if layer is None or layer.op_type != "MatMul" or layer.bias is not None:
+            return False
+        if self.consumers.get(tensor, 0) != 1 or tensor in self.graph_outputs or len(node.input) != 2:
+            return False
+        shape = self.shape(node.input[index])
+        if int(np.prod(shape)) != shape[axis]:
+            return False
+        layer.bias = node.input[index]
+        layer.output = node.output[0]
+        return True
+
     def add_layer(self, layer: Layer) -> None:
         layer.topo = self.topo
         self.layers.append(layer)

@@ -112,6 +112,8 @@ def binary(ctx, node):
             if len(shape) == 0 or pos < 0 or shape[pos] == 1:
                 continue
             if node.op_type in ("Add", "Sub", "Mul", "Div") and isinstance(result, GroupSpace) and shape[pos] == result.size:
+                if node.op_type == "Add" and ctx.attach_bias(node, k, feats[0][1], pos):
+                    continue
                 ctx.add_param(node, k, pos, result)
                 continue
             return ctx.unsupported_op(node, f"constant of shape {list(shape)} varies along the channel axis")

@@ -1,0 +1,91 @@
+"""Streaming statistics equal numpy's on all the data at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnxzip.data import open_data
+from onnxzip.pipeline import prepare_pair
+from onnxzip.stats.accumulate import CovarianceAccumulator, MomentAccumulator, as_samples
+from onnxzip.stats.collect import fetch_model
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 40), st.integers(1, 6), st.integers(0, 10_000))
+def test_covariance_accumulator_equals_numpy(dim, rows, batches, seed):
+    rng = np.random.default_rng(seed)
+    blocks = [rng.normal(3.0, 2.0, size=(rng.integers(1, rows + 1), 3, dim)) for _ in range(batches)]
+    acc, mom = CovarianceAccumulator(dim), MomentAccumulator(dim)
+    for b in blocks:
+        acc.update(b)
+        mom.update(b)
+    x = np.concatenate([b.reshape(-1, dim) for b in blocks])
+    np.testing.assert_allclose(acc.mean, x.mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(acc.covariance, np.cov(x.T, bias=True).reshape(dim, dim), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(mom.var, x.var(0), rtol=1e-7, atol=1e-9)
+
+
+def test_weighted_updates_drop_and_weight_items():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 4, 3))
+    w = np.array([1, 0, 1, 1, 0, 1, 1, 1, 0, 1], dtype=float)
+    acc = CovarianceAccumulator(3)
+    acc.update(x, w)
+    kept = x[w == 1].reshape(-1, 3)
+    np.testing.assert_allclose(acc.covariance, np.cov(kept.T, bias=True), atol=1e-12)
+    soft = np.linspace(0.1, 1.0, 10)
+    acc2 = MomentAccumulator(3)
+    acc2.update(x, soft)
+    flat_w = np.repeat(soft, 4)
+    mean = np.average(x.reshape(-1, 3), axis=0, weights=flat_w)
+    np.testing.assert_allclose(acc2.mean, mean, atol=1e-12)
+
+
+def test_large_mean_keeps_precision():
+    rng = np.random.default_rng(1)
+    x = 1e6 + rng.normal(size=(2000, 1, 2))
+    acc = CovarianceAccumulator(2)
+    for chunk in np.array_split(x, 7):
+        acc.update(chunk)
+    np.testing.assert_allclose(acc.covariance, np.cov(x.reshape(-1, 2).T, bias=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_group_statistics_equal_numpy_on_all_activations(tiny, calib, batch_size):
+    a, b = tiny("resnet", seed=0), tiny("resnet", seed=1)
+    pair = prepare_pair(a, b, calib, batch_size=batch_size, tasks=["a", "b"])
+    x = np.load(calib)["input"]
+    acts = []
+    for g in pair.graphs:
+        pts = g.measure_points()
+        sess = ort.InferenceSession(fetch_model(g.model, [p.tensor for p in pts]).SerializeToString())
+        vals = sess.run([p.tensor for p in pts], {g.inputs[0]: x})
+        acts.append({p.tensor: (v, p) for p, v in zip(pts, vals)})
+    for gid, gs in pair.stats.groups.items():
+        rows = []
+        for pa, pb in zip(pair.graphs[0].measure_points(), pair.graphs[1].measure_points()):
+            if pa.gid != gid:
+                continue
+            va, vb = acts[0][pa.tensor][0], acts[1][pb.tensor][0]
+            rows.append(np.concatenate([as_samples(va, pa.axis), as_samples(vb, pb.axis)], -1).reshape(-1, 2 * pa.size))
+        allrows = np.concatenate(rows).astype(np.float64)
+        np.testing.assert_allclose(gs.mean, allrows.mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(gs.covariance, np.cov(allrows.T, bias=True), rtol=1e-5, atol=1e-6)
+        assert gs.count == allrows.shape[0]
+
+
+def test_static_batch_pads_and_masks(tmp_path):
+    from onnxzip.data import InputSpec
+
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.arange(10, dtype=np.float32).reshape(10, 1))
+    ds = open_data(path, [InputSpec("inp", (4, 1), np.float32)])
+    batches = list(ds.batches(batch_size=3))
+    assert [b.feeds["inp"].shape[0] for b in batches] == [4, 4, 4]
+    assert [int(b.valid.sum()) for b in batches] == [4, 4, 2]
+    ds2 = open_data(path, [InputSpec("inp", (None, 1), np.float32)])
+    assert sum(int(b.valid.sum()) for b in ds2.batches(batch_size=3, max_samples=5)) == 5
