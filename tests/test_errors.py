@@ -1,0 +1,196 @@
+"""Every bad input gets one clear line, exit code 1, the right exception, and no output file."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+import onnxzip
+from cli.main import app
+from onnxzip.errors import (
+    ArchitectureMismatchError, CalibrationDataError, ModelLoadError, OnnxZipError, OptionError, OutputPathError,
+    UnsupportedOpError,
+)
+from tests.onnx_builders import mlp, random_mlp_weights
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(mlp(random_mlp_weights([10, 8, 6, 3], 0)), a)
+    onnx.save(mlp(random_mlp_weights([10, 8, 6, 3], 1)), b)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).normal(size=(80, 10)).astype(np.float32))
+    return a, b, data
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code == 1, result.output
+    text = result.output.strip()
+    assert text.startswith("error:"), text
+    assert "Traceback" not in text
+    assert len(text.splitlines()) == 1 or all(w in text for w in words), text
+    for w in words:
+        assert w in text, (w, text)
+
+
+def save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+CASES = {
+    "missing model": (lambda t, a, b, d: (t / "nope.onnx", b, d), ModelLoadError, ["no such file"]),
+    "not onnx": (lambda t, a, b, d: (_write(t / "x.onnx", b"hello world"), b, d), ModelLoadError, ["not a readable ONNX"]),
+    "truncated": (lambda t, a, b, d: (_write(t / "x.onnx", a.read_bytes()[:60]), b, d), ModelLoadError, ["ONNX"]),
+    "empty file": (lambda t, a, b, d: (_write(t / "x.onnx", b""), b, d), ModelLoadError, ["empty"]),
+    "architectures differ": (lambda t, a, b, d: (a, _save(t / "c.onnx", mlp(random_mlp_weights([10, 7, 6, 3], 2))), d), ArchitectureMismatchError, ["layer 1", "A ", "B "]),
+    "input shapes differ": (lambda t, a, b, d: (a, _save(t / "c.onnx", mlp(random_mlp_weights([9, 8, 6, 3], 2))), d), ArchitectureMismatchError, ["input"]),
+    "missing keys": (lambda t, a, b, d: (a, b, save_npz(t / "k.npz", p=np.zeros((4, 10), np.float32), q=np.zeros((4, 10), np.float32))), CalibrationDataError, ["missing"]),
+    "wrong shape": (lambda t, a, b, d: (a, b, save_npz(t / "s.npz", x=np.zeros((4, 11), np.float32))), CalibrationDataError, ["shape"]),
+    "wrong dtype": (lambda t, a, b, d: (a, b, save_npz(t / "s.npz", x=np.array([["a"] * 10] * 4))), CalibrationDataError, ["dtype"]),
+    "nan": (lambda t, a, b, d: (a, b, save_npz(t / "n.npz", x=np.full((4, 10), np.nan, np.float32))), CalibrationDataError, ["NaN"]),
+    "no samples": (lambda t, a, b, d: (a, b, save_npz(t / "e.npz", x=np.zeros((0, 10), np.float32))), CalibrationDataError, ["no samples"]),
+    "data not npz": (lambda t, a, b, d: (a, b, _write(t / "d.npz", b"nope")), CalibrationDataError, [".npz"]),
+    "data missing": (lambda t, a, b, d: (a, b, t / "none.npz"), CalibrationDataError, ["no such file"]),
+}
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _save(path, model):
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, pair, tmp_path):
+    a, b, data = pair
+    make, exc, words = CASES[case]
+    ma, mb, d = make(tmp_path, a, b, data)
+    out = tmp_path / "out.onnx"
+    with pytest.raises(exc):
+        onnxzip.zip_models(str(ma), str(mb), str(d), output=str(out))
+    assert not out.exists()
+    result = cli("zip", ma, mb, "--data", d, "-o", out)
+    assert_one_line_error(result, *words)
+    assert not out.exists()
+    verbose = cli("--verbose", "zip", ma, mb, "--data", d, "-o", out)
+    assert isinstance(verbose.exception, OnnxZipError)
+
+
+def test_missing_external_data(tmp_path, pair):
+    a, b, data = pair
+    model = onnx.load(a)
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelLoadError, match="external data"):
+        onnxzip.zip_models(tmp_path / "ext.onnx", b, data)
+    assert_one_line_error(cli("zip", tmp_path / "ext.onnx", b, "-d", data, "-o", tmp_path / "o.onnx"), "external data")
+
+
+def test_external_data_outside_the_folder_is_refused(tmp_path, pair):
+    a, b, data = pair
+    model = onnx.load(a)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    onnx.save(model, tmp_path / "secret.onnx", save_as_external_data=True, location="secret.data", size_threshold=0)
+    shutil.move(tmp_path / "secret.onnx", sub / "m.onnx")
+    m = onnx.load(sub / "m.onnx", load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../secret.data"
+    onnx.save(m, sub / "m.onnx")
+    with pytest.raises(ModelLoadError, match="outside"):
+        onnxzip.zip_models(sub / "m.onnx", b, data)
+
+
+@pytest.mark.parametrize("args,exc,word", [
+    (["--method", "nope"], OptionError, "unknown matching method"),
+    (["--beta", "1.5"], OptionError, "out of range"),
+    (["--stop-at", "99"], OptionError, "out of range"),
+    (["--stop-at", "deep"], OptionError, "--stop-at"),
+    (["--method", "permute", "--alpha", "0.5"], OptionError, "takes no parameter"),
+    (["--tasks", "a,a"], OptionError, "must differ"),
+    (["--batch-size", "0"], OptionError, "batch-size"),
+])
+def test_bad_options(pair, tmp_path, args, exc, word):
+    a, b, data = pair
+    out = tmp_path / "o.onnx"
+    assert_one_line_error(cli("zip", a, b, "-d", data, "-o", out, *args), word)
+    assert not out.exists()
+
+
+def test_output_path_problems(pair, tmp_path):
+    a, b, data = pair
+    with pytest.raises(OutputPathError):
+        onnxzip.zip_models(a, b, data, output=tmp_path / "missing" / "o.onnx")
+    before = a.read_bytes()
+    with pytest.raises(OutputPathError):
+        onnxzip.zip_models(a, b, data, output=a)
+    assert a.read_bytes() == before
+    assert_one_line_error(cli("zip", a, b, "-d", data, "-o", a), "input")
+    assert_one_line_error(cli("zip", a, b, "-d", data, "-o", tmp_path / "missing" / "o.onnx"), "does not exist")
+
+
+def _blocked_model(seed):
+    """A dense layer, then an op that mixes channels (LpNormalization), then two more layers."""
+    rng = np.random.default_rng(seed)
+    w = [rng.normal(size=s).astype(np.float32) for s in ((8, 10), (6, 8), (3, 6))]
+    inits = [numpy_helper.from_array(x, f"w{k}") for k, x in enumerate(w)]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0"], ["h0"], transB=1, name="d0"),
+        helper.make_node("LpNormalization", ["h0"], ["n0"], axis=1, name="mix"),
+        helper.make_node("Gemm", ["n0", "w1"], ["h1"], transB=1, name="d1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="r1"),
+        helper.make_node("Gemm", ["r1", "w2"], ["logits"], transB=1, name="d2"),
+    ]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_unsupported_op_before_the_depth_names_it(tmp_path, pair):
+    _, _, data = pair
+    a, b = _save(tmp_path / "a.onnx", _blocked_model(0)), _save(tmp_path / "b.onnx", _blocked_model(1))
+    with pytest.raises(UnsupportedOpError, match="LpNormalization") as e:
+        onnxzip.zip_models(a, b, data)
+    assert "--stop-at 0" in str(e.value)
+    r = onnxzip.zip_models(a, b, data, stop_at=0)  # sharing nothing is still possible
+    assert [o.name for o in r.model.graph.output] == ["a/logits", "b/logits"]
+    assert_one_line_error(cli("zip", a, b, "-d", data, "-o", tmp_path / "o.onnx"), "LpNormalization", "mix")
+    info = onnxzip.inspect(a)
+    assert info["unsupported"][0]["op_type"] == "LpNormalization"
+
+
+def test_check_reports_first_difference(pair, tmp_path):
+    a, b, _ = pair
+    c = _save(tmp_path / "c.onnx", mlp(random_mlp_weights([10, 8, 5, 3], 2)))
+    ok = cli("check", a, b)
+    assert ok.exit_code == 0 and "zippable" in ok.output
+    bad = cli("check", a, c)
+    assert bad.exit_code == 1
+    assert "layer 2" in bad.output and "A " in bad.output and "B " in bad.output
+
+
+def test_small_calibration_set_warns(pair, tmp_path):
+    a, b, _ = pair
+    d = save_npz(tmp_path / "few.npz", x=np.random.default_rng(0).normal(size=(12, 10)).astype(np.float32))
+    r = onnxzip.zip_models(a, b, d)
+    assert any("calibration samples" in w for w in r.warnings)
+    assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in r.model.graph.initializer)
