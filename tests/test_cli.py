@@ -1,0 +1,116 @@
+"""The CLI commands, and the README's and samples' commands as written."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples" / "digits"
+runner = CliRunner()
+
+
+def test_methods_lists_the_registry():
+    r = runner.invoke(app, ["methods", "--json"])
+    assert r.exit_code == 0
+    names = {m["name"] for m in json.loads(r.output)}
+    assert {"zipit", "permute", "average"} <= names
+
+
+def test_inspect_resnet20_numbers_layers_like_the_paper():
+    r = runner.invoke(app, ["inspect", str(SAMPLES / "resnet20_a.onnx"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["num_layers"] == 20
+    shortcuts = [l for l in info["layers"] if l["shortcut"]]
+    assert [l["number"] for l in shortcuts] == [9, 15]  # counted with the block they bypass
+    assert sum(1 for l in info["layers"] if not l["shortcut"]) == 20
+    # the residual stream of each stage is one group read by several layers
+    assert max(len(g["measured_at"]) for g in info["groups"]) >= 3
+    text = runner.invoke(app, ["inspect", str(SAMPLES / "resnet20_a.onnx")])
+    assert text.exit_code == 0 and "shortcut" in text.output
+
+
+def test_check_across_exporters():
+    r = runner.invoke(app, ["check", str(SAMPLES / "mlp_a.onnx"), str(SAMPLES / "mlp_b.dynamo.onnx"), "--json"])
+    assert r.exit_code == 0
+    assert json.loads(r.output)["zippable"] is True
+
+
+def test_zip_json_report_and_eval(tmp_path):
+    out = tmp_path / "z.onnx"
+    rep = tmp_path / "r.json"
+    r = runner.invoke(app, [
+        "zip", str(SAMPLES / "mlp_a.onnx"), str(SAMPLES / "mlp_b.dynamo.onnx"), "--data", str(SAMPLES / "calib.npz"),
+        "-o", str(out), "--tasks", "a,b", "--report", str(rep), "--json",
+        "--eval", f"a={SAMPLES / 'test_a.npz'},b={SAMPLES / 'test_b.npz'}",
+    ])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary == json.loads(rep.read_text())
+    assert summary["outputs"] == {"a": ["a/logits"], "b": ["b/logits"]}
+    assert set(summary["eval"]) == {"model A", "model B", "ensemble", "zipped"}
+    assert summary["cost"]["zipped"]["params"] < summary["cost"]["model A"]["params"] * 1.1
+    model = onnx.load(out)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["onnxzip.method"] == "zipit" and meta["onnxzip.stop_at"] == "2/3"
+    assert len(json.loads(meta["onnxzip.sources"])) == 2
+
+
+def test_eval_ensemble_equals_numpy(tmp_path):
+    r = runner.invoke(app, ["eval", "--task", f"a={SAMPLES / 'test_a.npz'}", "--task", f"b={SAMPLES / 'test_b.npz'}",
+                            "--ensemble", str(SAMPLES / "vgg_a.onnx"), "--ensemble", str(SAMPLES / "vgg_b.onnx"), "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)["ensemble"]["joint"]
+    import onnxruntime as ort
+
+    right = total = 0
+    logits = {}
+    for t in "ab":
+        d = np.load(SAMPLES / f"test_{t}.npz")
+        for m in "ab":
+            s = ort.InferenceSession(str(SAMPLES / f"vgg_{m}.onnx"))
+            logits[(t, m)] = s.run(None, {"input": d["input"]})[0]
+    for t in "ab":
+        labels = np.load(SAMPLES / f"test_{t}.npz")["labels"]
+        p = [np.exp(logits[(t, m)] - logits[(t, m)].max(1, keepdims=True)) for m in "ab"]
+        p = np.concatenate([q / q.sum(1, keepdims=True) for q in p], axis=1)
+        want = labels + (0 if t == "a" else 5)
+        right += int((p.argmax(1) == want).sum())
+        total += len(labels)
+    assert got == pytest.approx(right / total)
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```\n(.*?)```", text, flags=re.S)
+    return [line for b in blocks for line in b.splitlines() if line.startswith("pip install -e")]
+
+
+@pytest.mark.slow
+def test_readme_main_job_runs_as_written(tmp_path):
+    cmds = _readme_commands()
+    main = next(c for c in cmds if "onnxzip zip" in c)
+    zip_part = main.split("&&", 1)[1].strip()
+    args = shlex.split(zip_part)
+    exe = [sys.executable, "-m", "cli.main"]
+    out = tmp_path / "zipped.onnx"
+    args = [str(out) if a == "resnet20_zipped.onnx" else a for a in args[1:]]
+    r = subprocess.run(exe + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "ensemble" in r.stdout and "zipped" in r.stdout
+    assert out.exists()
+    test_cmd = next(c for c in cmds if "pytest" in c)
+    assert test_cmd.split("&&", 1)[1].strip() == "python -m pytest -q"
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == test_cmd
