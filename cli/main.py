@@ -58,6 +58,38 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+class _Bars:
+    """Progress bars on stderr for the long steps; nothing when stderr is not a terminal."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, transient=True)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def start(self, stage: str, total):
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(stage, total=total)
+
+    def advance(self, n: int = 1):
+        self.progress.advance(self.task, n)
+
+
+def _bars():
+    import contextlib
+
+    return _Bars() if err.is_terminal and not _state.get("quiet") else contextlib.nullcontext(None)
+
+
 def _parse_params(method: str, alpha: Optional[float], beta: Optional[float], param: List[str]) -> dict:
     from onnxzip.errors import OptionError
     from onnxzip.match import get_matcher
@@ -165,11 +197,12 @@ def zip_cmd(
         prov = resolve_providers(providers, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
         spec = data if len(data) > 1 or "=" in data[0] else data[0]
         t0 = time.perf_counter()
-        result = zip_models(
-            str(model_a), str(model_b), spec, output=str(output), method=method, params=params,
-            stop_at=stop_at, tasks=task_names, do_repair=repair, repair_heads=repair_heads,
-            batch_size=batch_size, max_samples=max_samples, providers=prov,
-        )
+        with _bars() as bars:
+            result = zip_models(
+                str(model_a), str(model_b), spec, output=str(output), method=method, params=params,
+                stop_at=stop_at, tasks=task_names, do_repair=repair, repair_heads=repair_heads,
+                batch_size=batch_size, max_samples=max_samples, providers=prov, progress=bars,
+            )
         total = time.perf_counter() - t0
         summary = result.summary()
         summary["time_s"] = round(total, 3)

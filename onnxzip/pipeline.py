@@ -179,7 +179,11 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     pair = PreparedPair(graphs, sources, hashes, dataset, None, batch_size, max_samples, providers, timings, warnings)
     if collect:
         t1 = time.perf_counter()
-        pair.stats = collect_stats(graphs, pair.batches(), providers, progress)
+        advance = None
+        if progress is not None:
+            progress.start("statistics", n)
+            advance = progress.advance
+        pair.stats = collect_stats(graphs, pair.batches(), providers, advance)
         timings["statistics"] = time.perf_counter() - t1
     return pair
 
@@ -222,8 +226,12 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     report = None
     if do_repair:
         t = time.perf_counter()
+        advance = None
+        if progress is not None:
+            progress.start("repair", None)
+            advance = progress.advance
         report = repair(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
-                        heads=repair_heads, progress=progress)
+                        heads=repair_heads, progress=advance)
         timings["repair"] = time.perf_counter() - t
     t = time.perf_counter()
     _set_metadata(model, pair, method, params, depth, m, tasks)
@@ -296,13 +304,14 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         stop_at: layers to share: None = all but the last (one head per task), "all", or n.
         tasks: task names (default: the file stems), used as output prefixes.
         do_repair: correct statistics after merging (REPAIR).
+        progress: an object with ``start(stage, total)`` and ``advance(n)`` (e.g. a progress bar).
     """
     get_matcher(method)
     validate_params(get_matcher(method).name, dict(params or {}))
     if output is not None:
         check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)])
     pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress)
-    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads)
+    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads, progress=progress)
     result.timings = {**pair.timings, **result.timings}
     if output is not None:
         t = time.perf_counter()

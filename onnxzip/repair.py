@@ -168,14 +168,21 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
     """
     weights = _Weights(model)
     owners = stats.owners
+    norms = list(layout.norm_sites)
     sites = [
         s for s in layout.sites
         if s.model == -1 or (heads and not graphs[s.model].groups[graphs[s.model].layers[s.index].out_space.gid].output)
     ]
-    levels = sorted({(s.model >= 0, s.number) for s in sites})
+    levels = sorted({(s.model >= 0, float(s.number)) for s in sites} | {(False, n.level) for n in norms})
     passes = 0
     for level in levels:
-        group = [s for s in sites if (s.model >= 0, s.number) == level]
+        resets = [n for n in norms if not level[0] and n.level == level[1]]
+        if resets:
+            _reset_norms(model, weights, resets, batches, providers)
+        group = [s for s in sites if (s.model >= 0, float(s.number)) == level]
+        if not group:
+            passes += bool(resets)
+            continue
         accs = _measure(model, group, batches, providers, owners if level[0] else None)
         passes += 1
         for s in group:
@@ -186,4 +193,22 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
             correct_layer(model, weights, s, acc.mean, np.sqrt(acc.var), mean_t, std_t)
         if progress is not None:
             progress(1)
-    return RepairReport(layers=len(sites), passes=passes, samples=stats.samples)
+    return RepairReport(layers=len(sites) + len(norms), passes=passes, samples=stats.samples)
+
+
+def _reset_norms(model, weights: _Weights, norms, batches, providers) -> None:
+    """BatchNormalization reset: running mean and variance measured on the merged model (the paper)."""
+    names = list(dict.fromkeys(n.input for n in norms))
+    sess = make_session(_only_outputs(model, names), providers)
+    inputs = [i.name for i in sess.get_inputs()]
+    accs = {}
+    for batch in batches():
+        outs = dict(zip(names, sess.run(names, {n: batch.feeds[n] for n in inputs})))
+        for name, value in outs.items():
+            rows = as_samples(value, 1)
+            accs.setdefault(name, MomentAccumulator(rows.shape[-1])).update(rows, batch.valid.astype(np.float64))
+    for n in norms:
+        acc = accs[n.input]
+        mean, var = weights.get(n.mean), weights.get(n.var)
+        weights.set(n.mean, acc.mean.astype(mean.dtype).reshape(mean.shape))
+        weights.set(n.var, acc.var.astype(var.dtype).reshape(var.shape))

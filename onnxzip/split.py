@@ -49,6 +49,18 @@ class ZipLayout:
     outputs: dict[str, list[str]]  # task -> output names in the zipped model
     unmerge_nodes: int = 0
     folded_unmerges: int = 0
+    norm_sites: list = field(default_factory=list)  # trunk BatchNormalization nodes to reset
+
+
+@dataclass
+class NormSite:
+    """A BatchNormalization left in the trunk: its statistics are reset after merging."""
+
+    node: str
+    input: str
+    mean: str
+    var: str
+    level: float  # corrected after the layers numbered below it
 
 
 def branch_nodes(graph: LayerGraph, trunk_layer_nodes: set[str]) -> set[str]:
@@ -208,6 +220,11 @@ def build_zipped_model(graphs: list[LayerGraph], merges: Merges, stop_at: int, t
             total = part if total is None else total + part
         new_inits[pa.initializer] = np.moveaxis(total, 0, pa.axis).astype(value(0, pa.initializer).dtype)
     nodes.extend(_copy(n) for n in trunk_nodes)
+    norm_sites = []
+    for n in trunk_nodes:
+        if n.op_type == "BatchNormalization":
+            level = next((p.depth for p in a.params if p.node == n.name), 0) + 0.5
+            norm_sites.append(NormSite(n.name, n.input[0], n.input[3], n.input[4], level))
     for i in trunk_idx:
         la = a.layers[i]
         node = next(n for n in nodes if n.name == la.node)
@@ -359,7 +376,7 @@ def build_zipped_model(graphs: list[LayerGraph], merges: Merges, stop_at: int, t
     )
     model = helper.make_model(graph, opset_imports=list(a.model.opset_import), ir_version=a.model.ir_version)
     _prune(model)
-    layout = ZipLayout(stop_at, list(tasks), trunk_idx, sites, outputs, n_gather, n_fold)
+    layout = ZipLayout(stop_at, list(tasks), trunk_idx, sites, outputs, n_gather, n_fold, norm_sites)
     return model, layout
 
 
