@@ -183,7 +183,7 @@ def build_zipped_model(graphs: list[LayerGraph], merges: Merges, stop_at: int, t
 
     # ---- trunk: the first model's nodes, merged weights
     trunk_nodes = [n for n in a.model.graph.node if n.name not in branches[0]]
-    used = {i for n in trunk_nodes for i in n.input}
+    used = list(dict.fromkeys(i for n in trunk_nodes for i in n.input))  # ordered: byte-identical output
     for name in used:
         if name in inits[0]:
             new_inits[name] = value(0, name)
