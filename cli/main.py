@@ -90,7 +90,22 @@ def _bars():
     return _Bars() if err.is_terminal and not _state.get("quiet") else contextlib.nullcontext(None)
 
 
-def _parse_params(method: str, alpha: Optional[float], beta: Optional[float], param: List[str]) -> dict:
+def _selection_table(sel: dict) -> Table:
+    table = Table(title=f"candidates scored on {sel['holdout_samples']} held-out samples ({sel['select_by']}); "
+                        f"search {sel['search_seconds']:.1f}s")
+    for col in ("alpha", "beta", "stop at", "joint agreement", "task agreement", "accuracy", "s"):
+        table.add_column(col, justify="right")
+    for c in sel["candidates"]:
+        p = c["params"]
+        acc = c.get("accuracy")
+        table.add_row(str(p.get("alpha", "-")), str(p.get("beta", "-")), str(c["stop_at"]), f"{c['joint_agreement']:.3f}",
+                      " ".join(f"{t}:{v:.2f}" for t, v in c["task_agreement"].items()),
+                      "-" if not acc else f"{100 * acc['joint']:.1f}",
+                      "same merges" if c.get("duplicate_of") is not None else f"{c['seconds']:.1f}")
+    return table
+
+
+def _parse_params(method: str, alpha: Optional[str], beta: Optional[str], param: List[str]) -> dict:
     from onnxzip.errors import OptionError
     from onnxzip.match import get_matcher
 
@@ -101,13 +116,22 @@ def _parse_params(method: str, alpha: Optional[float], beta: Optional[float], pa
         if value is not None:
             if name not in names:
                 raise OptionError(f"method '{matcher.name}' takes no parameter '{name}' (it takes: {', '.join(sorted(names)) or 'none'})")
-            params[name] = value
+            params[name] = value.strip() if value.strip().lower() == "auto" else _number(name, value)
     for p in param:
         if "=" not in p:
             raise OptionError(f"--param {p!r}: write it as name=value")
         k, v = p.split("=", 1)
         params[k.strip()] = v.strip()
     return params
+
+
+def _number(name: str, value: str) -> float:
+    from onnxzip.errors import OptionError
+
+    try:
+        return float(value)
+    except ValueError:
+        raise OptionError(f"--{name} {value!r}: give a number or 'auto'") from None
 
 
 def _parse_tasks_eval(items: List[str]) -> dict:
@@ -171,10 +195,16 @@ def zip_cmd(
     data: List[str] = typer.Option(..., "--data", "-d", help="Calibration data: calib.npz (mixed) or a folder of shards; or task=file.npz once per task."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the zipped model."),
     method: str = typer.Option("zipit", help="Matching method (see `onnxzip methods`)."),
-    alpha: Optional[float] = typer.Option(None, help="zipit: similarity decay of merged clusters (default 0.3)."),
-    beta: Optional[float] = typer.Option(None, help="zipit: share of within-model merges (default 0.125)."),
+    alpha: Optional[str] = typer.Option(None, help="zipit: similarity decay of merged clusters (default 0.3), or 'auto'."),
+    beta: Optional[str] = typer.Option(None, help="zipit: share of within-model merges (default 0.125), or 'auto'."),
     param: List[str] = typer.Option([], help="Other matcher parameter, name=value (repeatable)."),
-    stop_at: Optional[str] = typer.Option(None, "--stop-at", help="Share the first N layers (see `inspect`); 'all' merges the final layer too. Default: all but the final layer."),
+    stop_at: Optional[str] = typer.Option(None, "--stop-at", help="Share the first N layers (see `inspect`); 'all' merges the final layer too; 'auto' with --min-fidelity or --max-flops. Default: all but the final layer."),
+    min_fidelity: Optional[float] = typer.Option(None, help="--stop-at auto: the deepest zip whose fidelity (joint agreement with the ensemble on held-out samples) reaches this."),
+    max_flops: Optional[float] = typer.Option(None, help="--stop-at auto: the best zip using at most this share of the FLOPs of running both models."),
+    holdout: Optional[float] = typer.Option(None, help="Share of calibration samples held out to score candidates (default 0.2 with 'auto')."),
+    search: str = typer.Option("coordinate", help="alpha/beta search over the paper's grid: coordinate (11 candidates) or grid (36)."),
+    select_by: str = typer.Option("fidelity", help="Score candidates by fidelity (no labels) or accuracy (needs --task)."),
+    task: List[str] = typer.Option([], "--task", help="Labeled data for --select-by accuracy: task=file.npz (repeatable)."),
     tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated (default: file stems). Outputs are named <task>/<output>."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Correct statistics after merging (REPAIR)."),
     repair_heads: bool = typer.Option(True, "--repair-heads/--no-repair-heads", help="Also correct layers inside each task's branch."),
@@ -202,6 +232,8 @@ def zip_cmd(
                 str(model_a), str(model_b), spec, output=str(output), method=method, params=params,
                 stop_at=stop_at, tasks=task_names, do_repair=repair, repair_heads=repair_heads,
                 batch_size=batch_size, max_samples=max_samples, providers=prov, progress=bars,
+                holdout=holdout, search=search, select_by=select_by, select_data=_parse_tasks_eval(task) or None,
+                min_fidelity=min_fidelity, max_flops=max_flops,
             )
         total = time.perf_counter() - t0
         summary = result.summary()
@@ -221,6 +253,8 @@ def zip_cmd(
             return
         for w in result.warnings:
             err.print(f"[yellow]warning:[/yellow] {w}")
+        if result.selection:
+            out.print(_selection_table(result.selection))
         out.print(f"[bold]zipped[/bold] {model_a.name} + {model_b.name} -> {output}  "
                   f"({result.method} {json.dumps(result.params)}, shared layers {result.stop_at}/{result.num_layers})")
         both = {k: cost["model A"][k] + cost["model B"][k] for k in ("params", "flops")}
@@ -245,6 +279,132 @@ def zip_cmd(
             out.print(_eval_table(results, "accuracy (%)"))
 
     _run(run)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    model_a: Path = typer.Argument(...),
+    model_b: Path = typer.Argument(...),
+    data: List[str] = typer.Option(..., "--data", "-d", help="Calibration data (as for zip)."),
+    task: List[str] = typer.Option([], "--task", help="Labeled test data task=file.npz (repeatable): adds accuracy columns."),
+    methods: str = typer.Option("zipit,permute,average", help="Methods, comma-separated."),
+    depths: Optional[str] = typer.Option(None, help="Depths to try, comma-separated (default: every depth)."),
+    alpha: Optional[float] = typer.Option(None, help="zipit alpha (default 0.3)."),
+    beta: Optional[float] = typer.Option(None, help="zipit beta (default 0.125)."),
+    tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated."),
+    holdout: float = typer.Option(0.2, help="Share of calibration samples held out to measure fidelity."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure onnxruntime latency of each result."),
+    batch_size: int = typer.Option(64),
+    max_samples: Optional[int] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the rows as CSV here."),
+    plot: Optional[Path] = typer.Option(None, help="Save joint accuracy (or fidelity) against relative FLOPs as a PNG (needs matplotlib)."),
+):
+    """Zip at every depth with every method: cost against accuracy, one row per (method, depth)."""
+
+    def run():
+        from onnxzip.errors import OptionError
+        from onnxzip.pipeline import prepare_pair
+        from onnxzip.select import make_holdout, sweep
+
+        task_names = [t.strip() for t in tasks.split(",")] if tasks else None
+        spec = data if len(data) > 1 or "=" in data[0] else data[0]
+        try:
+            depth_list = [int(d) for d in depths.split(",")] if depths else None
+        except ValueError:
+            raise OptionError(f"--depths {depths!r}: give layer numbers separated by commas") from None
+        params = {k: v for k, v in (("alpha", alpha), ("beta", beta)) if v is not None}
+        t0 = time.perf_counter()
+        with _bars() as bars:
+            pair = prepare_pair(str(model_a), str(model_b), spec, batch_size, max_samples, tasks=task_names,
+                                holdout=holdout, progress=bars)
+        hold = make_holdout(pair)
+        labeled = None
+        if task:
+            from onnxzip.pipeline import _labeled
+
+            labeled = _labeled(_parse_tasks_eval(task), pair)
+        result = sweep(pair, hold, [m.strip() for m in methods.split(",") if m.strip()], depth_list, params,
+                       pair.tasks, labeled, latency,
+                       log=(lambda r: err.print(f"  {r['method']} {r['shared']}: {r['joint_agreement']:.3f}")) if err.is_terminal else None)
+        result["total_seconds"] = time.perf_counter() - t0
+        rows = result["rows"]
+        if csv_out:
+            _write_csv(csv_out, rows)
+        if plot:
+            _plot(plot, rows, labeled is not None)
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        table = Table(title=f"{model_a.name} + {model_b.name}: {result['num_layers']} layers; fidelity on "
+                            f"{result['holdout_samples']} held-out samples")
+        cols = ["method", "shared", "params", "FLOPs", "latency", "fidelity"]
+        if labeled is not None:
+            cols += ["task avg", "joint"]
+        for c in cols:
+            table.add_column(c, justify="right")
+        for r in rows:
+            if "error" in r:
+                table.add_row(r["method"], f"{r['stop_at']}", "-", "-", "-", r["error"][:40])
+                continue
+            cells = [r["method"], r["shared"] or "-", f"{r['params_rel']:.2f}", f"{r['flops_rel']:.2f}",
+                     "-" if r["latency_rel"] is None else f"{r['latency_rel']:.2f}",
+                     "-" if r.get("joint_agreement") is None else f"{r['joint_agreement']:.3f}"]
+            if labeled is not None:
+                acc = r.get("accuracy")
+                cells += ["-" if not acc else f"{100 * acc['task_average']:.1f}", "-" if not acc else f"{100 * acc['joint']:.1f}"]
+            table.add_row(*cells)
+        out.print(table)
+        out.print(f"params, FLOPs and latency relative to running both models; statistics collected once "
+                  f"({pair.stats.samples} samples, {result['statistics_seconds']:.1f}s); whole sweep {result['total_seconds']:.1f}s")
+
+    _run(run)
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    import csv
+
+    cols = ["kind", "method", "stop_at", "shared", "params", "params_rel", "flops", "flops_rel", "latency_ms",
+            "latency_rel", "joint_agreement", "task_avg", "joint", "seconds", "error"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            acc = r.get("accuracy") or {}
+            w.writerow({**r, "task_avg": acc.get("task_average"), "joint": acc.get("joint")})
+
+
+def _plot(path: Path, rows: list, labeled: bool) -> None:
+    from onnxzip.errors import OptionError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise OptionError("--plot needs matplotlib: pip install 'onnxzip[plot]'") from None
+    key = "joint accuracy (%)" if labeled else "fidelity (joint agreement with the ensemble)"
+
+    def y(r):
+        if labeled:
+            return None if not r.get("accuracy") else 100 * r["accuracy"]["joint"]
+        return r.get("joint_agreement")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows if r["kind"] == "candidate" and "error" not in r):
+        pts = sorted((r["flops_rel"], y(r)) for r in rows if r["method"] == method and "error" not in r and y(r) is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    for r in rows:
+        if r["kind"] == "reference" and y(r) is not None:
+            ax.scatter([r["flops_rel"]], [y(r)], marker="*", s=120, label=r["method"])
+    ax.set_xlabel("FLOPs relative to running both models")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 @app.command("inspect")

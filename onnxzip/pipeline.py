@@ -49,9 +49,38 @@ class PreparedPair:
     providers: list[str] | None
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    holdout: float = 0.0  # share of calibration samples kept out of statistics, to score candidates
+    tasks: list = field(default_factory=list)
+
+    def _holdout_mask(self, start: int, rows: int) -> np.ndarray:
+        if self.holdout <= 0:
+            return np.zeros(rows, dtype=bool)
+        every = max(2, int(round(1.0 / self.holdout)))
+        return (np.arange(start, start + rows) % every) == every - 1
 
     def batches(self):
-        return self.data.batches(self.batch_size, self.max_samples)
+        """Calibration batches for statistics and repair (held-out rows masked as invalid)."""
+        start = 0
+        for batch in self.data.batches(self.batch_size, self.max_samples):
+            rows = int(batch.valid.sum())
+            if self.holdout > 0:
+                hold = np.zeros(len(batch.valid), dtype=bool)
+                hold[:rows] = self._holdout_mask(start, rows)
+                batch.valid = batch.valid & ~hold
+            start += rows
+            yield batch
+
+    def holdout_batches(self):
+        """The held-out rows only (as ``valid``), for scoring zip candidates without labels."""
+        start = 0
+        for batch in self.data.batches(self.batch_size, self.max_samples):
+            rows = int(batch.valid.sum())
+            hold = np.zeros(len(batch.valid), dtype=bool)
+            hold[:rows] = self._holdout_mask(start, rows)
+            start += rows
+            if hold.any():
+                batch.valid = hold
+                yield batch
 
 
 @dataclass
@@ -68,9 +97,11 @@ class ZipResult:
     samples: int
     warnings: list
     output: str | None = None
+    selection: dict | None = None
 
     def summary(self) -> dict:
         return {
+            "selection": self.selection,
             "output": self.output,
             "method": self.method,
             "params": self.params,
@@ -128,8 +159,15 @@ def default_tasks(sources: list[str]) -> list[str]:
 
 
 def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int | None = None,
-                 providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None) -> PreparedPair:
-    """Load, normalize, parse and check two models; optionally collect their statistics."""
+                 providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None,
+                 holdout: float = 0.0) -> PreparedPair:
+    """Load, normalize, parse and check two models; optionally collect their statistics.
+
+    ``holdout``: share of the calibration samples kept out of the statistics and the repair, to
+    score zip candidates by their fidelity to the source models (see :mod:`onnxzip.select`).
+    """
+    if not 0.0 <= holdout < 1.0:
+        raise OptionError(f"--holdout {holdout} must be in [0, 1)")
     t0 = time.perf_counter()
     if batch_size < 1:
         raise OptionError(f"--batch-size {batch_size} must be at least 1")
@@ -176,7 +214,10 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     if n < MIN_TRUSTED_SAMPLES:
         warnings.append(f"only {n} calibration samples: statistics may be unreliable (use a few hundred)")
     timings = {"load_and_parse": time.perf_counter() - t0}
-    pair = PreparedPair(graphs, sources, hashes, dataset, None, batch_size, max_samples, providers, timings, warnings)
+    pair = PreparedPair(graphs, sources, hashes, dataset, None, batch_size, max_samples, providers, timings, warnings,
+                        holdout, list(tasks))
+    if holdout > 0 and n * holdout < 16:
+        warnings.append(f"only about {int(n * holdout)} held-out samples to score candidates: use more calibration data")
     if collect:
         t1 = time.perf_counter()
         advance = None
@@ -292,7 +333,9 @@ def validate(model: onnx.ModelProto, pair: PreparedPair) -> None:
 def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, method: str = "zipit",
                params: dict | None = None, stop_at=None, tasks: list[str] | None = None, do_repair: bool = True,
                repair_heads: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
-               progress=None) -> ZipResult:
+               progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
+               select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
+               log=None) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
     Args:
@@ -300,22 +343,76 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         data: calibration data: an .npz path or folder, or {task: path} per task.
         output: where to save the zipped model (atomically); None to only return it.
         method: a registered matcher ("zipit", "permute", "average", ...).
-        params: the matcher's parameters (zipit: alpha, beta).
-        stop_at: layers to share: None = all but the last (one head per task), "all", or n.
+        params: the matcher's parameters (zipit: alpha, beta); ``"auto"`` picks a value by
+            fidelity on held-out calibration samples (:func:`onnxzip.select.search_alpha_beta`).
+        stop_at: layers to share: None = all but the last (one head per task), "all", n, or
+            "auto" with ``min_fidelity`` or ``max_flops`` (:func:`onnxzip.select.choose_depth`).
         tasks: task names (default: the file stems), used as output prefixes.
         do_repair: correct statistics after merging (REPAIR).
         progress: an object with ``start(stage, total)`` and ``advance(n)`` (e.g. a progress bar).
+        holdout: share of calibration samples held out to score candidates (default 0.2 when
+            something is "auto", else 0).
+        search: "coordinate" or "grid" over the paper's alpha/beta grid.
+        select_by: "fidelity" (no labels) or "accuracy" (needs ``select_data``: {task: npz with labels}).
+        log: called with each candidate as it is scored.
     """
-    get_matcher(method)
-    validate_params(get_matcher(method).name, dict(params or {}))
+    from onnxzip.select import choose_depth, make_holdout, search_alpha_beta
+
+    matcher = get_matcher(method)
+    params = dict(params or {})
+    auto = [k for k, v in params.items() if isinstance(v, str) and v.strip().lower() == "auto"]
+    fixed = {k: v for k, v in params.items() if k not in auto}
+    validate_params(matcher.name, fixed)
+    if auto and matcher.name != "zipit":
+        raise OptionError(f"'auto' parameters are searched for zipit only, not {matcher.name}")
+    bad = [k for k in auto if k not in ("alpha", "beta")]
+    if bad:
+        raise OptionError(f"cannot search {bad} automatically: only alpha and beta")
+    auto_depth = isinstance(stop_at, str) and stop_at == "auto"
+    if not auto_depth and (min_fidelity is not None or max_flops is not None):
+        raise OptionError("--min-fidelity and --max-flops go with --stop-at auto")
+    if holdout is None:
+        holdout = 0.2 if (auto or auto_depth) else 0.0
     if output is not None:
         check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)])
-    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress)
+    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress, holdout=holdout)
+    selection = None
+    if auto or auto_depth:
+        t = time.perf_counter()
+        hold = make_holdout(pair)
+        labeled = _labeled(select_data, pair) if select_data else None
+        selection = {"holdout_samples": hold.size, "select_by": select_by, "candidates": []}
+        if auto:
+            best, tried = search_alpha_beta(pair, hold, stop_at=None if auto_depth else stop_at, tasks=pair.tasks,
+                                            search=search, labeled=labeled, select_by=select_by, do_repair=do_repair,
+                                            repair_heads=repair_heads, fixed=fixed, log=log)
+            params = {**fixed, **best}
+            selection["alpha_beta"] = best
+            selection["candidates"] += [c.to_dict() for c in tried]
+        if auto_depth:
+            depth, tried = choose_depth(pair, hold, method, {k: v for k, v in params.items()}, tasks=pair.tasks,
+                                        min_fidelity=min_fidelity, max_flops=max_flops, labeled=labeled,
+                                        select_by=select_by, do_repair=do_repair, repair_heads=repair_heads, log=log)
+            stop_at = depth
+            selection["stop_at"] = depth
+            selection["candidates"] += [c.to_dict() for c in tried]
+        selection["search_seconds"] = time.perf_counter() - t
+        pair.timings["search"] = selection["search_seconds"]
     result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads, progress=progress)
     result.timings = {**pair.timings, **result.timings}
+    result.selection = selection
     if output is not None:
         t = time.perf_counter()
         save_model(result.model, output)
         result.timings["save"] = time.perf_counter() - t
         result.output = str(output)
     return result
+
+
+def _labeled(select_data: dict, pair: PreparedPair) -> dict:
+    from onnxzip.evaluate import load_task_data
+
+    unknown = [t for t in select_data if t not in pair.tasks]
+    if unknown:
+        raise OptionError(f"labeled data for unknown task(s) {unknown}; the tasks are {pair.tasks}")
+    return {t: load_task_data(path, pair.graphs[0].model) for t, path in select_data.items()}

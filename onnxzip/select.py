@@ -1,0 +1,373 @@
+"""Choosing alpha, beta and the zip depth without labels, and sweeping depths and methods.
+
+A candidate zip is scored on calibration samples held out of the statistics by its *fidelity*
+to the source models (method.md, "Choosing alpha and beta without labels"):
+
+- joint agreement: how often the zipped model's joint prediction (softmax each head over its own
+  classes, argmax over the concatenation) equals the ensemble's joint prediction;
+- per-task agreement: on the samples of each task (its labels, else the samples its own source
+  model is most confident on), how often that task's head agrees with its source model.
+
+Joint agreement is the selection score; with labeled data, joint accuracy can be used instead.
+Statistics are collected once; each candidate only redoes matching, rewrite and repair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxzip.errors import OnnxZipError, OptionError
+from onnxzip.stats.collect import make_session, owner_masks
+
+__all__ = [
+    "ALPHA_GRID", "BETA_GRID", "Holdout", "Candidate", "make_holdout", "fidelity", "search_alpha_beta",
+    "choose_depth", "sweep", "joint_predictions",
+]
+
+# The paper's grid (Stoica et al., ICLR 2024, appendix: hyperparameter search).
+ALPHA_GRID = (1.0, 0.5, 0.3, 0.1, 0.01, 0.0001)
+BETA_GRID = (1.0, 0.25, 0.125, 0.075, 0.0375, 0.0)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z.reshape(z.shape[0], -1).astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def joint_predictions(heads: list[np.ndarray]) -> np.ndarray:
+    """Argmax over the concatenation of each head's softmax (method.md, "How it is judged")."""
+    return np.concatenate([_softmax(h) for h in heads], axis=1).argmax(axis=1)
+
+
+@dataclass
+class Holdout:
+    """Held-out calibration rows and what the source models say on them."""
+
+    feeds: dict  # input name -> rows (only held-out rows)
+    owner: np.ndarray  # [models, rows] bool
+    source_heads: list  # per model: its head's outputs [rows, classes]
+    ensemble_joint: np.ndarray  # [rows]
+    labels: np.ndarray | None = None  # joint label (task offset + class) when the data is labeled
+
+    @property
+    def size(self) -> int:
+        return len(self.ensemble_joint)
+
+
+def make_holdout(pair, limit: int = 2048) -> Holdout:
+    """Collect the held-out rows of ``pair`` and the source models' predictions on them."""
+    graphs = pair.graphs
+    sessions = [make_session(g.model, pair.providers) for g in graphs]
+    feeds: dict[str, list] = {}
+    heads: list[list] = [[] for _ in graphs]
+    owners = []
+    total = 0
+    for batch in pair.holdout_batches():
+        outs = []
+        for g, sess in zip(graphs, sessions):
+            f = {name: batch.feeds[graphs[0].inputs[j]] for j, name in enumerate(g.inputs)}
+            outs.append(sess.run([g.outputs[0]], f)[0])
+        keep = batch.valid
+        owners.append(owner_masks(batch, outs)[:, keep])
+        for k, o in enumerate(outs):
+            heads[k].append(o[keep])
+        for name, v in batch.feeds.items():
+            feeds.setdefault(name, []).append(v[keep])
+        total += int(keep.sum())
+        if total >= limit:
+            break
+    if total == 0:
+        raise OptionError("no held-out calibration samples to score candidates: use --holdout > 0 and more data")
+    source_heads = [np.concatenate(h) for h in heads]
+    return Holdout(
+        feeds={k: np.concatenate(v) for k, v in feeds.items()},
+        owner=np.concatenate(owners, axis=1),
+        source_heads=source_heads,
+        ensemble_joint=joint_predictions(source_heads),
+    )
+
+
+@dataclass
+class Fidelity:
+    joint: float
+    per_task: dict
+
+    def to_dict(self) -> dict:
+        return {"joint_agreement": self.joint, "task_agreement": self.per_task}
+
+
+def _model_heads(model: onnx.ModelProto, tasks: list[str], feeds: dict, providers, batch: int = 256) -> list[np.ndarray]:
+    sess = make_session(model, providers)
+    names = [o.name for o in sess.get_outputs()]
+    heads = []
+    for t in tasks:
+        name = next((n for n in names if n.startswith(f"{t}/")), None)
+        heads.append(name)
+    if any(h is None for h in heads):  # fully merged: one shared output serves every task
+        heads = [names[0]] * len(tasks)
+    inputs = [i.name for i in sess.get_inputs()]
+    static = sess.get_inputs()[0].shape[0]
+    n = len(next(iter(feeds.values())))
+    step = static if isinstance(static, int) and static > 0 else batch
+    outs = {h: [] for h in dict.fromkeys(heads)}
+    for s in range(0, n, step):
+        f = {}
+        for i in inputs:
+            x = feeds[i][s:s + step]
+            if isinstance(static, int) and static > 0 and len(x) < static:
+                x = np.concatenate([x, np.repeat(x[-1:], static - len(x), axis=0)])
+            f[i] = x
+        rows = min(step, n - s)
+        for h, v in zip(outs, sess.run(list(outs), f)):
+            outs[h].append(v[:rows])
+    return [np.concatenate(outs[h]) for h in heads]
+
+
+def fidelity(model: onnx.ModelProto, holdout: Holdout, tasks: list[str], providers=None) -> Fidelity:
+    """How faithfully a zipped model reproduces its sources on held-out rows."""
+    heads = _model_heads(model, tasks, holdout.feeds, providers)
+    joint = float((joint_predictions(heads) == holdout.ensemble_joint).mean())
+    per_task = {}
+    for k, t in enumerate(tasks):
+        mask = holdout.owner[k]
+        if mask.any():
+            agree = heads[k][mask].argmax(axis=1) == holdout.source_heads[k][mask].argmax(axis=1)
+            per_task[t] = float(agree.mean())
+    return Fidelity(joint, per_task)
+
+
+@dataclass
+class Candidate:
+    method: str
+    params: dict
+    stop_at: int
+    score: float
+    fidelity: dict
+    accuracy: dict | None = None
+    seconds: float = 0.0
+    duplicate_of: int | None = None  # same merges as an earlier candidate: not rebuilt
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "params": self.params, "stop_at": self.stop_at, "score": self.score,
+            **self.fidelity, "accuracy": self.accuracy, "seconds": round(self.seconds, 3),
+            "duplicate_of": self.duplicate_of, **self.extra,
+        }
+
+
+def _merges_key(merges) -> str:
+    h = hashlib.sha256()
+    for gid in sorted(merges):
+        h.update(np.ascontiguousarray(merges[gid].merge).tobytes())
+    return h.hexdigest()
+
+
+def _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, do_repair, repair_heads):
+    from onnxzip.pipeline import zip_prepared
+
+    z = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads)
+    fid = fidelity(z.model, holdout, tasks, pair.providers)
+    acc = None
+    if labeled is not None:
+        from onnxzip.evaluate import ModelPredictor, evaluate
+
+        r = evaluate(ModelPredictor(z.model), labeled)
+        acc = {"joint": r.joint, "task_average": r.task_average, "per_task": r.per_task}
+    return z, fid, acc
+
+
+def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=None, betas=None,
+                      search: str = "coordinate", labeled=None, select_by: str = "fidelity",
+                      do_repair: bool = True, repair_heads: bool = True, fixed: dict | None = None, log=None):
+    """Pick zipit's alpha and beta; returns (best params, every candidate tried).
+
+    ``search="grid"`` tries every (alpha, beta) of the grids; ``"coordinate"`` tries every beta at
+    the first alpha given (or the paper's default), then every alpha at the best beta (11
+    candidates instead of 36 on the paper's grid). Candidates whose matches equal an earlier
+    candidate's are scored once. ``fixed`` holds a parameter the user set (not searched).
+    """
+    from onnxzip.merge import compute_merges
+
+    tasks = tasks or pair.tasks
+    fixed = dict(fixed or {})
+    alphas = [fixed["alpha"]] if "alpha" in fixed else list(alphas or ALPHA_GRID)
+    betas = [fixed["beta"]] if "beta" in fixed else list(betas or BETA_GRID)
+    if select_by == "accuracy" and labeled is None:
+        raise OptionError("selecting by accuracy needs labeled data (--task a=... --task b=...)")
+    tried: list[Candidate] = []
+    seen: dict[str, int] = {}
+
+    def score(alpha, beta):
+        params = {"alpha": alpha, "beta": beta}
+        for c in tried:
+            if c.params == params:
+                return c
+        t = time.perf_counter()
+        key = _merges_key(compute_merges(pair.graphs[0], pair.stats, "zipit", {**params, "num_models": len(pair.graphs)}))
+        if key in seen:
+            first = tried[seen[key]]
+            c = Candidate("zipit", params, first.stop_at, first.score, first.fidelity, first.accuracy,
+                          time.perf_counter() - t, duplicate_of=seen[key])
+        else:
+            z, fid, acc = _evaluate_candidate(pair, "zipit", params, stop_at, tasks, holdout, labeled, do_repair, repair_heads)
+            value = acc["joint"] if select_by == "accuracy" else fid.joint
+            c = Candidate("zipit", params, z.stop_at, value, fid.to_dict(), acc, time.perf_counter() - t)
+            seen[key] = len(tried)
+        tried.append(c)
+        if log is not None:
+            log(c)
+        return c
+
+    def best_of(cands):
+        # highest score; ties go to the earlier candidate (grids list the paper's order)
+        return max(cands, key=lambda c: c.score)
+
+    if search == "grid" or len(alphas) == 1 or len(betas) == 1:
+        for a in alphas:
+            for b in betas:
+                score(a, b)
+        best = best_of(tried)
+    elif search == "coordinate":
+        a0 = 0.3 if 0.3 in alphas else alphas[0]
+        best = best_of([score(a0, b) for b in betas])
+        best = best_of([best] + [score(a, best.params["beta"]) for a in alphas])
+    else:
+        raise OptionError(f"--search {search!r}: choose grid or coordinate")
+    return dict(best.params), tried
+
+
+def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, depths=None,
+                 min_fidelity: float | None = None, max_flops: float | None = None, labeled=None,
+                 select_by: str = "fidelity", do_repair: bool = True, repair_heads: bool = True, log=None):
+    """``--stop-at auto``: the deepest zip whose fidelity meets ``min_fidelity``, or the best-scoring
+    zip whose FLOPs stay under ``max_flops`` (relative to running both models).
+
+    Returns (chosen depth, every candidate tried). Raises OptionError when nothing meets the target.
+    """
+    from onnxzip.cost import count_flops
+
+    if (min_fidelity is None) == (max_flops is None):
+        raise OptionError("--stop-at auto needs exactly one target: --min-fidelity F or --max-flops R")
+    tasks = tasks or pair.tasks
+    m = pair.graphs[0].num_layers
+    limit = min(g.max_depth() for g in pair.graphs)
+    depths = sorted(set(depths or range(0, m + 1)))
+    depths = [d for d in depths if d <= min(limit, m - 1)]
+    both = sum(count_flops(g.model).total for g in pair.graphs)
+    tried = []
+    for d in sorted(depths, reverse=min_fidelity is not None):
+        t = time.perf_counter()
+        z, fid, acc = _evaluate_candidate(pair, method, params, d, tasks, holdout, labeled, do_repair, repair_heads)
+        rel = count_flops(z.model).total / both
+        value = acc["joint"] if select_by == "accuracy" else fid.joint
+        c = Candidate(method, dict(params), d, value, fid.to_dict(), acc, time.perf_counter() - t, extra={"flops_rel": rel})
+        tried.append(c)
+        if log is not None:
+            log(c)
+        if min_fidelity is not None and value >= min_fidelity:
+            return d, tried
+    if min_fidelity is not None:
+        best = max(tried, key=lambda c: c.score)
+        raise OptionError(
+            f"no zip depth reaches {select_by} {min_fidelity:.3f} (best: {best.score:.3f} at --stop-at {best.stop_at}); "
+            "lower --min-fidelity, or share fewer layers by hand"
+        )
+    fits = [c for c in tried if c.extra["flops_rel"] <= max_flops + 1e-9]
+    if not fits:
+        cheapest = min(tried, key=lambda c: c.extra["flops_rel"])
+        raise OptionError(
+            f"no zip depth fits in {max_flops:.2f} of the FLOPs of both models (the cheapest, --stop-at "
+            f"{cheapest.stop_at}, needs {cheapest.extra['flops_rel']:.2f}); raise --max-flops"
+        )
+    best = max(fits, key=lambda c: (c.score, c.stop_at))
+    return best.stop_at, tried
+
+
+def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depths=None, params: dict | None = None,
+          tasks=None, labeled=None, latency: bool = True, do_repair: bool = True, repair_heads: bool = True, log=None) -> dict:
+    """Zip at every depth (or ``depths``) with every method; one row per (method, depth).
+
+    Rows carry shared layers n/m, parameters, FLOPs and onnxruntime latency relative to running
+    both source models, fidelity, and with labels, per-task, task-average and joint accuracy.
+    Reference rows: the ensemble and each source model.
+    """
+    from onnxzip.cost import count_flops, count_params, measure_latency
+    from onnxzip.evaluate import EnsemblePredictor, ModelPredictor, evaluate
+
+    tasks = tasks or pair.tasks
+    m = pair.graphs[0].num_layers
+    limit = min(g.max_depth() for g in pair.graphs)
+    # by default every depth up to the heads: merging the final layer only makes sense for models
+    # whose outputs share one label space (ask for depth m explicitly)
+    depths = sorted(set(depths if depths is not None else range(0, m)))
+    bad = [d for d in depths if not 0 <= d <= m]
+    if bad:
+        raise OptionError(f"--depths {bad} out of range: the models have {m} layers (0..{m})")
+    depths = [d for d in depths if d <= limit]
+    sources = [g.model for g in pair.graphs]
+    n_lat = min(32, holdout.size)
+    lat_feeds = {k: v[:n_lat] for k, v in holdout.feeds.items()}
+
+    def lat(model):
+        if not latency:
+            return None
+        return measure_latency(model, lat_feeds, providers=pair.providers, warmup=2, repeats=10)["median_ms"]
+
+    base_flops = [count_flops(s).total for s in sources]
+    base_params = [count_params(s) for s in sources]
+    base_lat = [lat(s) for s in sources]
+    both_lat = None if base_lat[0] is None else sum(base_lat)
+    rows = []
+
+    def add_row(kind, method, stop_at, model_params, model_flops, model_lat, fid, acc, seconds=None, p=None):
+        rows.append({
+            "kind": kind, "method": method, "params_used": p, "stop_at": stop_at,
+            "shared": None if stop_at is None else f"{stop_at}/{m}",
+            "params": model_params, "params_rel": model_params / sum(base_params),
+            "flops": model_flops, "flops_rel": model_flops / sum(base_flops),
+            "latency_ms": model_lat, "latency_rel": None if model_lat is None or not both_lat else model_lat / both_lat,
+            **(fid or {}), "accuracy": acc, "seconds": seconds,
+        })
+
+    from onnxzip.evaluate import ModelPredictor as MP
+
+    ens_acc = a_acc = b_acc = None
+    if labeled is not None:
+        pa, pb = MP(pair.sources[0], task=tasks[0]), MP(pair.sources[1], task=tasks[1])
+        for name, pred in (("ensemble", EnsemblePredictor({tasks[0]: pa, tasks[1]: pb})), ("A", pa), ("B", pb)):
+            r = evaluate(pred, labeled)
+            acc = {"joint": r.joint, "task_average": r.task_average, "per_task": r.per_task}
+            if name == "ensemble":
+                ens_acc = acc
+            elif name == "A":
+                a_acc = acc
+            else:
+                b_acc = acc
+    add_row("reference", "ensemble", None, sum(base_params), sum(base_flops), both_lat,
+            {"joint_agreement": 1.0, "task_agreement": {t: 1.0 for t in tasks}}, ens_acc)
+    for k, name in enumerate(("model A", "model B")):
+        add_row("reference", name, None, base_params[k], base_flops[k], base_lat[k], None, (a_acc, b_acc)[k])
+    t_all = time.perf_counter()
+    for method in methods:
+        mp = dict(params or {}) if method == "zipit" else {}
+        for d in depths:
+            t = time.perf_counter()
+            try:
+                z, fid, acc = _evaluate_candidate(pair, method, mp, d, tasks, holdout, labeled, do_repair, repair_heads)
+            except OnnxZipError as e:
+                rows.append({"kind": "candidate", "method": method, "stop_at": d, "error": str(e)})
+                continue
+            add_row("candidate", method, d, count_params(z.model), count_flops(z.model).total, lat(z.model),
+                    fid.to_dict(), acc, time.perf_counter() - t, z.params)
+            if log is not None:
+                log(rows[-1])
+    return {"rows": rows, "num_layers": m, "max_stop_at": limit, "search_seconds": time.perf_counter() - t_all,
+            "holdout_samples": holdout.size, "statistics_samples": pair.stats.samples,
+            "statistics_seconds": pair.timings.get("statistics")}
