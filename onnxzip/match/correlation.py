@@ -18,8 +18,10 @@ EPS = 1e-7
 def correlation_from_covariance(cov, eps: float = EPS) -> np.ndarray:
     """Correlation matrix (float64) of a covariance matrix.
 
-    ``C[i, j] = cov[i, j] / max(std_i * std_j, eps)``. A feature with zero (or, from rounding,
-    negative) variance -- a dead or constant channel -- gets correlation 0 with everything,
+    ``C[i, j] = cov[i, j] / max(std_i * std_j, eps * max_k var_k)`` (a clamp relative to the
+    largest variance, so scaling every feature leaves the result unchanged). A feature with zero
+    (or, from rounding, negative or negligible) variance -- a dead or constant channel -- gets
+    correlation 0 with everything,
     itself included, so the result never contains NaN. The diagonal is otherwise left as
     computed (about 1); each matcher decides what to do with it.
     """
@@ -33,9 +35,12 @@ def correlation_from_covariance(cov, eps: float = EPS) -> np.ndarray:
             "the statistics are invalid; check the calibration data and activations for NaN/inf"
         )
     var = np.diagonal(cov).copy()
-    dead = ~(var > 0)
+    # the clamp is relative to the largest variance, so that correlations do not depend on the
+    # features' scale (small-scale features are common, e.g. after pooling)
+    top = float(var.max()) if var.size and var.max() > 0 else 0.0
+    dead = ~(var > eps * top * 1e-6) if top > 0 else np.ones(var.shape, dtype=bool)
     std = np.sqrt(np.where(dead, 0.0, var))
-    denom = np.maximum(np.outer(std, std), eps)
+    denom = np.maximum(np.outer(std, std), eps * top if top > 0 else eps)
     corr = cov / denom
     if dead.any():
         corr[dead, :] = 0.0
