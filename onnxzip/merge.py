@@ -66,10 +66,66 @@ def fixed_merge(size: int, n_models: int) -> GroupMerge:
     return GroupMerge(np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models), fixed=True)
 
 
+def _head_pairing(corrs: list[np.ndarray], heads: int) -> np.ndarray:
+    """Pair model A's heads with model B's: Hungarian on the summed within-head matching scores."""
+    from scipy.optimize import linear_sum_assignment
+
+    score = np.zeros((heads, heads))
+    for c in corrs:
+        f = c.shape[0] // 2
+        d = f // heads
+        cross = np.nan_to_num(c[:f, f:], neginf=-1.0, posinf=1.0)
+        for i in range(heads):
+            for j in range(heads):
+                block = cross[i * d:(i + 1) * d, j * d:(j + 1) * d]
+                r, k = linear_sum_assignment(block, maximize=True)
+                score[i, j] += block[r, k].sum()
+    _, pairing = linear_sum_assignment(score, maximize=True)
+    return pairing
+
+
+def head_merges(groups: list, stats: PairStats, method: str, params: dict) -> dict[int, GroupMerge]:
+    """Merges for head-structured groups that share one assignment of heads (attention).
+
+    Whole heads are paired across the models (identity for "average"), then within each pair of
+    heads the method matches the head's channels. Merged head i is A's head i with its partner;
+    q and k of a head share one group, v and the output projection another (the builder ties them).
+    """
+    heads = groups[0].heads
+    corrs = {g.gid: correlation_from_covariance(stats.groups[g.gid].covariance) for g in groups if g.gid in stats.groups}
+    pairing = np.arange(heads) if method == "average" or not corrs else _head_pairing(list(corrs.values()), heads)
+    out = {}
+    for g in groups:
+        f = g.size
+        d = f // heads
+        if g.gid not in corrs:
+            out[g.gid] = fixed_merge(f, 2)
+            continue
+        c = corrs[g.gid]
+        m_full = np.zeros((f, 2 * f))
+        u_full = np.zeros((2 * f, f))
+        for i in range(heads):
+            j = pairing[i]
+            idx = np.concatenate([np.arange(i * d, (i + 1) * d), f + np.arange(j * d, (j + 1) * d)])
+            m, u = match(c[np.ix_(idx, idx)], method=method, **params)
+            m_full[i * d:(i + 1) * d, idx] = m
+            u_full[idx, i * d:(i + 1) * d] = u
+        out[g.gid] = GroupMerge(m_full, u_full)
+    return out
+
+
 def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dict, n_models: int = 2) -> Merges:
     """Match every feature group of ``graph`` (the first model's layer graph)."""
     merges = Merges()
+    ties: dict[int, list] = {}
     for gid, group in graph.groups.items():
+        if group.heads > 1 and not group.output and n_models == 2:
+            ties.setdefault(group.head_tie if group.head_tie is not None else gid, []).append(group)
+    for tied in ties.values():
+        merges.update(head_merges(tied, stats, method, params))
+    for gid, group in graph.groups.items():
+        if gid in merges:
+            continue
         if group.output or gid not in stats.groups:
             merges[gid] = fixed_merge(group.size, n_models)
             continue

@@ -20,7 +20,18 @@ __all__ = ["permute_model", "random_permutations"]
 def random_permutations(graph: LayerGraph, seed: int = 0) -> dict[int, np.ndarray]:
     """A random permutation per feature group (identity for groups that reach an output)."""
     rng = np.random.default_rng(seed)
-    return {gid: (np.arange(g.size) if g.output else rng.permutation(g.size)) for gid, g in graph.groups.items()}
+    perms = {}
+    head_orders: dict[int, np.ndarray] = {}
+    for gid, g in graph.groups.items():
+        if g.output:
+            perms[gid] = np.arange(g.size)
+        elif g.heads > 1:  # whole heads move together (shared by tied groups), channels move within heads
+            d = g.size // g.heads
+            order = head_orders.setdefault(g.head_tie if g.head_tie is not None else gid, rng.permutation(g.heads))
+            perms[gid] = np.concatenate([order[h] * d + rng.permutation(d) for h in range(g.heads)])
+        else:
+            perms[gid] = rng.permutation(g.size)
+    return perms
 
 
 def permute_model(graph: LayerGraph, perms: dict[int, np.ndarray]) -> onnx.ModelProto:

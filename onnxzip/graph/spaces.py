@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Space", "InputSpace", "NoFeatures", "Blocked", "GroupSpace", "ConcatSpace", "ExpandSpace", "leaves"]
+__all__ = [
+    "Space", "InputSpace", "NoFeatures", "Blocked", "GroupSpace", "ConcatSpace", "ExpandSpace", "HeadSpace",
+    "HeadsOnly", "leaves",
+]
 
 
 class Space:
@@ -63,6 +66,31 @@ class ExpandSpace(Space):
     outer: int
     inner: int
     size: int
+
+
+@dataclass(frozen=True)
+class HeadSpace(Space):
+    """A head-structured group split into a head axis and a within-head axis (attention's q, k, v).
+
+    ``gid``'s ``size`` channels are ``heads`` blocks of ``size // heads``; the tensor's head and
+    within-head axes are recorded by the builder (``head_axis_of`` and ``axis_of``).
+    """
+
+    gid: int
+    size: int
+    heads: int
+
+
+@dataclass(frozen=True)
+class HeadsOnly(Space):
+    """A per-head tensor (attention scores and weights): only its head axis follows the group."""
+
+    gid: int
+    heads: int
+
+    @property
+    def size(self) -> int:
+        return self.heads
 
 
 def leaves(space: Space) -> list[GroupSpace]:
