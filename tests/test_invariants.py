@@ -13,7 +13,7 @@ from onnxzip.permute import permute_model, random_permutations
 from onnxzip.pipeline import load_layer_graph
 from tests.tiny_models import images
 
-ARCHS = ["mlp", "cnn", "resnet", "dw", "cat"]
+ARCHS = ["mlp", "cnn", "resnet", "dw", "cat", "vit"]
 
 
 def run(model, x):
@@ -121,3 +121,18 @@ def test_mixed_exporters_zip(tiny, calib):
     want = run(a, x)[0]
     for got in run(result.model, x):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_vit_with_decomposed_layernorm_and_erf_gelu_permutes(tmp_path):
+    """Opset 14: LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div, GELU through Erf."""
+    from tests import tiny_models
+
+    path = tiny_models.export(tiny_models.build("vit", 3), tmp_path / "vit14.onnx", "torchscript", True, 14)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert "LayerNormalization" not in ops and "ReduceMean" in ops and "Erf" in ops
+    graph = load_layer_graph(path)
+    assert not graph.unsupported
+    assert sorted(g.heads for g in graph.groups.values() if g.heads > 1) == [2, 2, 2, 2]
+    permuted = permute_model(graph, random_permutations(graph, seed=5))
+    x = images(8, seed=2)
+    np.testing.assert_allclose(run(permuted, x)[0], run(path, x)[0], atol=1e-4, rtol=1e-4)

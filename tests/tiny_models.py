@@ -93,7 +93,47 @@ def build(arch: str, seed: int):
             x = t.cat([t.relu(self.a(x)), t.sigmoid(self.b(x))], dim=1)
             return self.fc(t.relu(self.c(x)).mean(dim=(2, 3)))
 
-    model = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "dw": DW, "cat": Cat}[arch]()
+    class Attention(nn.Module):
+        def __init__(self, d, heads):
+            super().__init__()
+            self.h, self.dh = heads, d // heads
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x):
+            n, t, d = x.shape
+            q, k, v = (f(x).reshape(n, t, self.h, self.dh).transpose(1, 2) for f in (self.q, self.k, self.v))
+            w = (q @ k.transpose(-2, -1) * self.dh ** -0.5).softmax(dim=-1)
+            return self.o((w @ v).transpose(1, 2).reshape(n, t, d))
+
+    class ViT(nn.Module):  # pre-norm encoder: patch embedding, cls token, position embedding
+        def __init__(self, d=8, heads=2, blocks=2):
+            super().__init__()
+            self.patch = nn.Conv2d(1, d, 2, 2)
+            self.cls = nn.Parameter(t.randn(1, 1, d) * 0.5)
+            self.pos = nn.Parameter(t.randn(1, 17, d) * 0.5)
+            self.blocks = nn.ModuleList()
+            for _ in range(blocks):
+                self.blocks.append(nn.ModuleDict({
+                    "ln1": nn.LayerNorm(d), "attn": Attention(d, heads), "ln2": nn.LayerNorm(d),
+                    "fc1": nn.Linear(d, 2 * d), "fc2": nn.Linear(2 * d, d),
+                }))
+            self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)
+            x = t.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+            for b in self.blocks:
+                x = x + b["attn"](b["ln1"](x))
+                x = x + b["fc2"](nn.functional.gelu(b["fc1"](b["ln2"](x))))
+            return self.head(self.ln(x)[:, 0])
+
+    model = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "dw": DW, "cat": Cat, "vit": ViT}[arch]()
+    if arch == "vit":  # non-trivial LayerNorm parameters, as after training
+        g = t.Generator().manual_seed(seed + 2000)
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.data.copy_(t.rand(m.normalized_shape, generator=g) + 0.5)
+                m.bias.data.copy_(t.randn(m.normalized_shape, generator=g) * 0.1)
     # non-trivial BatchNorm statistics, as after training
     g = t.Generator().manual_seed(seed + 1000)
     for m in model.modules():

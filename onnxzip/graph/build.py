@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from onnxzip.errors import ModelLoadError, UnsupportedOpError
 from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, NoFeatures, Space, leaves,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, leaves,
 )
 from onnxzip.ops import get_handler
 
@@ -96,11 +96,15 @@ class BuildContext:
         self.unsupported: list[Unsupported] = []
         self.topo = 0
         self.axis_of: dict[str, int] = {}
+        self.head_axis_of: dict[str, int] = {}  # attention tensors: where the head axis is
+        self.group_heads: dict[int, int] = {}
+        self.tie_parent: dict[int, int] = {}
         self.consumers: dict[str, int] = {}
         for n in model.graph.node:
             for i in n.input:
                 self.consumers[i] = self.consumers.get(i, 0) + 1
         self.graph_outputs = {o.name for o in model.graph.output}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
         for name, _, _ in input_specs(model):
             self.spaces[name] = InputSpace()
 
@@ -150,8 +154,14 @@ class BuildContext:
         for s in spaces[1:]:
             other = self.find(s.gid)
             if other != root:
+                heads = {self.group_heads.get(root), self.group_heads.get(other)} - {None}
+                ties = [self.tie_find(root), self.tie_find(other)]
                 self.parent[max(root, other)] = min(root, other)
                 root = min(root, other)
+                if heads:
+                    self.group_heads[root] = max(heads)
+                self.tie_parent.setdefault(root, root)
+                self.tie_heads(*ties)
         return GroupSpace(root, spaces[0].size, tensor, axis)
 
     def feature_axis(self, name: str) -> int | None:
@@ -166,7 +176,29 @@ class BuildContext:
 
     @staticmethod
     def is_feature(space: Space) -> bool:
-        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace))
+        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly))
+
+    def set_heads(self, gid: int, heads: int) -> bool:
+        """Mark a group as ``heads`` heads; False if it was already split another way."""
+        root = self.find(gid)
+        if self.group_heads.get(root, heads) != heads:
+            return False
+        self.group_heads[root] = heads
+        return True
+
+    def tie_find(self, gid: int) -> int:
+        gid = self.find(gid)
+        self.tie_parent.setdefault(gid, gid)
+        while self.tie_parent[gid] != gid:
+            gid = self.tie_parent[gid]
+            self.tie_parent.setdefault(gid, gid)
+        return gid
+
+    def tie_heads(self, a: int, b: int) -> None:
+        """Groups a and b share one assignment of heads (q/k and v of one attention)."""
+        ra, rb = self.tie_find(a), self.tie_find(b)
+        if ra != rb:
+            self.tie_parent[max(ra, rb)] = min(ra, rb)
 
     def follow(self, space: Space, tensor: str, axis: int | None = None) -> Space:
         """The space of an element-wise op's output: the same features, now at ``tensor``."""
@@ -249,7 +281,19 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
         for name, space in zip(node.output, outs):
             if name:
                 ctx.spaces[name] = space
+                if isinstance(space, (HeadSpace, HeadsOnly)) and name not in ctx.head_axis_of:
+                    _carry_head_axis(ctx, node, name, space)
     return _finish(ctx)
+
+
+def _carry_head_axis(ctx: BuildContext, node, name: str, space: Space) -> None:
+    """An element-wise op keeps the head axis of its input (right-aligned broadcasting)."""
+    for i in node.input:
+        if i in ctx.head_axis_of and ctx.space(i) == space:
+            ctx.head_axis_of[name] = ctx.head_axis_of[i] + (ctx.rank(name) or 0) - (ctx.rank(i) or 0)
+            if isinstance(space, HeadsOnly):
+                ctx.set_axis(name, ctx.head_axis_of[name])
+            return
 
 
 def _resolve(ctx: BuildContext, space: Space) -> Space:
@@ -259,6 +303,10 @@ def _resolve(ctx: BuildContext, space: Space) -> Space:
         return ConcatSpace(tuple(_resolve(ctx, p) for p in space.parts), space.size)
     if isinstance(space, ExpandSpace):
         return ExpandSpace(_resolve(ctx, space.part), space.outer, space.inner, space.size)
+    if isinstance(space, HeadSpace):
+        return HeadSpace(ctx.find(space.gid), space.size, space.heads)
+    if isinstance(space, HeadsOnly):
+        return HeadsOnly(ctx.find(space.gid), space.heads)
     return space
 
 
@@ -295,6 +343,10 @@ def _finish(ctx: BuildContext) -> LayerGraph:
             return ConcatSpace(tuple(rg(p) for p in space.parts), space.size)
         if isinstance(space, ExpandSpace):
             return ExpandSpace(rg(space.part), space.outer, space.inner, space.size)
+        if isinstance(space, HeadSpace):
+            return HeadSpace(remap[space.gid], space.size, space.heads)
+        if isinstance(space, HeadsOnly):
+            return HeadsOnly(remap[space.gid], space.heads)
         return space
 
     spaces = {k: rg(v) for k, v in spaces.items()}
@@ -321,6 +373,17 @@ def _finish(ctx: BuildContext) -> LayerGraph:
             if leaf.tensor not in seen and leaf.gid in new_groups:
                 seen.add(leaf.tensor)
                 new_groups[leaf.gid].tensors.append((leaf.tensor, leaf.axis))
+    for g in new_groups.values():
+        if not g.tensors and not g.output:  # no weight layer reads it (attention's q and k): measure where it is made
+            for i in g.producers:
+                space = spaces.get(order[i].output)
+                if isinstance(space, GroupSpace) and space.gid == g.gid:
+                    g.tensors.append((order[i].output, space.axis))
+    for old_root, heads in ctx.group_heads.items():
+        gid = remap.get(ctx.find(old_root))
+        if gid in new_groups:
+            new_groups[gid].heads = heads
+            new_groups[gid].head_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
 
     num_layers = max((l.number for l in order), default=0)
     unsupported = list(ctx.unsupported)

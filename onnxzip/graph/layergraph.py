@@ -129,11 +129,13 @@ class LayerGraph:
         return next((l for l in self.layers if l.node == node), None)
 
     def measure_points(self) -> list[GroupSpace]:
-        """Distinct group leaves read by the weight layers (post-activation features)."""
-        seen, out = set(), []
-        for layer in self.layers:
-            for leaf in leaves(layer.in_space):
-                if leaf.tensor not in seen:
-                    seen.add(leaf.tensor)
-                    out.append(leaf)
+        """Where each group's statistics are measured, in canonical order.
+
+        The features a group's weight layers read (post-activation; for a residual stream, every
+        block's output), or where the group is made when no weight layer reads it (attention's q, k).
+        """
+        out = []
+        for gid, g in self.groups.items():
+            for tensor, axis in g.tensors:
+                out.append(GroupSpace(gid, g.size, tensor, axis))
         return out

@@ -100,4 +100,9 @@ def matmul(ctx, node):
         return ctx.unsupported_op(node, "MatMul with the weight as the left operand")
     if not ctx.is_feature(sa) and not ctx.is_feature(sb):
         return ctx.unsupported_op(node, "MatMul of model inputs")
-    return ctx.unsupported_op(node, "MatMul between two activations (attention) is not supported yet")
+    from onnxzip.ops.attention import attention_matmul
+
+    outs = attention_matmul(ctx, node)
+    if outs is not None:
+        return outs
+    return ctx.unsupported_op(node, "MatMul between two activations that is not an attention score or context product")

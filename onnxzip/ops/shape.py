@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, NoFeatures
+from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures
+from onnxzip.ops.attention import merge_heads, split_heads, transpose_heads
 from onnxzip.ops.registry import register
 
 
@@ -55,7 +56,20 @@ def reshape(ctx, node):
         return _nonfeature(ctx, node)
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     axis = ctx.feature_axis(x)
+    if isinstance(space, HeadSpace):
+        merged = merge_heads(ctx, node, space, in_shape, out_shape)
+        return merged if merged is not None else ctx.unsupported_op(node, "reshapes attention heads in an unknown way")
+    if isinstance(space, HeadsOnly):
+        found = map_axis(in_shape, out_shape, axis)
+        if found is None or found[1:] != (1, 1):
+            return ctx.unsupported_op(node, "reshapes attention scores across heads")
+        ctx.head_axis_of[node.output[0]] = found[0]
+        return [_moved(ctx, node, space, found[0])]
     found = map_axis(in_shape, out_shape, axis) if in_shape and out_shape is not None else None
+    if found is None and isinstance(space, GroupSpace):
+        heads = split_heads(ctx, node, space, in_shape, out_shape, axis)
+        if heads is not None:
+            return heads
     if found is None:
         return ctx.unsupported_op(node, f"{node.op_type} {list(in_shape)} -> {list(out_shape)} splits the channel axis")
     k, outer, inner = found
@@ -74,6 +88,8 @@ def transpose(ctx, node):
         return _nonfeature(ctx, node)
     rank = ctx.rank(x)
     perm = list(ctx.attr(node, "perm", list(range(rank))[::-1]))
+    if isinstance(space, (HeadSpace, HeadsOnly)):
+        return transpose_heads(ctx, node, space, perm)
     return [_moved(ctx, node, space, perm.index(ctx.feature_axis(x)))]
 
 
@@ -111,8 +127,27 @@ def concat(ctx, node):
             if shape[ch] != 1:
                 ctx.add_param(node, k, ch, result)
         elif i and not ctx.is_feature(ctx.space(i)):
-            return ctx.unsupported_op(node, "joins features with model inputs")
+            if not isinstance(ctx.space(i), NoFeatures) or not _broadcast_param(ctx, i, ch, rank, result):
+                return ctx.unsupported_op(node, "joins features with model inputs")
     return [result]
+
+
+def _broadcast_param(ctx, name, axis, rank, space) -> bool:
+    """A learned token (e.g. a class token) broadcast to the batch by Expand or Tile: its
+    initializer's channel axis follows the group."""
+    producer = ctx.producer.get(name)
+    while producer is not None and producer.op_type in ("Expand", "Tile", "Cast", "Identity"):
+        src = producer.input[0]
+        if ctx.is_const(src):
+            shape = ctx.shape(src) or ()
+            pos = axis - (rank - len(shape))
+            if pos < 0 or len(shape) == 0:
+                return False
+            if shape[pos] == space.size:
+                ctx.add_param(producer, 0, pos, space)
+            return shape[pos] in (1, space.size)
+        producer = ctx.producer.get(src)
+    return False
 
 
 def _passthrough(ctx, node, need_axis=None):
@@ -147,6 +182,9 @@ def _axes(ctx, node, rank, input_index=1):
     return None if axes is None else [int(a) % rank for a in axes]
 
 
+_SYMMETRIC = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare", "ReduceL1")
+
+
 @register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare")
 def reduce(ctx, node):
     x = node.input[0]
@@ -163,6 +201,10 @@ def reduce(ctx, node):
         axes = list(range(rank))
     axis = ctx.feature_axis(x)
     if axis in axes:
+        if node.op_type in _SYMMETRIC and isinstance(space, GroupSpace) and ctx.attr(node, "keepdims", 1):
+            # a statistic over all channels (a decomposed LayerNorm's mean and variance): the same
+            # whatever the channel order; under a zip it is approximated like LayerNorm itself
+            return [NoFeatures()]
         ctx.cross_channel(node, space)
         return [NoFeatures()]
     keep = ctx.attr(node, "keepdims", 1)
