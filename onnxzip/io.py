@@ -19,7 +19,10 @@ from google.protobuf.message import DecodeError
 
 from onnxzip.errors import ModelLoadError, OutputPathError
 
-__all__ = ["load_model", "save_model", "file_sha256", "check_output_path", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = [
+    "load_model", "save_model", "file_sha256", "check_output_path", "EXTERNAL_DATA_THRESHOLD", "is_large",
+    "session_source",
+]
 
 # Protobuf cannot serialize messages over 2 GiB; stay well below it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -133,7 +136,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if not folder.is_dir():
         raise OutputPathError(f"{out}: folder {folder} does not exist; create it first")
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _small_enough(model) else True
+        external_data = is_large(model)
     data_name = out.name + ".data"
     tmpdir = tempfile.mkdtemp(prefix=".onnxzip-", dir=folder)
     tmp_model = Path(tmpdir) / out.name
@@ -145,8 +148,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             )
         else:
             onnx.save_model(model, str(tmp_model))
-        onnx.checker.check_model(str(tmp_model))
-        if external_data:
+        onnx.checker.check_model(str(tmp_model))  # by path: works above 2 GB
+        if external_data and (Path(tmpdir) / data_name).exists():
             os.replace(Path(tmpdir) / data_name, folder / data_name)
         elif (folder / data_name).exists():
             # a stale data file of an earlier external-data save would confuse readers
@@ -160,10 +163,40 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
 
 
 def _small_enough(model: onnx.ModelProto) -> bool:
-    """ByteSize itself fails on protos over 2 GiB; estimate from the initializers first."""
+    """ByteSize itself fails on protos over 2 GiB: sum the initializers' bytes first."""
     total = 0
     for t in model.graph.initializer:
-        total += len(t.raw_data) if t.HasField("raw_data") else 0
+        total += len(t.raw_data) if t.HasField("raw_data") else 4 * len(t.float_data)
         if total > EXTERNAL_DATA_THRESHOLD:
             return False
-    return True
+    return total + 16 * len(model.graph.node) * 64 <= EXTERNAL_DATA_THRESHOLD
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """True when the model cannot go through one protobuf message (about 2 GB)."""
+    return not _small_enough(model)
+
+
+class _TempModel:
+    """A model written with external data to a private temporary folder, for onnxruntime."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.dir = tempfile.mkdtemp(prefix="onnxzip-session-")
+        self.path = os.path.join(self.dir, "model.onnx")
+        onnx.save_model(model, self.path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+
+    def __del__(self):
+        import shutil
+
+        shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True)
+
+
+def session_source(model: onnx.ModelProto):
+    """What to give ``onnxruntime.InferenceSession``: the serialized bytes, or for a model over
+    the protobuf limit a path to a temporary copy with external data (kept alive by the
+    returned holder). Returns (source, holder)."""
+    if not is_large(model):
+        return model.SerializeToString(), None
+    holder = _TempModel(model)
+    return holder.path, holder

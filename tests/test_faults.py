@@ -88,3 +88,26 @@ def test_same_inputs_give_a_byte_identical_file(pair, tmp_path):
         assert r.returncode == 0, r.stderr
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_models_over_the_protobuf_limit_go_through_external_data(pair, tmp_path, monkeypatch):
+    """Above the limit, sessions read a temporary copy with external data and the output is saved
+    with external data (the limit is lowered here to exercise the same code on a small model)."""
+    import onnxzip.io as io
+
+    _, _, data = pair
+    a, b = tmp_path / "wide_a.onnx", tmp_path / "wide_b.onnx"
+    onnx.save(mlp(random_mlp_weights([10, 64, 32, 3], 0)), a)
+    onnx.save(mlp(random_mlp_weights([10, 64, 32, 3], 1)), b)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    assert io.is_large(onnx.load(a))
+    out = tmp_path / "big.onnx"
+    onnxzip.zip_models(a, b, data, output=out)
+    assert (tmp_path / "big.onnx.data").exists()
+    loaded = io.load_model(out)
+    assert any(t.HasField("raw_data") for t in loaded.graph.initializer)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out))
+    x = np.random.default_rng(1).normal(size=(3, 10)).astype(np.float32)
+    assert all(np.isfinite(o).all() for o in sess.run(None, {"x": x}))
