@@ -439,6 +439,8 @@ def inspect_cmd(
         for g in info["groups"]:
             prod = ", ".join(g["producers"][:3]) + (" ..." if len(g["producers"]) > 3 else "")
             where = "output (averaged, not matched)" if g["output"] else f"{len(g['measured_at'])} tensor(s)"
+            if g["heads"] > 1:
+                where += f"; {g['heads']} heads (tied with g{g['head_tie']})"
             gt.add_row(f"g{g['group']}", str(g["channels"]), prod, where, ", ".join(g["passes_through"]))
         out.print(gt)
         if info["unsupported"]:
