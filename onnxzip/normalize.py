@@ -2,12 +2,24 @@
 
 Each pass takes a ``ModelProto`` and edits it in place; :func:`normalize` runs them in order on
 a copy. After normalization a graph has: no local functions, no ``Constant`` nodes, no
-``Identity``/``Dropout`` aliases, no node whose inputs are all constants, BatchNormalization
-folded into the Conv/Gemm before it where possible, Gemm with ``alpha = beta = 1``, every float
-initializer used by exactly one node input, and nodes in topological order.
+``Identity``/``Dropout`` aliases, no node whose inputs are all constants, Transposes moved below
+element-wise activations and consecutive Transposes composed (inverse pairs removed),
+BatchNormalization folded into the Conv/Gemm before it where possible, Gemm with
+``alpha = beta = 1``, a dense layer that reads a feature map through layout ops (Transpose to NHWC,
+Reshape, Squeeze, ...) reading ``Flatten`` of it instead with its kernel rows permuted to match,
+every float initializer used by exactly one node input, no unused opset domain, and nodes in
+topological order.
+
+What each pass changed is recorded in the normalized model (:func:`normalize_notes`), so that
+``onnxzip check`` can say which exporter spellings it treated as equivalent.
+
+:func:`align_input_layouts` puts a Transpose in front of a model whose image input is NHWC where
+its partner's is NCHW (or the other way round), so that both take one layout.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
@@ -18,7 +30,12 @@ from onnx import helper, numpy_helper
 
 from onnxzip.errors import ModelLoadError
 
-__all__ = ["normalize", "opset_of", "convert_opset"]
+__all__ = [
+    "normalize", "normalize_notes", "opset_of", "convert_opset", "guess_layout", "permute_input",
+    "align_input_layouts",
+]
+
+_NOTES_KEY = "onnxzip.normalize"
 
 # Constant folding never materializes tensors bigger than this (elements).
 _FOLD_LIMIT = 1 << 26
@@ -50,17 +67,84 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a normalized copy of ``model`` (see the module docstring)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    notes: list[str] = []
     if len(m.functions):
+        notes.append(f"inlined {len(m.functions)} local function(s)")
         m = onnx.inliner.inline_local_functions(m)
-    del m.graph.value_info[:]  # some exporters write value_info that disagrees with the real shapes
+    if len(m.graph.value_info):
+        # some exporters (jax2onnx) write value_info that disagrees with the real shapes
+        notes.append(f"discarded {len(m.graph.value_info)} value_info entries (shapes are probed with onnxruntime)")
+        del m.graph.value_info[:]
     drop_initializer_inputs(m)
     fold_constants(m)
+    n_sunk, n_cancelled = simplify_transposes(m)
+    if n_sunk:
+        notes.append(f"moved {n_sunk} Transpose(s) below element-wise ops or into reductions")
+    if n_cancelled:
+        notes.append(f"composed or removed {n_cancelled} consecutive Transpose pair(s)")
     remove_aliases(m)
+    fused = sum_to_mean(m)
+    if fused:
+        notes.append(f"fused {fused} ReduceSum + Div (average pooling) into ReduceMean")
     normalize_gemm(m)
-    fold_batchnorm(m)
-    unshare_initializers(m)
+    folded = fold_batchnorm(m)
+    if folded:
+        kinds = ", ".join(f"{n} into {op}" for op, n in sorted(folded.items()))
+        notes.append(f"folded BatchNormalization ({kinds})")
     toposort(m)
+    for text in canonical_flatten(m):
+        notes.append(text)
+    unshare_initializers(m)
+    dropped = drop_unused_domains(m)
+    if dropped:
+        notes.append(f"dropped unused opset domain(s) {', '.join(dropped)}")
+    toposort(m)
+    _set_notes(m, _dense_spelling_notes(m) + _conv_spelling_notes(m) + notes)
     return m
+
+
+def _set_notes(m: onnx.ModelProto, notes: list[str]) -> None:
+    for k, p in enumerate(m.metadata_props):
+        if p.key == _NOTES_KEY:
+            del m.metadata_props[k]
+            break
+    if notes:
+        p = m.metadata_props.add()
+        p.key, p.value = _NOTES_KEY, json.dumps(notes)
+
+
+def normalize_notes(model: onnx.ModelProto) -> list[str]:
+    """What :func:`normalize` changed in ``model`` (a normalized model), in words."""
+    for p in model.metadata_props:
+        if p.key == _NOTES_KEY:
+            return list(json.loads(p.value))
+    return []
+
+
+def _dense_spelling_notes(m: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in m.graph.initializer}
+    kinds: dict[str, int] = {}
+    for n in m.graph.node:
+        if n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] in inits:
+            key = "Gemm transB=1 (kernel [out, in])" if _attr(n, "transB", 0) else "Gemm transB=0 (kernel [in, out])"
+        elif n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits:
+            key = "MatMul (+ Add) (kernel [in, out])"
+        else:
+            continue
+        kinds[key] = kinds.get(key, 0) + 1
+    return [f"dense layers as {k}: {v}" for k, v in sorted(kinds.items())]
+
+
+def _conv_spelling_notes(m: onnx.ModelProto) -> list[str]:
+    pads: dict[str, int] = {}
+    for n in m.graph.node:
+        if n.op_type != "Conv":
+            continue
+        ap = _attr(n, "auto_pad", b"NOTSET")
+        ap = ap.decode() if isinstance(ap, bytes) else str(ap)
+        if ap not in ("NOTSET", ""):
+            pads[ap] = pads.get(ap, 0) + 1
+    return [f"Conv padding as auto_pad={k}: {v}" for k, v in sorted(pads.items())]
 
 
 def drop_initializer_inputs(m: onnx.ModelProto) -> None:
@@ -221,8 +305,8 @@ def normalize_gemm(m: onnx.ModelProto) -> None:
             _set_attr(node, "beta", 1.0)
 
 
-def fold_batchnorm(m: onnx.ModelProto) -> None:
-    """Fold BatchNormalization into the Conv or Gemm that alone feeds it."""
+def fold_batchnorm(m: onnx.ModelProto) -> dict[str, int]:
+    """Fold BatchNormalization into the Conv or Gemm that alone feeds it; return counts per op type."""
     g = m.graph
     inits = _init_map(m)
     consumers: dict[str, int] = {}
@@ -232,6 +316,7 @@ def fold_batchnorm(m: onnx.ModelProto) -> None:
     producer = {o: n for n in g.node for o in n.output}
     graph_outputs = {o.name for o in g.output}
     remove = set()
+    folded: dict[str, int] = {}
     for bn in g.node:
         if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
             continue
@@ -277,10 +362,12 @@ def fold_batchnorm(m: onnx.ModelProto) -> None:
         inits = _init_map(m)
         layer.output[0] = bn.output[0]
         remove.add(id(bn))
+        folded[layer.op_type] = folded.get(layer.op_type, 0) + 1
     keep = [n for n in g.node if id(n) not in remove]
     del g.node[:]
     g.node.extend(keep)
     _drop_unused_initializers(m)
+    return folded
 
 
 def unshare_initializers(m: onnx.ModelProto) -> None:
@@ -332,3 +419,501 @@ def toposort(m: onnx.ModelProto) -> None:
         raise ModelLoadError(f"the graph uses tensor '{missing}' that nothing produces; the model is malformed, re-export it")
     del g.node[:]
     g.node.extend(order)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout: Transposes, flatten order, NHWC/NCHW inputs
+# ------------------------------------------------------------------------------------------------
+# Element-wise ops a Transpose commutes with (one data input; other inputs scalar constants).
+_SINKABLE = {
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "Elu", "Selu", "Celu",
+    "Softplus", "Softsign", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Mish", "Clip",
+    "Identity", "Cast", "Add", "Sub", "Mul", "Div", "Max", "Min", "Pow",
+}
+# Ops that only move elements (no arithmetic): a dense layer reading through them reads a permutation.
+_LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def _consumers(m: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            if i:
+                out.setdefault(i, []).append(n)
+    return out
+
+
+def _scalar_const(name: str, inits: dict) -> bool:
+    return name in inits and int(np.prod(inits[name].dims, dtype=np.int64)) == 1
+
+
+def simplify_transposes(m: onnx.ModelProto) -> tuple[int, int]:
+    """Move Transposes below element-wise ops and compose consecutive ones; return (moved, composed).
+
+    jax2onnx and tf2onnx wrap NHWC computations in Transposes: ``Conv (NCHW) -> Transpose(to NHWC)
+    -> Relu -> Transpose(to NCHW) -> Conv``. Moving each Transpose below the activation after it
+    lets inverse pairs meet and vanish, leaving the plain NCHW graph a torch export would have.
+    """
+    g = m.graph
+    outputs = {o.name for o in g.output}
+    moved = composed = 0
+    changed = True
+    while changed:
+        changed = False
+        inits = {t.name: t for t in g.initializer}
+        cons = _consumers(m)
+        for t in list(g.node):
+            if t.op_type != "Transpose" or t.output[0] in outputs:
+                continue
+            users = cons.get(t.output[0], [])
+            if len(users) != 1:
+                continue
+            u = users[0]
+            if u.op_type == "Transpose" and u.input[0] == t.output[0]:
+                p1 = list(_attr(t, "perm", []))
+                p2 = list(_attr(u, "perm", []))
+                if not p1 or not p2 or len(p1) != len(p2):
+                    continue
+                _set_attr(u, "perm", [p1[k] for k in p2])
+                u.input[0] = t.input[0]
+                g.node.remove(t)
+                composed += 1
+                changed = True
+                break
+            if u.op_type in _REDUCE and u.input[0] == t.output[0] and _absorb_into_reduce(m, t, u):
+                moved += 1
+                changed = True
+                toposort(m)
+                break
+            if u.op_type not in _SINKABLE or u.domain not in ("", "ai.onnx") or len(u.output) != 1:
+                continue
+            if u.output[0] in outputs or u.input[0] != t.output[0]:
+                continue
+            # every other operand must be a scalar constant (broadcasts the same either way)
+            if any(i == t.output[0] or not _scalar_const(i, inits) for i in u.input[1:] if i):
+                continue
+            # t: a -> x, u: x -> y   becomes   u: a -> x, t: x -> y
+            a, x, y = t.input[0], t.output[0], u.output[0]
+            u.input[0], u.output[0] = a, x
+            t.input[0], t.output[0] = x, y
+            moved += 1
+            changed = True
+            toposort(m)
+            break
+    # identity permutations become aliases (removed by remove_aliases)
+    for t in g.node:
+        if t.op_type == "Transpose":
+            perm = list(_attr(t, "perm", []))
+            if perm and perm == sorted(perm):
+                t.op_type = "Identity"
+                del t.attribute[:]
+    toposort(m)
+    return moved, composed
+
+
+_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare"}
+
+
+def _reduce_axes(m: onnx.ModelProto, node: onnx.NodeProto) -> list[int] | None:
+    axes = _attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        t = _init_map(m).get(node.input[1])
+        if t is None:
+            return None
+        axes = numpy_helper.to_array(t).reshape(-1).tolist()
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _set_reduce_axes(m: onnx.ModelProto, node: onnx.NodeProto, axes: list[int]) -> None:
+    if _attr(node, "axes", None) is not None:
+        _set_attr(node, "axes", axes)
+        return
+    name = (node.name or node.output[0]) + "/axes"
+    names = {t.name for t in m.graph.initializer}
+    while name in names:
+        name += "_"
+    m.graph.initializer.append(numpy_helper.from_array(np.asarray(axes, dtype=np.int64), name))
+    node.input[1] = name
+
+
+def _absorb_into_reduce(m: onnx.ModelProto, t: onnx.NodeProto, u: onnx.NodeProto) -> bool:
+    """``Transpose(p) -> Reduce(axes)``: reduce the untransposed tensor over ``p[axes]`` instead.
+
+    keepdims=0 with the kept axes still in order (NHWC -> mean over H, W -> [N, C]): the Transpose
+    goes away. keepdims=1: the Transpose moves below the Reduce.
+    """
+    perm = list(_attr(t, "perm", []))
+    axes = _reduce_axes(m, u)
+    if not perm or not axes:
+        return False
+    rank = len(perm)
+    axes = sorted(a % rank for a in axes)
+    mapped = sorted(perm[a] for a in axes)
+    keep = _attr(u, "keepdims", 1)
+    if not keep:
+        kept = [perm[a] for a in range(rank) if a not in axes]
+        if kept != sorted(kept):
+            return False
+        _set_reduce_axes(m, u, mapped)
+        u.input[0] = t.input[0]
+        m.graph.node.remove(t)
+        return True
+    a, x, y = t.input[0], t.output[0], u.output[0]
+    _set_reduce_axes(m, u, mapped)
+    u.input[0], u.output[0] = a, x
+    t.input[0], t.output[0] = x, y
+    return True
+
+
+def sum_to_mean(m: onnx.ModelProto) -> int:
+    """``ReduceSum(axes) -> Div(n)`` (or ``Mul(1/n)``), n the number of summed elements: ReduceMean.
+
+    jax2onnx writes average pooling (``x.mean(axis=(1, 2))``) this way. Returns how many were fused.
+    """
+    g = m.graph
+    inits = _init_map(m)
+    cons = _consumers(m)
+    outputs = {o.name for o in g.output}
+    shapes = None
+    fused = 0
+    for r in list(g.node):
+        if r.op_type != "ReduceSum" or r.output[0] in outputs:
+            continue
+        users = cons.get(r.output[0], [])
+        if len(users) != 1 or users[0].op_type not in ("Div", "Mul") or users[0].input[0] != r.output[0]:
+            continue
+        d = users[0]
+        if len(d.input) != 2 or not _scalar_const(d.input[1], inits):
+            continue
+        axes = _reduce_axes(m, r)
+        if not axes:
+            continue
+        if shapes is None:
+            shapes = _static_shapes(m)
+        shape = shapes.get(r.input[0])
+        if not shape or any(shape[a] is None for a in axes):
+            continue
+        n = float(np.prod([shape[a] for a in axes]))
+        c = float(numpy_helper.to_array(inits[d.input[1]]).reshape(-1)[0])
+        if not (np.isclose(c, n, rtol=1e-6) if d.op_type == "Div" else np.isclose(c * n, 1.0, rtol=1e-6)):
+            continue
+        keep = _attr(r, "keepdims", 1)
+        if opset_of(m) >= 18:
+            mean = helper.make_node("ReduceMean", [r.input[0], r.input[1] if len(r.input) > 1 and r.input[1] else ""],
+                                    [d.output[0]], keepdims=keep, name=r.name)
+            if not mean.input[1]:
+                ax = (r.name or r.output[0]) + "/axes"
+                g.initializer.append(numpy_helper.from_array(np.asarray(axes, dtype=np.int64), ax))
+                mean.input[1] = ax
+        else:
+            mean = helper.make_node("ReduceMean", [r.input[0]], [d.output[0]], axes=axes, keepdims=keep, name=r.name)
+        idx = list(g.node).index(r)
+        g.node.remove(d)
+        g.node.remove(r)
+        g.node.insert(idx, mean)
+        fused += 1
+    if fused:
+        _drop_unused_initializers(m)
+    return fused
+
+
+def drop_unused_domains(m: onnx.ModelProto) -> list[str]:
+    """Remove opset imports of domains no node uses (tf2onnx always imports ai.onnx.ml)."""
+    used = {n.domain for n in m.graph.node}
+    keep, dropped = [], []
+    for o in m.opset_import:
+        if o.domain in ("", "ai.onnx") or o.domain in used:
+            keep.append(o)
+        else:
+            dropped.append(o.domain)
+    if dropped:
+        del m.opset_import[:]
+        m.opset_import.extend(keep)
+    return dropped
+
+
+def _static_shapes(m: onnx.ModelProto) -> dict[str, list]:
+    """Shapes from onnx shape inference (batch dims symbolic); {} when inference fails."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False)
+    except Exception:
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return shapes
+
+
+def _run_subgraph(m: onnx.ModelProto, nodes: list, source: str, value: np.ndarray, target: str) -> np.ndarray | None:
+    """Evaluate ``target`` from ``source = value`` through ``nodes`` (onnxruntime, CPU)."""
+    import onnxruntime as ort
+
+    needed = {i for n in nodes for i in n.input if i}
+    inits = [t for t in m.graph.initializer if t.name in needed]
+    graph = helper.make_graph(
+        list(nodes), "layout_probe",
+        [helper.make_tensor_value_info(source, onnx.TensorProto.FLOAT, list(value.shape))],
+        [helper.make_empty_tensor_value_info(target)], initializer=inits,
+    )
+    probe = helper.make_model(graph, opset_imports=[o for o in m.opset_import if o.domain in ("", "ai.onnx")],
+                              ir_version=m.ir_version)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return sess.run([target], {source: value})[0]
+    except Exception:
+        return None
+
+
+def canonical_flatten(m: onnx.ModelProto) -> list[str]:
+    """A dense layer reading a tensor through layout ops reads ``Flatten`` of it, kernel rows permuted.
+
+    ``x [N, H, W, C] (or NCHW) -> Transpose / Reshape / Squeeze ... -> [N, F] -> dense``, where the
+    layout ops only reorder x's elements, computes the same as ``Flatten(x) -> dense'`` with the
+    kernel's input rows permuted. After this pass a Keras or JAX model that flattens a feature map
+    in NHWC order (H, W, C) flattens it like torch (C, H, W), so their layer graphs match and their
+    weights are merged on the same feature order. Returns one note per rewritten layer.
+    """
+    g = m.graph
+    inits = {t.name: t for t in g.initializer}
+    cons = _consumers(m)
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    shapes = None
+    notes = []
+    for layer in list(g.node):
+        if layer.op_type == "Gemm":
+            if _attr(layer, "transA", 0) or len(layer.input) < 2 or layer.input[1] not in inits:
+                continue
+            in_axis = 1 if _attr(layer, "transB", 0) else 0
+        elif layer.op_type == "MatMul":
+            if len(layer.input) < 2 or layer.input[1] not in inits or len(inits[layer.input[1]].dims) != 2:
+                continue
+            in_axis = 0
+        else:
+            continue
+        x = layer.input[0]
+        chain, t = [], x
+        while t in producer and producer[t].op_type in _LAYOUT and producer[t].domain in ("", "ai.onnx"):
+            n = producer[t]
+            if t in outputs or len(cons.get(t, [])) != 1:
+                break
+            chain.append(n)
+            t = n.input[0]
+        if not chain or (len(chain) == 1 and chain[0].op_type == "Flatten" and _attr(chain[0], "axis", 1) == 1):
+            continue
+        src = t
+        if shapes is None:
+            shapes = _static_shapes(m)
+        shape = shapes.get(src)
+        if not shape or len(shape) < 3 or any(d is None or d <= 0 for d in shape[1:]):
+            continue
+        per = int(np.prod(shape[1:], dtype=np.int64))
+        if per >= 1 << 24:  # float32 indices stay exact below 2^24
+            continue
+        # the chain's shape computations (Shape -> Gather -> Concat ...) come along
+        nodes = _ancestors(m, x, stop=src)
+        if nodes is None:
+            continue
+        probe = np.arange(2 * per, dtype=np.float32).reshape([2] + list(shape[1:]))
+        got = _run_subgraph(m, nodes, src, probe, x)
+        if got is None or got.ndim != 2 or got.shape != (2, per):
+            continue
+        idx = got.astype(np.int64)
+        if not np.array_equal(idx[1] - idx[0], np.full(per, per)) or not np.array_equal(np.sort(idx[0]), np.arange(per)):
+            continue  # mixes samples, or is not a permutation
+        if np.array_equal(idx[0], np.arange(per)):
+            continue  # already row-major order: nothing to permute
+        w = numpy_helper.to_array(inits[layer.input[1]])
+        if w.shape[in_axis] != per:
+            continue
+        new_w = np.empty_like(w)
+        sel_new = [slice(None)] * 2
+        sel_old = [slice(None)] * 2
+        sel_new[in_axis] = idx[0]
+        new_w[tuple(sel_new)] = w[tuple(sel_old)]
+        _replace_init(m, layer.input[1], new_w)
+        flat = x + "__flatten"
+        while flat in producer or flat in inits:
+            flat += "_"
+        node = helper.make_node("Flatten", [src], [flat], axis=1, name=(layer.name or flat) + "/flatten")
+        g.node.insert(list(g.node).index(layer), node)
+        layer.input[0] = flat
+        ops = " -> ".join(n.op_type for n in reversed(chain))
+        notes.append(f"dense layer '{layer.name}' read {list(shape)} through {ops}: now Flatten with its "
+                     f"kernel rows permuted (element order of the source tensor, row-major)")
+        cons = _consumers(m)
+        producer = {o: n for n in g.node for o in n.output}
+    if notes:
+        _remove_dead_nodes(m)
+    return notes
+
+
+def _ancestors(m: onnx.ModelProto, target: str, stop: str) -> list | None:
+    """Nodes computing ``target`` from ``stop`` and constants (None if other tensors are needed)."""
+    producer = {o: n for n in m.graph.node for o in n.output}
+    inits = {t.name for t in m.graph.initializer}
+    seen, order = set(), []
+
+    def visit(t: str) -> bool:
+        if not t or t == stop or t in inits:
+            return True
+        n = producer.get(t)
+        if n is None:
+            return False
+        if id(n) in seen:
+            return True
+        seen.add(id(n))
+        if not all(visit(i) for i in n.input):
+            return False
+        order.append(n)
+        return True
+
+    return order if visit(target) else None
+
+
+def _remove_dead_nodes(m: onnx.ModelProto) -> None:
+    g = m.graph
+    live = {o.name for o in g.output}
+    keep = []
+    for n in reversed(list(g.node)):
+        if any(o in live for o in n.output if o):
+            keep.append(n)
+            live.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    _drop_unused_initializers(m)
+
+
+def guess_layout(model: onnx.ModelProto, name: str) -> str | None:
+    """"NCHW", "NHWC" or None for a rank-4 graph input, from the first Conv that reads it.
+
+    Follows the input through layout ops to a Conv: the channel count the Conv expects tells
+    which axis holds channels. Without a Conv (an MLP on images), a channel axis of size 1, 3 or
+    4 that is not also the spatial size decides.
+    """
+    vi = next((i for i in model.graph.input if i.name == name), None)
+    if vi is None:
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        return None
+    inits = {t.name: t for t in model.graph.initializer}
+    cons = _consumers(model)
+    frontier, seen, channels = [name], set(), None
+    while frontier and channels is None:
+        t = frontier.pop(0)
+        for n in cons.get(t, []):
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op_type == "Conv" and n.input[0] == t and len(n.input) > 1 and n.input[1] in inits:
+                w = inits[n.input[1]].dims
+                channels = int(w[1]) * int(_attr(n, "group", 1))
+                break
+            if n.op_type in _LAYOUT | {"Cast"} and n.input[0] == t:
+                frontier.append(n.output[0])
+    c1, c3 = dims[1], dims[3]
+    if channels is not None:
+        if c1 == channels and c3 != channels:
+            return "NCHW"
+        if c3 == channels and c1 != channels:
+            return "NHWC"
+    small = (1, 3, 4)
+    if c1 in small and c3 not in small:
+        return "NCHW"
+    if c3 in small and c1 not in small:
+        return "NHWC"
+    return None
+
+
+_TO_NHWC = [0, 2, 3, 1]  # NCHW tensor -> NHWC tensor
+_TO_NCHW = [0, 3, 1, 2]  # NHWC tensor -> NCHW tensor
+
+
+def permute_input(model: onnx.ModelProto, name: str, perm: list[int]) -> onnx.ModelProto:
+    """A copy of ``model`` whose input ``name`` comes in another layout.
+
+    The new input X' feeds ``Transpose(perm)``, which gives the tensor the model used to take
+    (old input = X'.transpose(perm)); the input keeps its name. Normalizing afterwards cancels
+    that Transpose against the model's own layout Transpose when it has one.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    vi = next(i for i in m.graph.input if i.name == name)
+    dims = list(vi.type.tensor_type.shape.dim)
+    inverse = list(np.argsort(perm))
+    new_dims = [dims[k] for k in inverse]
+    inner = name + "__layout"
+    while any(inner in n.output or inner in n.input for n in m.graph.node):
+        inner += "_"
+    for n in m.graph.node:
+        for k, i in enumerate(n.input):
+            if i == name:
+                n.input[k] = inner
+    for o in m.graph.output:
+        if o.name == name:
+            raise ModelLoadError(f"input '{name}' is also a graph output; cannot change its layout")
+    shape = vi.type.tensor_type.shape
+    copies = []
+    for d in new_dims:
+        c = onnx.TensorShapeProto.Dimension()
+        c.CopyFrom(d)
+        copies.append(c)
+    del shape.dim[:]
+    shape.dim.extend(copies)
+    m.graph.node.insert(0, helper.make_node("Transpose", [name], [inner], perm=list(perm), name=f"{name}/layout"))
+    return m
+
+
+def align_input_layouts(models: list[onnx.ModelProto], layout: str | None = None) -> tuple[list[onnx.ModelProto], list[str]]:
+    """Give every model the same image-input layout; return the models and what was done, in words.
+
+    ``layout`` "NCHW" or "NHWC" forces one; by default every model takes the first model's. Only
+    rank-4 inputs whose shapes differ by exactly the NCHW <-> NHWC permutation are touched (or, with
+    ``layout``, whose guessed layout differs from it).
+    """
+    if layout is not None:
+        layout = layout.upper()
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"input layout {layout!r}: use NCHW or NHWC")
+    out, notes = [], []
+    ref = models[0]
+    ref_inputs = list(ref.graph.input)
+    for k, model in enumerate(models):
+        m = model
+        for j, vi in enumerate(list(model.graph.input)):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            if len(dims) != 4:
+                continue
+            have = guess_layout(model, vi.name)
+            if layout is not None:
+                want = layout
+                if have is None or have == want:
+                    continue
+            else:
+                if k == 0 or j >= len(ref_inputs):
+                    continue
+                rdims = [d.dim_value if d.HasField("dim_value") else None for d in ref_inputs[j].type.tensor_type.shape.dim]
+                if len(rdims) != 4 or _same(dims[1:], rdims[1:]):
+                    continue
+                if _same([dims[k2] for k2 in _TO_NHWC][1:], rdims[1:]):
+                    have, want = "NCHW", "NHWC"
+                elif _same([dims[k2] for k2 in _TO_NCHW][1:], rdims[1:]):
+                    have, want = "NHWC", "NCHW"
+                else:
+                    continue
+            perm = _TO_NHWC if want == "NCHW" else _TO_NCHW
+            m = permute_input(m, vi.name, perm)
+            notes.append(f"model {'AB'[k] if len(models) == 2 else k}: input '{vi.name}' {have} -> {want} "
+                         f"(a Transpose in front of the model)")
+        out.append(m)
+    return out, notes
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))

@@ -1,11 +1,25 @@
-"""Do two layer graphs describe the same architecture? If not, where do they first differ?"""
+"""Do two layer graphs describe the same architecture? If not, where do they first differ?
+
+Two models match when their weight layers, feature groups and per-channel parameters line up
+(:func:`layer_signature`), their convolutions have the same geometry once exporter spellings are
+resolved (``auto_pad=SAME_UPPER`` vs explicit pads, :func:`conv_geometry`), and the same
+activations and pools follow each layer (:func:`layer_ops`). Differences in spelling only (a dense
+kernel stored [in, out] or [out, in], padding by ``auto_pad`` or by ``pads``) are equivalent:
+:func:`equivalences` lists them in words for ``onnxzip check``.
+"""
 
 from __future__ import annotations
+
+import numpy as np
+from onnx import helper
 
 from onnxzip.graph.layergraph import Layer, LayerGraph
 from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, Space
 
-__all__ = ["space_signature", "layer_signature", "first_difference", "canonical_weight_shape"]
+__all__ = [
+    "space_signature", "layer_signature", "first_difference", "canonical_weight_shape", "conv_geometry",
+    "layer_ops", "dense_spelling", "equivalences", "input_layout",
+]
 
 
 def space_signature(space: Space):
@@ -52,6 +66,219 @@ def _fmt(sig) -> str:
     return sig[0]
 
 
+# ------------------------------------------------------------------------------------------------
+# Geometry and the ops after each layer, with exporter spellings resolved
+# ------------------------------------------------------------------------------------------------
+def _node(graph: LayerGraph, name: str):
+    nodes = getattr(graph, "_nodes_by_name", None)
+    if nodes is None:
+        nodes = {n.name: n for n in graph.model.graph.node}
+        try:
+            graph._nodes_by_name = nodes
+        except AttributeError:
+            pass
+    return nodes.get(name)
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            v = helper.get_attribute_value(a)
+            return v.decode() if isinstance(v, bytes) else v
+    return default
+
+
+def _resolve_pads(node, in_shape, kernel, strides, dilations) -> list[int]:
+    """Explicit begin/end pads, whatever the spelling (``pads`` or ``auto_pad``)."""
+    nd = len(kernel)
+    auto = _attr(node, "auto_pad", "NOTSET") or "NOTSET"
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    if auto in ("SAME_UPPER", "SAME_LOWER") and in_shape is not None and len(in_shape) == nd + 2:
+        begins, ends = [], []
+        for i in range(nd):
+            size = in_shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        return begins + ends
+    return [int(p) for p in (_attr(node, "pads", None) or [0] * (2 * nd))]
+
+
+def _geometry(node, in_shape, kernel) -> dict:
+    nd = len(kernel)
+    strides = [int(s) for s in (_attr(node, "strides", None) or [1] * nd)]
+    dilations = [int(d) for d in (_attr(node, "dilations", None) or [1] * nd)]
+    return {
+        "kernel": [int(k) for k in kernel], "strides": strides, "dilations": dilations,
+        "pads": _resolve_pads(node, in_shape, kernel, strides, dilations),
+        "auto_pad": _attr(node, "auto_pad", "NOTSET") or "NOTSET",
+    }
+
+
+def conv_geometry(graph: LayerGraph, layer: Layer) -> dict | None:
+    """Kernel, strides, dilations and explicit pads of a Conv layer (``auto_pad`` resolved)."""
+    if layer.op_type != "Conv":
+        return None
+    node = _node(graph, layer.node)
+    if node is None:
+        return None
+    return _geometry(node, graph.shapes.get(layer.input), list(layer.weight_shape[2:]))
+
+
+def _geom_text(g: dict) -> str:
+    k = "x".join(map(str, g["kernel"]))
+    parts = [k]
+    if any(s != 1 for s in g["strides"]):
+        parts.append("stride " + "x".join(map(str, g["strides"])))
+    if any(d != 1 for d in g["dilations"]):
+        parts.append("dilation " + "x".join(map(str, g["dilations"])))
+    pad = f"pads {g['pads']}"
+    if g["auto_pad"] not in ("NOTSET", ""):
+        pad = f"auto_pad={g['auto_pad']} (= pads {g['pads']})"
+    parts.append(pad)
+    return " ".join(parts)
+
+
+_ACTIVATIONS = {
+    "Relu": "relu", "LeakyRelu": "leaky_relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Gelu": "gelu", "Erf": "gelu",
+    "HardSwish": "hard_swish", "HardSigmoid": "hard_sigmoid", "Elu": "elu", "Selu": "selu", "Celu": "celu",
+    "Softplus": "softplus", "Mish": "mish", "PRelu": "prelu", "ThresholdedRelu": "thresholded_relu",
+}
+
+
+def _canonical_op(graph: LayerGraph, node) -> str | None:
+    """A framework-independent name for an activation or pool; None for anything else."""
+    op = node.op_type
+    consts = {t.name: t for t in graph.model.graph.initializer}
+    if op in _ACTIVATIONS:
+        name = _ACTIVATIONS[op]
+        if op == "LeakyRelu":
+            name += f"({_attr(node, 'alpha', 0.01):.4g})"
+        return name
+    if op == "Clip":
+        from onnx import numpy_helper
+
+        lo = _attr(node, "min", None)
+        hi = _attr(node, "max", None)
+        if len(node.input) > 1 and node.input[1] in consts:
+            lo = float(numpy_helper.to_array(consts[node.input[1]]).reshape(-1)[0])
+        if len(node.input) > 2 and node.input[2] in consts:
+            hi = float(numpy_helper.to_array(consts[node.input[2]]).reshape(-1)[0])
+        if lo == 0 and (hi is None or np.isinf(hi)):
+            return "relu"
+        if lo == 0 and hi == 6:
+            return "relu6"
+        return f"clip({lo:g},{hi:g})" if lo is not None and hi is not None else "clip"
+    if op in ("MaxPool", "AveragePool", "LpPool"):
+        in_shape = graph.shapes.get(node.input[0])
+        kernel = list(_attr(node, "kernel_shape", []))
+        g = _geometry(node, in_shape, kernel)
+        text = {"MaxPool": "maxpool", "AveragePool": "avgpool", "LpPool": "lppool"}[op]
+        text += " " + "x".join(map(str, g["kernel"]))
+        text += "/" + "x".join(map(str, g["strides"]))
+        if any(g["pads"]):
+            text += f" pads {g['pads']}"
+        if _attr(node, "ceil_mode", 0):
+            text += " ceil"
+        if op == "AveragePool" and any(g["pads"]) and _attr(node, "count_include_pad", 0):
+            text += " count_include_pad"
+        return text
+    if op in ("GlobalAveragePool", "GlobalMaxPool"):
+        return "mean(spatial)" if op == "GlobalAveragePool" else "max(spatial)"
+    if op in ("ReduceMean", "ReduceMax"):
+        x = node.input[0]
+        shape = graph.shapes.get(x)
+        axis = graph.channel_axis(x)
+        axes = _attr(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1] in consts:
+            from onnx import numpy_helper
+
+            axes = numpy_helper.to_array(consts[node.input[1]]).reshape(-1).tolist()
+        if shape is None or axis is None or axes is None:
+            return op.lower()
+        rank = len(shape)
+        axes = sorted(int(a) % rank for a in axes)
+        spatial = [k for k in range(1, rank) if k != axis]
+        kind = "mean" if op == "ReduceMean" else "max"
+        return f"{kind}(spatial)" if axes == spatial else f"{kind}(axes {axes})"
+    return None
+
+
+def _is_feature_space(space) -> bool:
+    return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace))
+
+
+def layer_ops(graph: LayerGraph, layer: Layer) -> tuple[str, ...]:
+    """The activations and pools between a layer and the next weight layers (or the outputs).
+
+    Followed along feature tensors only; layout ops (Transpose, Reshape, Flatten, ...), shape
+    computations and per-channel parameters are spelling and do not count. Returned as a sorted
+    tuple of distinct names, so the exporters' node order does not matter.
+    """
+    layer_nodes = {l.node for l in graph.layers}
+    consumers: dict[str, list] = getattr(graph, "_consumers_cache", None)
+    if consumers is None:
+        consumers = {}
+        for n in graph.model.graph.node:
+            for i in n.input:
+                if i:
+                    consumers.setdefault(i, []).append(n)
+        try:
+            graph._consumers_cache = consumers
+        except AttributeError:
+            pass
+    start = layer.preact or layer.output
+    seen, found = set(), set()
+    frontier = [start]
+    while frontier:
+        t = frontier.pop()
+        for n in consumers.get(t, []):
+            if n.name in layer_nodes or id(n) in seen:
+                continue
+            seen.add(id(n))
+            name = _canonical_op(graph, n)
+            if name is not None:
+                found.add(name)
+            for o in n.output:
+                if o and _is_feature_space(graph.spaces.get(o)):
+                    frontier.append(o)
+    return tuple(sorted(found))
+
+
+def dense_spelling(layer: Layer) -> str:
+    """How a dense layer's kernel is stored: the exporters' spellings, in words."""
+    bias = " + Add" if layer.bias is not None and layer.op_type == "MatMul" else ""
+    if layer.op_type == "Gemm":
+        return "Gemm, kernel [out, in]" if layer.w_out_axis == 0 else "Gemm transB=0, kernel [in, out]"
+    if layer.op_type == "MatMul":
+        return f"MatMul{bias}, kernel [in, out]"
+    return layer.op_type
+
+
+def input_layout(shape) -> str | None:
+    """NCHW / NHWC guess for a rank-4 image input shape (channels 1, 3 or 4)."""
+    if shape is None or len(shape) != 4:
+        return None
+    small = (1, 3, 4)
+    if shape[1] in small and shape[3] not in small:
+        return "NCHW"
+    if shape[3] in small and shape[1] not in small:
+        return "NHWC"
+    return None
+
+
+def _input_difference(na, sa, nb, sb) -> str:
+    la, lb = input_layout(sa), input_layout(sb)
+    if la and lb and la != lb and sorted(sa[1:]) == sorted(sb[1:]):
+        return (f"input layouts differ: A '{na}' {list(sa)} ({la}), B '{nb}' {list(sb)} ({lb}): the same images in "
+                f"another layout; zip with the layouts aligned (onnxzip.normalize.align_input_layouts puts a Transpose "
+                f"in front of B)")
+    return f"input shapes differ: A '{na}' {list(sa)}, B '{nb}' {list(sb)}"
+
+
 def first_difference(a: LayerGraph, b: LayerGraph) -> str | None:
     """None when the graphs match; else one line naming the first differing layer, both sides."""
     if len(a.inputs) != len(b.inputs):
@@ -59,10 +286,21 @@ def first_difference(a: LayerGraph, b: LayerGraph) -> str | None:
     for na, nb in zip(a.inputs, b.inputs):
         sa, sb = a.shapes.get(na), b.shapes.get(nb)
         if sa is not None and sb is not None and tuple(sa[1:]) != tuple(sb[1:]):
-            return f"input shapes differ: A '{na}' {list(sa)}, B '{nb}' {list(sb)}"
+            return _input_difference(na, sa, nb, sb)
     for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
         if layer_signature(la) != layer_signature(lb):
             return f"layer {la.number} (#{k + 1}): A {_describe(la)} vs B {_describe(lb)}"
+        ga, gb = conv_geometry(a, la), conv_geometry(b, lb)
+        if ga is not None and gb is not None:
+            for key, what in (("kernel", "kernel"), ("strides", "strides"), ("dilations", "dilations"), ("pads", "padding")):
+                if ga[key] != gb[key]:
+                    return (f"layer {la.number} (#{k + 1}): A {la.describe()} {_geom_text(ga)} ('{la.node}') vs "
+                            f"B {lb.describe()} {_geom_text(gb)} ('{lb.node}'): different {what}")
+        if not _reaches_output(a, la):
+            oa, ob = layer_ops(a, la), layer_ops(b, lb)
+            if oa != ob:
+                return (f"layer {la.number} (#{k + 1}) {la.describe()}: after it A applies {_ops_text(oa)}, "
+                        f"B applies {_ops_text(ob)}: different activations or pooling")
     if len(a.layers) != len(b.layers):
         longer, name = (a, "A") if len(a.layers) > len(b.layers) else (b, "B")
         extra = longer.layers[min(len(a.layers), len(b.layers))]
@@ -76,3 +314,46 @@ def first_difference(a: LayerGraph, b: LayerGraph) -> str | None:
     if len(a.outputs) != len(b.outputs):
         return f"A has {len(a.outputs)} outputs, B has {len(b.outputs)}"
     return None
+
+
+def _reaches_output(graph: LayerGraph, layer: Layer) -> bool:
+    """Output layers: what follows them stays in each task's own head."""
+    from onnxzip.graph.spaces import leaves
+
+    return any(graph.groups.get(leaf.gid) is not None and graph.groups[leaf.gid].output for leaf in leaves(layer.out_space))
+
+
+def _ops_text(ops: tuple) -> str:
+    return "{" + ", ".join(ops) + "}" if ops else "nothing"
+
+
+def equivalences(a: LayerGraph, b: LayerGraph) -> list[str]:
+    """Spelling differences between two matching models that onnxzip treats as equivalent, in words.
+
+    Dense kernels stored [out, in] vs [in, out], padding by ``auto_pad`` vs explicit pads, and what
+    normalization did to each model (BatchNormalization folded, Transposes removed, value_info
+    discarded, ...), grouped over layers.
+    """
+    from onnxzip.normalize import normalize_notes
+
+    lines: list[str] = []
+    grouped: dict[tuple, list] = {}
+    for la, lb in zip(a.layers, b.layers):
+        if la.kind == "dense" and lb.kind == "dense":
+            sa, sb = dense_spelling(la), dense_spelling(lb)
+            if sa != sb:
+                grouped.setdefault(("dense", sa, sb), []).append(la.number)
+        ga, gb = conv_geometry(a, la), conv_geometry(b, lb)
+        if ga is not None and gb is not None and ga["auto_pad"] != gb["auto_pad"]:
+            key = ("conv", f"{la.op_type} {_geom_text(ga)}", f"{lb.op_type} {_geom_text(gb)}")
+            grouped.setdefault(key, []).append(la.number)
+    for (kind, sa, sb), numbers in grouped.items():
+        nums = ", ".join(str(n) for n in dict.fromkeys(numbers))
+        what = "dense kernel" if kind == "dense" else "padding"
+        lines.append(f"layer{'s' if len(set(numbers)) > 1 else ''} {nums}: A {sa}, B {sb}: same {what}, equivalent")
+    for label, g in (("A", a), ("B", b)):
+        for note in normalize_notes(g.model):
+            if note.startswith(("dense layers as", "Conv padding as")):
+                continue
+            lines.append(f"{label}: {note}")
+    return lines
