@@ -132,7 +132,8 @@ def _tensor_map(graphs: list[LayerGraph], trunk: list[set[str]]) -> list[dict[st
             mp.setdefault(lb.preact, la.preact)
             for x, y in zip(leaves(la.in_space), leaves(lb.in_space)):
                 mp.setdefault(y.tensor, x.tensor)
-        consts = {t.name for t in g.model.graph.initializer}
+        consts = {t.name: t for t in g.model.graph.initializer}
+        a_init = {t.name: t for t in a.model.graph.initializer}
         for n in g.model.graph.node:
             if all(o in mp for o in n.output if o):
                 continue
@@ -145,13 +146,29 @@ def _tensor_map(graphs: list[LayerGraph], trunk: list[set[str]]) -> list[dict[st
                     continue
                 cins = [i for i in cand.input if i and i not in a_consts]
                 same = cins == want or (n.op_type in ("Add", "Mul", "Sum", "Max", "Min") and sorted(cins) == sorted(want))
-                if same and all(_attrs(cand) == _attrs(n) for _ in [0]):
+                if same and _attrs(cand) == _attrs(n) and _same_int_consts(n, cand, consts, a_init):
                     for ob, oa in zip(n.output, cand.output):
                         if ob:
                             mp.setdefault(ob, oa)
                     break
         maps.append(mp)
     return maps
+
+
+def _same_int_consts(n: onnx.NodeProto, cand: onnx.NodeProto, consts: dict, a_consts: dict) -> bool:
+    """Integer constant inputs (indices, shapes, axes) must be equal: Gather(shape, 0) is not
+    Gather(shape, 1). Float constants are weights and differ between models."""
+    for x, y in zip(n.input, cand.input):
+        tx, ty = consts.get(x), a_consts.get(y)
+        if (tx is None) != (ty is None):
+            return False
+        if tx is not None and tx.data_type in _INT_TYPES:
+            if ty.data_type != tx.data_type or not np.array_equal(numpy_helper.to_array(tx), numpy_helper.to_array(ty)):
+                return False
+    return True
+
+
+_INT_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
