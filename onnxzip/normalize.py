@@ -699,7 +699,9 @@ def canonical_flatten(m: onnx.ModelProto) -> list[str]:
         chain, t = [], x
         while t in producer and producer[t].op_type in _LAYOUT and producer[t].domain in ("", "ai.onnx"):
             n = producer[t]
-            if t in outputs or len(cons.get(t, [])) != 1:
+            # Shape/Size readers (a Reshape target computed at run time) only need the shape
+            users = [u for u in cons.get(t, []) if u.op_type not in ("Shape", "Size")]
+            if t in outputs or len(users) != 1:
                 break
             chain.append(n)
             t = n.input[0]
