@@ -471,6 +471,9 @@ def check_cmd(
             out.print(f"[green]zippable[/green]: {info['num_layers']} layers, zip depth up to {info['max_stop_at']}")
         else:
             out.print(f"[red]not zippable[/red]: {info['reason']}", soft_wrap=True)
+        if not as_json:
+            for note in info.get("notes", []):
+                out.print(f"  {note}", soft_wrap=True, highlight=False, markup=False)
         if not info["zippable"]:
             raise typer.Exit(1)
 

@@ -81,8 +81,12 @@ def inspect(model, data=None) -> dict:
     return graph_summary(load_layer_graph(model, data))
 
 
-def check(model_a, model_b, data=None) -> dict:
-    """Can two models be zipped? ``{"zippable": bool, "reason": str|None, ...}``."""
+def check(model_a, model_b, data=None, input_layout: str | None = None) -> dict:
+    """Can two models be zipped? ``{"zippable": bool, "reason": str|None, "notes": [...], ...}``.
+
+    ``notes``: exporter spellings treated as equivalent (dense kernels [in, out] vs [out, in],
+    ``auto_pad`` vs pads, BatchNormalization folded, an input layout aligned, ...), in words.
+    """
     from onnxzip.pipeline import load_layer_graph
     from onnxzip.normalize import convert_opset
     from onnxzip.io import load_model
@@ -94,15 +98,20 @@ def check(model_a, model_b, data=None) -> dict:
     ops = [opset_of(m) for m in loaded]
     if ops[0] != ops[1]:
         loaded = [convert_opset(m, max(ops), str(src)) for m, src in zip(loaded, (model_a, model_b))]
+    from onnxzip.graph.compare import equivalences
+    from onnxzip.normalize import align_input_layouts
+
+    loaded, layout_notes = align_input_layouts(loaded, input_layout)
     try:
         graphs = [load_layer_graph(m, data) for m in loaded]
     except OnnxZipError as e:
-        return {"zippable": False, "reason": str(e)}
+        return {"zippable": False, "reason": str(e), "notes": layout_notes}
     diff = first_difference(graphs[0], graphs[1])
     depth = min(g.max_depth() for g in graphs)
     return {
         "zippable": diff is None,
         "reason": diff,
+        "notes": layout_notes + equivalences(graphs[0], graphs[1]),
         "num_layers": graphs[0].num_layers,
         "max_stop_at": depth,
         "opsets": ops,

@@ -60,6 +60,7 @@ def convert_opset(model: onnx.ModelProto, opset: int, label: str = "model") -> o
             "re-export both models with the same opset"
         ) from e
     converted.ir_version = max(converted.ir_version, model.ir_version)
+    del converted.graph.value_info[:]  # the converter's own shape guesses, not the exporter's
     return converted
 
 

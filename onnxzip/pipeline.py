@@ -24,7 +24,7 @@ from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.io import check_output_path, file_sha256, load_model, save_model
 from onnxzip.match import get_matcher, validate_params
 from onnxzip.merge import Merges, compute_merges
-from onnxzip.normalize import convert_opset, normalize, opset_of
+from onnxzip.normalize import align_input_layouts, convert_opset, normalize, opset_of
 from onnxzip.repair import RepairReport, repair
 from onnxzip.split import ZipLayout, build_zipped_model
 from onnxzip.stats.collect import PairStats, collect_stats, make_session
@@ -160,11 +160,14 @@ def default_tasks(sources: list[str]) -> list[str]:
 
 def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int | None = None,
                  providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None,
-                 holdout: float = 0.0) -> PreparedPair:
+                 holdout: float = 0.0, input_layout: str | None = None) -> PreparedPair:
     """Load, normalize, parse and check two models; optionally collect their statistics.
 
     ``holdout``: share of the calibration samples kept out of the statistics and the repair, to
     score zip candidates by their fidelity to the source models (see :mod:`onnxzip.select`).
+    ``input_layout``: "NCHW" or "NHWC" for every image input; by default a model whose input
+    differs from model A's only by that layout gets a Transpose in front (a warning says so), and
+    the calibration data comes in A's layout.
     """
     if not 0.0 <= holdout < 1.0:
         raise OptionError(f"--holdout {holdout} must be in [0, 1)")
@@ -181,6 +184,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     if opsets[0] != opsets[1]:
         target = max(opsets)
         models = [convert_opset(m, target, s) for m, s in zip(models, sources)]
+    models, layout_notes = align_input_layouts(models, input_layout)
     models = [normalize(m) for m in models]
     if tasks is None:
         tasks = default_tasks(sources)
@@ -209,7 +213,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     diff = first_difference(graphs[0], graphs[1])
     if diff is not None:
         raise ArchitectureMismatchError(f"the models differ: {diff}; zip models of the same architecture")
-    warnings = []
+    warnings = [f"input layout: {note}; the zipped model takes that layout" for note in layout_notes]
     n = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
     if n < MIN_TRUSTED_SAMPLES:
         warnings.append(f"only {n} calibration samples: statistics may be unreliable (use a few hundred)")

@@ -150,6 +150,41 @@ def test_nhwc_export_zips_like_the_nchw_export_of_the_same_weights():
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
 
 
+def test_check_aligns_layouts_and_lists_equivalences():
+    info = onnxzip.check(str(SAMPLES / "keras_mlp_a.nhwc.onnx"), str(SAMPLES / "mlp_b.onnx"))
+    assert info["zippable"] and info["notes"][:2] == [
+        "model B: input 'input' NCHW -> NHWC (a Transpose in front of the model)",
+        "layers 1, 2, 3: A MatMul + Add, kernel [in, out], B Gemm, kernel [out, in]: same dense kernel, equivalent",
+    ]
+    assert not any("value_info" in n for n in info["notes"])  # the opset converter's value_info is no exporter's
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    res = CliRunner().invoke(app, ["check", str(SAMPLES / "vgg_a.onnx"), str(SAMPLES / "jax_vgg_b.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "B Conv 3x3 auto_pad=SAME_UPPER (= pads [1, 1, 1, 1]): same padding, equivalent" in res.output
+    assert "B Gemm transB=0, kernel [in, out]" in res.output
+
+
+def test_zip_takes_model_a_layout_and_says_so(tmp_path):
+    with np.load(SAMPLES / "calib.npz") as z:
+        calib = z["input"][:128]
+    nhwc_data = tmp_path / "calib_nhwc.npz"
+    np.savez(nhwc_data, input=calib.transpose(0, 2, 3, 1))
+    r = onnxzip.zip_models(SAMPLES / "keras_mlp_a.nhwc.onnx", SAMPLES / "mlp_b.onnx", nhwc_data, tasks=["a", "b"])
+    assert any(w.startswith("input layout: model B: input 'input' NCHW -> NHWC") for w in r.warnings)
+    assert [d.dim_value for d in r.model.graph.input[0].type.tensor_type.shape.dim][1:] == [16, 16, 1]
+    want = onnxzip.zip_models(SAMPLES / "keras_mlp_a.onnx", SAMPLES / "mlp_b.onnx", SAMPLES / "calib.npz",
+                              tasks=["a", "b"], max_samples=128)
+    x = task_images(16)
+    for g, w in zip(run(r.model, x.transpose(0, 2, 3, 1).copy()), run(want.model, x)):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    p = prepare_pair(SAMPLES / "keras_mlp_a.nhwc.onnx", SAMPLES / "mlp_b.onnx", SAMPLES / "calib.npz",
+                     tasks=["a", "b"], max_samples=64, collect=False, input_layout="NCHW")
+    assert p.warnings[0].startswith("input layout: model A: input 'input' NHWC -> NCHW")
+
+
 # ------------------------------------------------------------------------------------------------
 # Permuted copies: the function survives, and zipping with it gives the model back
 # ------------------------------------------------------------------------------------------------
