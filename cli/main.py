@@ -177,7 +177,7 @@ def _evaluate_models(named: dict, task_files: dict, sources: Optional[tuple] = N
     names = list(task_files)
     predictors = {}
     if sources is not None:
-        a, b = (ModelPredictor(str(p), task=t) for p, t in zip(sources, names))
+        a, b = (ModelPredictor(p if not isinstance(p, Path) else str(p), task=t) for p, t in zip(sources, names))
         predictors["model A"] = a
         predictors["model B"] = b
         predictors["ensemble"] = EnsemblePredictor({names[0]: a, names[1]: b})
@@ -205,6 +205,7 @@ def zip_cmd(
     search: str = typer.Option("coordinate", help="alpha/beta search over the paper's grid: coordinate (11 candidates) or grid (36)."),
     select_by: str = typer.Option("fidelity", help="Score candidates by fidelity (no labels) or accuracy (needs --task)."),
     task: List[str] = typer.Option([], "--task", help="Labeled data for --select-by accuracy: task=file.npz (repeatable)."),
+    input_layout: Optional[str] = typer.Option(None, help="NCHW or NHWC: the zipped model's input layout when the models differ (default: model A's)."),
     tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated (default: file stems). Outputs are named <task>/<output>."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Correct statistics after merging (REPAIR)."),
     repair_heads: bool = typer.Option(True, "--repair-heads/--no-repair-heads", help="Also correct layers inside each task's branch."),
@@ -233,7 +234,7 @@ def zip_cmd(
                 stop_at=stop_at, tasks=task_names, do_repair=repair, repair_heads=repair_heads,
                 batch_size=batch_size, max_samples=max_samples, providers=prov, progress=bars,
                 holdout=holdout, search=search, select_by=select_by, select_data=_parse_tasks_eval(task) or None,
-                min_fidelity=min_fidelity, max_flops=max_flops,
+                min_fidelity=min_fidelity, max_flops=max_flops, input_layout=input_layout,
             )
         total = time.perf_counter() - t0
         summary = result.summary()
@@ -244,7 +245,8 @@ def zip_cmd(
         summary["cost"] = cost
         if eval_:
             task_files = _parse_tasks_eval(eval_)
-            results = _evaluate_models({"zipped": str(output)}, task_files, (model_a, model_b))
+            # the sources as zipped (normalized, input layout aligned), so the same data fits every model
+            results = _evaluate_models({"zipped": str(output)}, task_files, tuple(result.sources))
             summary["eval"] = {k: v.to_dict() for k, v in results.items()}
         if report:
             Path(report).write_text(json.dumps(summary, indent=2))

@@ -98,6 +98,7 @@ class ZipResult:
     warnings: list
     output: str | None = None
     selection: dict | None = None
+    sources: list | None = None
 
     def summary(self) -> dict:
         return {
@@ -341,7 +342,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                repair_heads: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
-               log=None) -> ZipResult:
+               log=None, input_layout: str | None = None) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
     Args:
@@ -361,6 +362,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         search: "coordinate" or "grid" over the paper's alpha/beta grid.
         select_by: "fidelity" (no labels) or "accuracy" (needs ``select_data``: {task: npz with labels}).
         log: called with each candidate as it is scored.
+        input_layout: "NCHW" or "NHWC": the zipped model's image input layout when the two
+            models differ (default: model A's).
     """
     from onnxzip.select import choose_depth, make_holdout, search_alpha_beta
 
@@ -381,7 +384,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         holdout = 0.2 if (auto or auto_depth) else 0.0
     if output is not None:
         check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)])
-    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress, holdout=holdout)
+    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress,
+                        holdout=holdout, input_layout=input_layout)
     selection = None
     if auto or auto_depth:
         t = time.perf_counter()
@@ -407,6 +411,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads, progress=progress)
     result.timings = {**pair.timings, **result.timings}
     result.selection = selection
+    result.sources = [g.model for g in pair.graphs]  # normalized, inputs aligned to the zipped model's layout
     if output is not None:
         t = time.perf_counter()
         save_model(result.model, output)
