@@ -215,6 +215,12 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     if diff is not None:
         raise ArchitectureMismatchError(f"the models differ: {diff}; zip models of the same architecture")
     warnings = [f"input layout: {note}; the zipped model takes that layout" for note in layout_notes]
+    n_total = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
+    if n_total * (1 - holdout) < 2:
+        raise CalibrationDataError(
+            f"only {n_total} calibration sample(s){' before the hold-out' if holdout else ''}: statistics need at least 2 "
+            "(a few hundred for reliable merges); pass more data"
+        )
     n = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
     if n < MIN_TRUSTED_SAMPLES:
         warnings.append(f"only {n} calibration samples: statistics may be unreliable (use a few hundred)")

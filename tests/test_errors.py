@@ -194,3 +194,45 @@ def test_small_calibration_set_warns(pair, tmp_path):
     r = onnxzip.zip_models(a, b, d)
     assert any("calibration samples" in w for w in r.warnings)
     assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in r.model.graph.initializer)
+
+
+def test_too_few_samples(pair, tmp_path):
+    a, b, _ = pair
+    one = save_npz(tmp_path / "one.npz", x=np.zeros((1, 10), np.float32))
+    with pytest.raises(CalibrationDataError, match="at least 2"):
+        onnxzip.zip_models(a, b, one)
+    assert_one_line_error(cli("zip", a, b, "-d", one, "-o", tmp_path / "o.onnx"), "at least 2")
+
+
+def _two_input_model(names, seed):
+    rng = np.random.default_rng(seed)
+    w0, w1 = (numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), f"w{k}") for k in range(2))
+    nodes = [
+        helper.make_node("Gemm", [names[0], "w0"], ["h0"], transB=1, name="d0"),
+        helper.make_node("Gemm", [names[1], "w1"], ["h1"], transB=1, name="d1"),
+        helper.make_node("Add", ["h0", "h1"], ["logits"], name="add"),
+    ]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3]) for n in names],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], initializer=[w0, w1])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_different_input_names_of_multi_input_models(tmp_path):
+    a = _save(tmp_path / "a.onnx", _two_input_model(["x", "y"], 0))
+    b = _save(tmp_path / "b.onnx", _two_input_model(["p", "q"], 1))
+    d = save_npz(tmp_path / "d.npz", x=np.zeros((8, 3), np.float32), y=np.zeros((8, 3), np.float32))
+    with pytest.raises(ArchitectureMismatchError, match="input names differ"):
+        onnxzip.zip_models(a, b, d)
+    assert_one_line_error(cli("zip", a, b, "-d", d, "-o", tmp_path / "o.onnx"), "input names differ")
+
+
+def test_opsets_that_cannot_be_reconciled(pair, tmp_path, monkeypatch):
+    a, _, data = pair
+    b = _save(tmp_path / "b13.onnx", mlp(random_mlp_weights([10, 8, 6, 3], 1), opset=13))
+
+    def refuse(model, target):
+        raise RuntimeError("No adapter for op Foo")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    with pytest.raises(ModelLoadError, match="cannot convert from opset 13 to 17"):
+        onnxzip.zip_models(a, b, data)
