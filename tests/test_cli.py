@@ -114,3 +114,26 @@ def test_readme_main_job_runs_as_written(tmp_path):
     test_cmd = next(c for c in cmds if "pytest" in c)
     assert test_cmd.split("&&", 1)[1].strip() == "python -m pytest -q"
     assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == test_cmd
+
+
+@pytest.mark.slow
+def test_samples_regenerate_command_runs(tmp_path):
+    """samples/README's command, shortened (one pair, one epoch), then the result zips."""
+    out = tmp_path / "digits"
+    r = subprocess.run([sys.executable, "samples/train_digits.py", "--only", "mlp", "--epochs", "1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("mlp_a.onnx", "mlp_b.onnx", "calib.npz", "test_a.npz", "test_b.npz", "manifest.json"):
+        assert (out / name).exists(), name
+    z = runner.invoke(app, ["zip", str(out / "mlp_a.onnx"), str(out / "mlp_b.onnx"), "-d", str(out / "calib.npz"),
+                            "-o", str(tmp_path / "z.onnx")])
+    assert z.exit_code == 0, z.output
+
+
+@pytest.mark.slow
+def test_samples_table_command_runs():
+    r = subprocess.run([sys.executable, "bench/samples_table.py", "--pairs", "mlp"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l for l in r.stdout.splitlines() if l.startswith("| mlp |")]
+    assert len(rows) >= 10 and any("ensemble" in l for l in rows)
