@@ -56,6 +56,89 @@ def _open_npz(path: Path):
         raise CalibrationDataError(f"{path}: not a readable .npz file ({e}); save the data with numpy.savez") from e
 
 
+# Bytes read at a time when scanning an array for NaN/Inf.
+_SCAN_BYTES = 64 << 20
+
+
+class _ArrayReader:
+    """Rows of one array of an .npz, read sequentially without loading the whole array.
+
+    Works for stored (``numpy.savez``) and deflated (``numpy.savez_compressed``) members alike:
+    the member is streamed through ``zipfile``. Memory: one read at a time, whatever the array's
+    size. Fortran-ordered arrays (rare) are loaded whole.
+    """
+
+    def __init__(self, path: Path, key: str):
+        self.path = path
+        self.key = key
+        self._zip = None
+        self._file = None
+        self._whole = None
+        self.pos = 0
+        try:
+            self._zip = zipfile.ZipFile(path)
+            names = set(self._zip.namelist())
+            member = key + ".npy" if key + ".npy" in names else key
+            self._file = self._zip.open(member)
+            version = np.lib.format.read_magic(self._file)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(self._file)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(self._file)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            self.close()
+            raise CalibrationDataError(f"{path}: cannot read array '{key}' ({e}); save the data with numpy.savez") from e
+        if dtype.hasobject:
+            self.close()
+            raise CalibrationDataError(f"{path}: array '{key}' holds Python objects; save numeric arrays")
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        if fortran and len(self.shape) > 1:
+            self.close()
+            with _open_npz(path) as files:
+                self._whole = np.ascontiguousarray(files[key])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def read(self, rows: int) -> np.ndarray:
+        """The next ``rows`` rows (fewer at the end)."""
+        rows = max(0, min(rows, (self.shape[0] if self.shape else 1) - self.pos))
+        if self._whole is not None:
+            out = self._whole[self.pos:self.pos + rows]
+            self.pos += rows
+            return out
+        out = np.empty((rows,) + self.shape[1:], dtype=self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+        got = 0
+        while got < len(view):
+            n = self._file.readinto(view[got:])
+            if not n:
+                raise CalibrationDataError(f"{self.path}: array '{self.key}' is truncated; save the data again")
+            got += n
+        self.pos += rows
+        return out
+
+    def skip(self, rows: int) -> None:
+        self.read(rows)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
 class DataSet:
     """One or more .npz sources, validated against a model's inputs."""
 
@@ -95,9 +178,10 @@ class DataSet:
 
     def _check_shard(self, path: Path) -> int:
         with _open_npz(path) as files:
-            counts = set()
-            for name, key in self._keys(path, files).items():
-                arr = files[key]
+            keys = self._keys(path, files)
+        counts = set()
+        for name, key in keys.items():
+            with _ArrayReader(path, key) as arr:
                 spec = next(i for i in self.inputs if i.name == name)
                 if arr.ndim != len(spec.dims):
                     raise CalibrationDataError(
@@ -113,17 +197,24 @@ class DataSet:
                 if np.issubdtype(spec.dtype, np.floating):
                     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
                         raise CalibrationDataError(f"{path}: array '{key}' has dtype {arr.dtype}; input '{name}' needs numbers ({np.dtype(spec.dtype).name})")
-                    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-                        raise CalibrationDataError(f"{path}: array '{key}' contains NaN or Inf; clean the data")
+                    if np.issubdtype(arr.dtype, np.floating):
+                        row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+                        step = max(1, _SCAN_BYTES // row_bytes)
+                        for _ in range(0, arr.shape[0], step):
+                            if not np.isfinite(arr.read(step)).all():
+                                raise CalibrationDataError(f"{path}: array '{key}' contains NaN or Inf; clean the data")
                 elif arr.dtype != spec.dtype and not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                     raise CalibrationDataError(f"{path}: array '{key}' has dtype {arr.dtype}; input '{name}' needs {np.dtype(spec.dtype).name}")
                 counts.add(arr.shape[0])
-            if len(counts) != 1:
-                raise CalibrationDataError(f"{path}: the input arrays have different numbers of samples {sorted(counts)}")
-            return counts.pop()
+        if len(counts) != 1:
+            raise CalibrationDataError(f"{path}: the input arrays have different numbers of samples {sorted(counts)}")
+        return counts.pop()
 
     def batches(self, batch_size: int, max_samples: int | None = None) -> Iterator[Batch]:
-        """Yield batches; a static batch dimension fixes the size and pads the last batch."""
+        """Yield batches; a static batch dimension fixes the size and pads the last batch.
+
+        Arrays are streamed from the .npz files batch by batch (never loaded whole), so memory
+        does not grow with the size of the data."""
         sizes = {i.dims[0] for i in self.inputs if i.dims and i.dims[0] is not None}
         static = bool(sizes)
         if static:
@@ -137,29 +228,34 @@ class DataSet:
             taken = 0
             for path in shards:
                 with _open_npz(path) as files:
-                    arrays = {n: files[k] for n, k in self._keys(path, files).items()}
-                n = next(iter(arrays.values())).shape[0]
-                for start in range(0, n, batch_size):
-                    stop = min(n, start + batch_size)
-                    limit = share if share is not None else max_samples
-                    used = taken if share is not None else total
-                    if limit is not None:
-                        stop = min(stop, start + max(0, limit - used))
-                    if stop <= start:
-                        break
-                    rows = stop - start
-                    feeds = {}
-                    for spec in self.inputs:
-                        a = np.asarray(arrays[spec.name][start:stop]).astype(spec.dtype, copy=False)
-                        if static and rows < batch_size:
-                            pad = np.zeros((batch_size - rows,) + a.shape[1:], dtype=a.dtype)
-                            a = np.concatenate([a, pad])
-                        feeds[spec.name] = a
-                    valid = np.zeros(len(next(iter(feeds.values()))), dtype=bool)
-                    valid[:rows] = True
-                    yield Batch(feeds, valid, np.full(len(valid), idx))
-                    taken += rows
-                    total += rows
+                    keys = self._keys(path, files)
+                readers = {n: _ArrayReader(path, k) for n, k in keys.items()}
+                try:
+                    n = next(iter(readers.values())).shape[0]
+                    for start in range(0, n, batch_size):
+                        stop = min(n, start + batch_size)
+                        limit = share if share is not None else max_samples
+                        used = taken if share is not None else total
+                        if limit is not None:
+                            stop = min(stop, start + max(0, limit - used))
+                        if stop <= start:
+                            break
+                        rows = stop - start
+                        feeds = {}
+                        for spec in self.inputs:
+                            a = readers[spec.name].read(rows).astype(spec.dtype, copy=False)
+                            if static and rows < batch_size:
+                                pad = np.zeros((batch_size - rows,) + a.shape[1:], dtype=a.dtype)
+                                a = np.concatenate([a, pad])
+                            feeds[spec.name] = a
+                        valid = np.zeros(len(next(iter(feeds.values()))), dtype=bool)
+                        valid[:rows] = True
+                        yield Batch(feeds, valid, np.full(len(valid), idx))
+                        taken += rows
+                        total += rows
+                finally:
+                    for r in readers.values():
+                        r.close()
 
 
 def _fmt_dims(dims) -> str:
