@@ -9,6 +9,10 @@ is not labeled by task, each sample goes to the model whose head is the most con
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +20,7 @@ import onnx
 from onnx import helper
 
 from onnxzip.graph.layergraph import LayerGraph
-from onnxzip.stats.accumulate import CovarianceAccumulator, MomentAccumulator, as_samples
+from onnxzip.stats.accumulate import CovarianceAccumulator, SplitMoments, single_threaded_blas
 
 __all__ = ["PairStats", "collect_stats", "make_session", "fetch_model", "owner_masks"]
 
@@ -38,6 +42,50 @@ class PairStats:
     assigned: list[int]  # samples whose target statistics went to each model
     batches: int = 0
     owners: list = field(default_factory=list)  # per batch: [models, rows] bool, see owner_masks
+    activation_bytes: float = 0.0  # bytes of activations fetched per sample and model (sizing hint)
+    largest_activation_bytes: float = 0.0  # bytes per sample of the largest single activation
+    # layer index -> per model SplitMoments with parts (owned, level) (see subset_preact)
+    preact_parts: dict = field(default_factory=dict)
+
+    def subset_preact(self, step: int) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+        """Like ``preact``, over the rows whose index among the valid calibration rows (in
+        batch order) is a multiple of ``step`` (a power of two): the rows the statistics
+        correction measures on when it uses a subset, so targets and measurements match."""
+        if step <= 1 or not self.preact_parts:
+            return self.preact
+        level = int(step).bit_length() - 1
+        if (1 << level) != step or level > SUBSET_LEVELS:
+            raise ValueError(f"step {step} must be a power of two up to 2**{SUBSET_LEVELS}")
+        owned = [_part(True, lv) for lv in range(level, SUBSET_LEVELS + 1)]
+        rest = [_part(False, lv) for lv in range(level, SUBSET_LEVELS + 1)]
+        out = {}
+        for i, accs in self.preact_parts.items():
+            out[i] = []
+            for acc in accs:
+                mean, var, count = acc.moments(owned)
+                if count == 0:
+                    mean, var, _ = acc.moments(owned + rest)
+                out[i].append((mean, var))
+        return out
+
+
+# Row levels: the number of trailing zero bits of a row's index among the valid calibration rows
+# (capped). The rows whose index is a multiple of 2**j are the rows of level >= j.
+SUBSET_LEVELS = 20
+
+
+def _part(owned: bool, level: int) -> int:
+    return (0 if owned else SUBSET_LEVELS + 1) + level
+
+
+def row_levels(index: np.ndarray) -> np.ndarray:
+    """Trailing zero bits of each (non-negative) row index, capped at :data:`SUBSET_LEVELS`."""
+    index = np.asarray(index, dtype=np.int64)
+    out = np.full(index.shape, SUBSET_LEVELS, dtype=np.int64)
+    nz = index != 0
+    low = index[nz] & -index[nz]
+    out[nz] = np.minimum(np.round(np.log2(low)).astype(np.int64), SUBSET_LEVELS)
+    return out
 
 
 def fetch_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -52,10 +100,19 @@ def fetch_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return m
 
 
-def make_session(model: onnx.ModelProto, providers=None, optimize: bool = False):
+def make_session(model: onnx.ModelProto, providers=None, optimize: bool = False, arena: bool = True,
+                 threads: int | None = None):
+    """An onnxruntime session; ``arena=False`` returns memory to the system after each run
+    (an arena keeps a run's peak for the session's life); ``threads``: intra-op threads
+    (default: onnxruntime's, one per core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
+    if threads:
+        opts.intra_op_num_threads = threads
+    # no busy-waiting between runs: numpy works on the results in between, on the same cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     )
@@ -88,6 +145,25 @@ def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
     return (p / p.sum(axis=1, keepdims=True)).max(axis=1)
 
 
+# Both models' fetched activations for one run are kept under about this many bytes: a batch
+# whose activations would exceed it runs in sub-batches (models with a dynamic batch axis).
+FETCH_BUDGET_BYTES = 768 << 20
+
+
+def _static_batch(model: onnx.ModelProto) -> bool:
+    for i in model.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return True
+    return False
+
+
+def _sub_batch(batch, start: int, stop: int):
+    from onnxzip.data import Batch
+
+    return Batch({k: v[start:stop] for k, v in batch.feeds.items()}, batch.valid[start:stop], batch.task[start:stop])
+
+
 def collect_stats(
     graphs: list[LayerGraph],
     batches,
@@ -98,56 +174,231 @@ def collect_stats(
 
     ``graphs[k].layers[i]`` correspond across models, as do measurement points; the batches'
     feeds are keyed by the first model's input names and mapped by position to the others.
+    Each batch runs every model once (in sub-batches when its activations would not fit
+    :data:`FETCH_BUDGET_BYTES`); activations go straight into the accumulators.
     """
     n_models = len(graphs)
     base = graphs[0]
     points = [g.measure_points() for g in graphs]
     fetch = []
     for k, g in enumerate(graphs):
-        names = [p.tensor for p in points[k]] + [l.preact for l in g.layers]
+        names = list(dict.fromkeys([p.tensor for p in points[k]] + [l.preact for l in g.layers] + g.outputs[:1]))
         fetch.append(names)
-    sessions = [make_session(fetch_model(g.model, fetch[k] + g.outputs[:1]), providers) for k, g in enumerate(graphs)]
+    # the models run side by side, each on its share of the cores (no straggler waits inside an
+    # op while the accumulator threads hold a core)
+    threads = max(1, _worker_count(cap=64) // n_models)
+    sessions = [make_session(fetch_model(g.model, fetch[k]), providers, optimize=True, threads=threads)
+                for k, g in enumerate(graphs)]
+    static = any(_static_batch(g.model) for g in graphs)
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
         size = base.groups[p.gid].size
         group_acc.setdefault(p.gid, CovarianceAccumulator(n_models * size))
-    preact_acc = {i: [MomentAccumulator(l.out_channels) for _ in graphs] for i, l in enumerate(base.layers)}
-    # fallback when a model is assigned no samples at all: its statistics on all the data
-    preact_all = {i: [MomentAccumulator(l.out_channels) for _ in graphs] for i, l in enumerate(base.layers)}
+    # per layer and model: the samples it owns (its targets) and the rest (fallback: all samples),
+    # each split by row level (so the correction can take targets on its own subset of rows)
+    preact_acc = {i: [SplitMoments(l.out_channels, 2 * (SUBSET_LEVELS + 1)) for _ in graphs] for i, l in enumerate(base.layers)}
+    seen = 0  # valid rows so far
     samples, assigned, n_batches = 0, [0] * n_models, 0
-    owners = []
-    for batch in batches:
-        outs = []
-        for k, (g, sess) in enumerate(zip(graphs, sessions)):
-            feeds = {name: batch.feeds[base.inputs[j]] for j, name in enumerate(g.inputs)}
-            names = fetch[k] + g.outputs[:1]
-            outs.append(dict(zip(names, sess.run(names, feeds))))
-        valid = batch.valid.astype(np.float64)
-        owner = owner_masks(batch, [outs[k][g.outputs[0]] for k, g in enumerate(graphs)])
-        owners.append(owner)
-        for k in range(n_models):
-            assigned[k] += int((owner[k] & batch.valid).sum())
-        for j, p in enumerate(points[0]):
-            blocks = [as_samples(outs[k][points[k][j].tensor], points[k][j].axis) for k in range(n_models)]
-            group_acc[p.gid].update(np.concatenate(blocks, axis=-1), valid)
-        for i, layer in enumerate(base.layers):
-            for k, g in enumerate(graphs):
-                l = g.layers[i]
-                axis = _channel_axis(g, l)
-                w = valid * owner[k]
-                rows = as_samples(outs[k][l.preact], axis)
-                preact_acc[i][k].update(rows, w)
-                preact_all[i][k].update(rows, valid)
-        samples += int(batch.valid.sum())
-        n_batches += 1
-        if progress is not None:
-            progress(int(batch.valid.sum()))
+    owners: list[np.ndarray] = []
+    # one task per accumulator, each always on the same worker (so every accumulator sees its
+    # updates in order: the result does not depend on the number of workers)
+    tasks = _tasks(graphs, points, group_acc, preact_acc)
+    workers = _worker_count()
+    plan = None
+
+    sub_rows = None  # rows per run, from the first run's activation size
+    per_sample = 0.0
+    largest = 0.0
+    with single_threaded_blas(), _Pool(workers, depth=2) as pool, ThreadPoolExecutor(n_models) as runner:
+        for batch in batches:
+            n = len(batch.valid)
+            parts = []
+            start = 0
+            while start < n:
+                if static:
+                    stop = n
+                elif sub_rows is None:
+                    stop = min(n, 1)
+                else:
+                    stop = min(n, start + sub_rows)
+                sub = batch if (start, stop) == (0, n) else _sub_batch(batch, start, stop)
+                pool.reserve()
+                outs = list(runner.map(lambda k: _run(sessions[k], graphs[k], base, fetch[k], sub), range(n_models)))
+                used = sum(r.nbytes for o in outs for r in o.values())
+                rows = max(1, stop - start)
+                if not per_sample:
+                    per_sample = used / rows
+                    largest = max(r.nbytes for o in outs for r in o.values()) / rows
+                if sub_rows is None and not static:
+                    # two runs' activations are alive at once (one accumulating, one running)
+                    sub_rows = max(1, int(FETCH_BUDGET_BYTES // 2 // max(1.0, per_sample)))
+                owner = owner_masks(sub, [outs[k][g.outputs[0]] for k, g in enumerate(graphs)])
+                for k in range(n_models):
+                    assigned[k] += int((owner[k] & sub.valid).sum())
+                parts.append(owner)
+                level = np.full(len(sub.valid), -1, dtype=np.int64)
+                nvalid = int(sub.valid.sum())
+                level[sub.valid] = row_levels(np.arange(seen, seen + nvalid))
+                seen += nvalid
+                if plan is None:
+                    plan = _balance(tasks, outs, workers)
+                pool.submit([[(fn, outs, sub.valid, (owner, level)) for fn in plan[w]] for w in range(workers)])
+                del outs
+                start = stop
+            owners.append(np.concatenate(parts, axis=1))
+            samples += int(batch.valid.sum())
+            n_batches += 1
+            if progress is not None:
+                progress(int(batch.valid.sum()))
     groups = {gid: GroupStats(a.mean, a.covariance, a.count) for gid, a in group_acc.items()}
-    preact = {
-        i: [(a.mean, a.var) if a.count > 0 else (b.mean, b.var) for a, b in zip(accs, preact_all[i])]
-        for i, accs in preact_acc.items()
-    }
-    return PairStats(groups, preact, samples, assigned, n_batches, owners)
+    owned = [_part(True, lv) for lv in range(SUBSET_LEVELS + 1)]
+    rest = [_part(False, lv) for lv in range(SUBSET_LEVELS + 1)]
+    preact = {}
+    for i, accs in preact_acc.items():
+        preact[i] = []
+        for acc in accs:
+            mean, var, count = acc.moments(owned)
+            if count == 0:  # a model assigned no samples at all: its statistics on all the data
+                mean, var, _ = acc.moments(owned + rest)
+            preact[i].append((mean, var))
+    return PairStats(groups, preact, samples, assigned, n_batches, owners, per_sample / max(1, n_models), largest,
+                     preact_acc)
+
+
+def _run(sess, graph: LayerGraph, base: LayerGraph, names: list[str], batch) -> dict:
+    feeds = {name: batch.feeds[base.inputs[j]] for j, name in enumerate(graph.inputs)}
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def _worker_count(cap: int | None = None) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS if cap is None else cap))
+
+
+# Threads that accumulate statistics (each with a single-threaded BLAS), at most.
+MAX_WORKERS = 8
+
+
+def _tasks(graphs, points, group_acc, preact_acc) -> list:
+    """(cost function, update function) per accumulator."""
+    n_models = len(graphs)
+    tasks = []
+    by_group: dict[int, list[int]] = {}
+    for j, p in enumerate(points[0]):
+        by_group.setdefault(p.gid, []).append(j)
+    for gid, js in by_group.items():
+        acc = group_acc[gid]
+
+        def update(outs, valid, owner, acc=acc, js=js) -> None:
+            w = valid.astype(np.float64)
+            for j in js:
+                acc.update_blocks([(outs[k][points[k][j].tensor], points[k][j].axis) for k in range(n_models)], w)
+
+        def cost(outs, acc=acc, js=js) -> float:
+            return float(acc.dim) ** 2 * sum(outs[0][points[0][j].tensor].size / max(1, acc.dim // n_models) for j in js)
+
+        tasks.append((cost, update))
+    for i in range(len(graphs[0].layers)):
+        for k, g in enumerate(graphs):
+            layer = g.layers[i]
+            acc = preact_acc[i][k]
+            axis = _channel_axis(g, layer)
+
+            def update(outs, valid, owner_level, acc=acc, k=k, name=layer.preact, axis=axis) -> None:
+                owner, level = owner_level
+                masks = np.zeros((2 * (SUBSET_LEVELS + 1), len(valid)), dtype=bool)
+                rows = np.flatnonzero(valid)
+                own = owner[k][rows]
+                masks[np.where(own, 0, SUBSET_LEVELS + 1) + level[rows], rows] = True
+                acc.update(outs[k][name], axis, masks)
+
+            def cost(outs, k=k, name=layer.preact) -> float:
+                return 8.0 * outs[k][name].size
+
+            tasks.append((cost, update))
+    return tasks
+
+
+def _balance(tasks, outs, workers: int) -> list[list]:
+    """Tasks per worker: largest first, each to the least loaded worker."""
+    costs = [(c(outs), idx) for idx, (c, _) in enumerate(tasks)]
+    load = [0.0] * workers
+    plan: list[list] = [[] for _ in range(workers)]
+    for c, idx in sorted(costs, key=lambda t: (-t[0], t[1])):
+        w = min(range(workers), key=lambda x: load[x])
+        load[w] += c
+        plan[w].append(idx)
+    return [[tasks[idx][1] for idx in sorted(p)] for p in plan]
+
+
+class _Pool:
+    """Worker threads for the accumulators. Each submission is one run's activations and, per
+    worker, the updates it makes from them; at most ``depth`` runs are alive (reserved, queued or
+    being accumulated), so onnxruntime computes the next activations while numpy accumulates
+    the previous ones (both release the GIL)."""
+
+    _STOP = object()
+
+    def __init__(self, workers: int, depth: int = 2):
+        self.queues = [queue.Queue() for _ in range(workers)]
+        self.slots = threading.Semaphore(depth)
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.threads = [threading.Thread(target=self._loop, args=(q,), name=f"onnxzip-stats-{w}", daemon=True)
+                        for w, q in enumerate(self.queues)]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _loop(self, q: queue.Queue) -> None:
+        while True:
+            item = q.get()
+            if item is self._STOP:
+                return
+            jobs, pending = item
+            if self.error is None:
+                try:
+                    for fn, outs, valid, owner in jobs:
+                        fn(outs, valid, owner)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    self.error = e
+            del item, jobs
+            with self.lock:
+                pending[0] -= 1
+                done = pending[0] == 0
+            if done:
+                self.slots.release()
+
+    def reserve(self) -> None:
+        self.slots.acquire()
+        self._raise()
+
+    def submit(self, per_worker: list[list]) -> None:
+        busy = [w for w, jobs in enumerate(per_worker) if jobs]
+        if not busy:
+            self.slots.release()
+            return
+        pending = [len(busy)]
+        for w in busy:
+            self.queues[w].put((per_worker[w], pending))
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, exc_type, exc, tb):
+        for q in self.queues:
+            q.put(self._STOP)
+        for t in self.threads:
+            t.join()
+        if exc_type is None:
+            self._raise()
+        return False
 
 
 def _channel_axis(graph: LayerGraph, layer) -> int:
