@@ -2,29 +2,48 @@
 
 Merging averages features, which shrinks and shifts their distribution; exported models have
 BatchNorm folded into their weights, so it cannot simply be reset. For every zipped layer, in
-topological order (one pass over the calibration data per level of the layer graph), the merged
-model's per-channel pre-activation mean and std are measured on all calibration data and the
-layer's weights and bias are rescaled so they match the source models' statistics there,
-averaged through the merge matrix (each model's statistics from its own task's samples).
+topological order (one level of the layer graph at a time), the merged model's per-channel
+pre-activation mean and std are measured on calibration data and the layer's weights and bias
+are rescaled so they match the source models' statistics there, averaged through the merge
+matrix (each model's statistics from its own task's samples, on the same rows).
+
+Each level runs only the nodes between the activations earlier levels left behind and its own
+layers (see ``_Frontier``), so the whole correction costs about one forward pass of the merged
+model. Large calibration sets are measured on an evenly spread subset of rows (see
+:func:`repair`), which bounds the memory those kept activations take.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxzip.errors import InternalError
 from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
-from onnxzip.stats.accumulate import MomentAccumulator, as_samples
-from onnxzip.stats.collect import PairStats, fetch_model, make_session
+from onnxzip.stats.accumulate import SplitMoments
+from onnxzip.stats.collect import SUBSET_LEVELS, PairStats, make_session
 
-__all__ = ["RepairReport", "repair", "target_statistics", "correct_layer"]
+__all__ = ["RepairReport", "repair", "target_statistics", "correct_layer", "REPAIR_SAMPLES", "FRONTIER_BUDGET_BYTES"]
 
 _EPS = 1e-8
 _MAX_SCALE = 1e4
+
+# Calibration rows the statistics are measured on by default. The activations kept between
+# levels take about 3x the largest activation per row (measured in the statistics pass): when
+# that is under SMALL_FRONTIER_BYTES for all rows, all rows are used; else an evenly spread
+# subset of at most REPAIR_SAMPLES rows, fewer if they would not fit FRONTIER_BUDGET_BYTES.
+REPAIR_SAMPLES = 256
+SMALL_FRONTIER_BYTES = 128 << 20
+FRONTIER_BUDGET_BYTES = 1536 << 20
+MIN_REPAIR_SAMPLES = 32
+
+# Activations of one run of a level's sub-model are kept under about this many bytes (the rows
+# per run follow from the statistics pass's measured activation size).
+RUN_BUDGET_BYTES = 256 << 20
 
 
 @dataclass
@@ -75,8 +94,11 @@ def _scale_along(x: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
     return x * s.reshape(shape)
 
 
-def correct_layer(model: onnx.ModelProto, weights: _Weights, site: LayerSite, mean_now, std_now, mean_t, std_t) -> None:
-    """Rescale a layer so its pre-activation has mean ``mean_t`` and std ``std_t``."""
+def correct_layer(model: onnx.ModelProto, weights: _Weights, site: LayerSite, mean_now, std_now, mean_t, std_t):
+    """Rescale a layer so its pre-activation has mean ``mean_t`` and std ``std_t``.
+
+    Returns ``(s, offset)``: the new pre-activation is ``s * old + offset`` per channel.
+    """
     s = np.where(std_now > _EPS, std_t / np.maximum(std_now, _EPS), 1.0)
     s = np.clip(s, 0.0, _MAX_SCALE)
     offset = mean_t - s * mean_now
@@ -90,14 +112,14 @@ def correct_layer(model: onnx.ModelProto, weights: _Weights, site: LayerSite, me
     if site.bias is not None:
         b = weights.get(site.bias)
         weights.set(site.bias, (b.astype(np.float64) * s + offset).astype(b.dtype))
-        return
+        return s, offset
     if site.chain:
         _, init, axis, sign = site.chain[0]
         c = weights.get(init)
         shape = [1] * c.ndim
         shape[axis] = -1
         weights.set(init, (c.astype(np.float64) + sign * offset.reshape(shape)).astype(c.dtype))
-        return
+        return s, offset
     node = next(n for n in model.graph.node if n.name == site.node)
     name = site.weight + "_repair_bias"
     if node.op_type in ("Conv", "Gemm"):
@@ -115,100 +137,430 @@ def correct_layer(model: onnx.ModelProto, weights: _Weights, site: LayerSite, me
     site.bias = name if node.op_type in ("Conv", "Gemm") else None
     if site.bias is None:
         site.chain = [(site.node + "/repair_bias", name, 0, 1.0)]
+    return s, offset
 
 
-def _only_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that computes only ``names`` (so a pass runs just what it needs)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.output[:]
-    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    needed = set(names)
-    keep = []
-    for n in reversed(list(m.graph.node)):
-        if any(o in needed for o in n.output):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    del m.graph.node[:]
-    m.graph.node.extend(reversed(keep))
-    inits = [t for t in m.graph.initializer if t.name in needed]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(inits)
-    return m
+# ---------------------------------------------------------------------------------------------
+# Calibration rows the correction runs on, and the activations it keeps between levels.
+#
+# A level's pass used to run the merged model from its inputs up to that level's layers, over
+# all calibration data: about (levels / 2) full forward passes in all. Here each level runs only
+# the nodes between what earlier levels left behind (the "frontier": the tensors that nodes not
+# yet run still read) and its own layers' pre-activations. After a layer is corrected its
+# pre-activation is updated in place (the correction is a per-channel affine map of it), so no
+# node runs twice: the whole correction costs about one forward pass of the merged model over
+# the rows it uses. Those rows are a fixed, evenly spread subset of the calibration data (at most
+# ``max_samples``), so memory is bounded by the frontier of that subset, whatever the size of
+# the calibration set.
+# ---------------------------------------------------------------------------------------------
 
 
-def _measure(model: onnx.ModelProto, sites: list[LayerSite], batches, providers, owners=None) -> dict:
-    names = list(dict.fromkeys(s.preact for s in sites))
-    sess = make_session(_only_outputs(model, names), providers)
-    accs = {s.preact: None for s in sites}
-    inputs = [i.name for i in sess.get_inputs()]
+@dataclass
+class _Chunk:
+    valid: np.ndarray  # bool per row (False: padding)
+    owner: np.ndarray | None  # [models, rows] bool, which model's targets each row informs
+
+
+def _static_batch(model: onnx.ModelProto) -> bool:
+    for i in model.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return True
+    return False
+
+
+def default_repair_samples(stats: PairStats) -> int:
+    """How many rows the correction measures on by default (0: all); see REPAIR_SAMPLES."""
+    per_row = 3 * getattr(stats, "largest_activation_bytes", 0.0)
+    if not per_row:
+        return REPAIR_SAMPLES
+    if stats.samples * per_row <= SMALL_FRONTIER_BYTES:
+        return 0
+    return min(REPAIR_SAMPLES, max(MIN_REPAIR_SAMPLES, int(FRONTIER_BUDGET_BYTES // per_row)))
+
+
+def subset_step(total: int, limit: int | None) -> int:
+    """The smallest power of two ``k`` such that every k-th row gives at most ``limit`` rows."""
+    step = 1
+    if limit is None:
+        return step
+    while -(-total // step) > limit and step < (1 << SUBSET_LEVELS):
+        step *= 2
+    return step
+
+
+def _subset(batches, owners, step: int, static: bool, max_chunk: int | None = None) -> tuple[list[_Chunk], dict, int]:
+    """The valid calibration rows whose index (among valid rows, in batch order) is a multiple of
+    ``step``, in chunks of the batch size (at most ``max_chunk`` rows when the batch axis is dynamic).
+
+    Returns the chunks, the feeds (input name -> list of arrays, one per chunk) and the number of rows.
+    """
+    chunks: list[_Chunk] = []
+    feeds: dict[str, list] = {}
+    pend: dict[str, list] = {}
+    pend_owner: list = []
+    pend_n = 0
+    size = None
+    seen = taken = 0
+    have_owner = True
+
+    def emit(n: int) -> None:
+        nonlocal pend_n
+        cat = {k: np.concatenate(v) for k, v in pend.items()}
+        own = np.concatenate(pend_owner, axis=1) if have_owner and pend_owner else None
+        rows = min(n, pend_n)
+        valid = np.zeros(n if static else rows, dtype=bool)
+        valid[:rows] = True
+        for k, v in cat.items():
+            part = v[:rows]
+            if static and rows < n:
+                part = np.concatenate([part, np.zeros((n - rows,) + part.shape[1:], dtype=part.dtype)])
+            feeds.setdefault(k, []).append(np.ascontiguousarray(part))
+            pend[k] = [v[rows:]]
+        o = None
+        if own is not None:
+            o = np.zeros((own.shape[0], len(valid)), dtype=bool)
+            o[:, :rows] = own[:, :rows]
+            pend_owner[:] = [own[:, rows:]]
+        chunks.append(_Chunk(valid, o))
+        pend_n -= rows
+
     for b, batch in enumerate(batches()):
-        feeds = {n: batch.feeds[n] for n in inputs}
-        outs = dict(zip(names, sess.run(names, feeds)))
-        owned = owners[b] if owners is not None else None
-        for s in sites:
-            rows = as_samples(outs[s.preact], s.channel_axis)
-            if accs[s.preact] is None:
-                accs[s.preact] = MomentAccumulator(rows.shape[-1])
-            w = batch.valid.astype(np.float64)
-            if owned is not None and s.model >= 0:
-                w = w * owned[s.model]
-            accs[s.preact].update(rows, w)
-    return accs
+        if size is None:
+            size = len(batch.valid)
+            if max_chunk is not None and not static:
+                size = max(1, min(size, max_chunk))
+        idx = np.flatnonzero(batch.valid)
+        pos = seen + np.arange(len(idx))
+        seen += len(idx)
+        sel = idx[pos % step == 0]
+        if len(sel):
+            for k, v in batch.feeds.items():
+                pend.setdefault(k, []).append(np.asarray(v)[sel])
+            if owners is not None and b < len(owners):
+                pend_owner.append(np.asarray(owners[b])[:, sel])
+            else:
+                have_owner = False
+            taken += len(sel)
+            pend_n += len(sel)
+            while pend_n >= size:
+                emit(size)
+    if pend_n > 0:
+        emit(size)
+    return chunks, feeds, taken
+
+
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs, including the outer-scope names its subgraphs (If, Loop, Scan) read."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        for g in graphs:
+            inner = {t.name for t in g.initializer} | {i.name for i in g.input}
+            for n in g.node:
+                for i in _node_inputs(n):
+                    if i not in inner:
+                        names.append(i)
+                inner.update(n.output)
+    return names
+
+
+_NP_TO_ONNX = {np.dtype(k): v for k, v in {
+    np.float32: onnx.TensorProto.FLOAT, np.float64: onnx.TensorProto.DOUBLE, np.float16: onnx.TensorProto.FLOAT16,
+    np.int64: onnx.TensorProto.INT64, np.int32: onnx.TensorProto.INT32, np.int8: onnx.TensorProto.INT8,
+    np.uint8: onnx.TensorProto.UINT8, np.bool_: onnx.TensorProto.BOOL,
+}.items()}
+
+
+@dataclass
+class _Plan:
+    targets: list[str]
+    closure: list  # NodeProtos to run, in graph order
+    fetch: list[str]  # tensors the sub-model returns
+    inputs: list[str]  # cached tensors it reads
+    post: set  # nodes whose outputs stay valid after this level's corrections (before restoring)
+    free: list = field(default_factory=list)  # kept tensors nothing reads after this level
+
+
+class _Frontier:
+    """The activations of the repair rows that nodes not yet run still need, kept between levels."""
+
+    def __init__(self, model: onnx.ModelProto, weights: _Weights, chunks: list[_Chunk], feeds: dict, providers):
+        self.model = model
+        self.weights = weights
+        self.chunks = chunks
+        self.providers = providers
+        self.values: dict[str, list] = {i.name: feeds[i.name] for i in model.graph.input if i.name in feeds}
+        self.done: set[str] = set()
+
+    def _maps(self):
+        producer, consumers = {}, {}
+        for n in self.model.graph.node:
+            for o in n.output:
+                if o:
+                    producer[o] = n
+            for i in _node_inputs(n):
+                consumers.setdefault(i, set()).add(n.name)
+        return producer, consumers
+
+    def plan(self, targets: list[str], changed: set[str], restored: dict[str, set[str]]) -> _Plan:
+        """What to run to measure ``targets``.
+
+        ``changed``: nodes whose weights this level will edit; ``restored``: preact -> the nodes
+        that compute it from their inputs, for the layers whose corrected pre-activation is
+        updated in place (so their nodes stay valid).
+        """
+        producer, consumers = self._maps()
+        inits = self.weights.index
+        closure: set[str] = set()
+        stack = list(targets)
+        while stack:
+            t = stack.pop()
+            if not t or t in self.values or t in inits:
+                continue
+            n = producer.get(t)
+            if n is None:
+                raise InternalError(f"repair: no node computes '{t}'")
+            if n.name in closure:
+                continue
+            closure.add(n.name)
+            stack.extend(_node_inputs(n))
+        computed = self.done | closure
+        keep = set().union(*restored.values()) if restored else set()
+        stale: set[str] = set()
+        frontier = [n for n in changed if n not in keep]
+        stale.update(frontier)
+        seeds = [o for n in self.model.graph.node if n.name in stale for o in n.output]
+        seeds += list(restored)
+        seen = set()
+        while seeds:
+            t = seeds.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for c in consumers.get(t, ()):
+                if c not in stale:
+                    stale.add(c)
+                    seeds.extend(o for o in self._outputs(c))
+        stale &= computed
+        post = computed - stale
+        nodes = [n for n in self.model.graph.node if n.name in closure]
+        produced = {o for n in nodes for o in n.output if o}
+        fetch = [t for t in targets if t in produced]
+        for n in nodes:
+            if n.name not in post:
+                continue
+            for o in n.output:
+                if o and o not in fetch and not consumers.get(o, set()) <= post:
+                    fetch.append(o)
+        inputs = []
+        for n in nodes:
+            for i in _node_inputs(n):
+                if i and i not in produced and i not in inits and i not in inputs:
+                    inputs.append(i)
+        missing = [i for i in inputs if i not in self.values]
+        if missing:
+            raise InternalError(f"repair: tensors {missing} are neither kept nor computable")
+        free = [i for i in inputs if i not in targets and consumers.get(i, set()) <= post]
+        return _Plan(list(targets), nodes, fetch, inputs, post, free)
+
+    def _outputs(self, name: str) -> list[str]:
+        for n in self.model.graph.node:
+            if n.name == name:
+                return [o for o in n.output if o]
+        return []
+
+    def _session(self, plan: _Plan):
+        graph_inputs = []
+        for i in plan.inputs:
+            v = self.values[i][0]
+            graph_inputs.append(helper.make_tensor_value_info(i, _NP_TO_ONNX[v.dtype], [None] + list(v.shape[1:])))
+        names = {i for n in plan.closure for i in _node_inputs(n)}
+        inits = [self.model.graph.initializer[self.weights.index[n]] for n in names if n in self.weights.index]
+        graph = helper.make_graph(plan.closure, "repair_level", graph_inputs,
+                                  [helper.make_empty_tensor_value_info(o) for o in plan.fetch], initializer=inits)
+        sub = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        return make_session(sub, self.providers, optimize=True, arena=False)
+
+    def execute(self, plan: _Plan, on_chunk) -> dict[str, list]:
+        """Run the plan on every chunk; ``on_chunk(chunk, values)`` sees the targets' values."""
+        sess = self._session(plan) if plan.closure else None
+        fetched: dict[str, list] = {o: [] for o in plan.fetch}
+        for c, chunk in enumerate(self.chunks):
+            outs = {}
+            if sess is not None:
+                res = sess.run(plan.fetch, {i: self.values[i][c] for i in plan.inputs})
+                outs = dict(zip(plan.fetch, res))
+                for o in plan.fetch:
+                    fetched[o].append(outs[o])
+            on_chunk(chunk, {t: outs[t] if t in outs else self.values[t][c] for t in plan.targets})
+            for i in plan.free:  # release each chunk as soon as it is used: old and new frontier overlap by one chunk
+                self.values[i][c] = None
+        return fetched
+
+    def commit(self, plan: _Plan, fetched: dict[str, list], restored: dict[str, tuple]) -> None:
+        """Keep what later levels need, with each restored pre-activation mapped to ``s * z + offset``."""
+        done = set(plan.post)
+        merged = {**self.values, **fetched}
+        for preact, (nodes, s, offset, axis) in restored.items():
+            done.update(nodes)
+            if s is not None and preact in merged:
+                merged[preact] = [_affine(v, s, offset, axis) for v in merged[preact]]
+        _, consumers = self._maps()
+        producer_names = {o: n.name for n in self.model.graph.node for o in n.output if o}
+        values = {}
+        for name, vals in merged.items():
+            p = producer_names.get(name)
+            if p is not None and p not in done:
+                continue  # stale
+            if consumers.get(name, set()) <= done:
+                continue  # nothing left reads it
+            values[name] = vals
+        self.values = values
+        self.done = done
+
+
+def _affine(v: np.ndarray, s: np.ndarray, offset: np.ndarray, axis: int) -> np.ndarray:
+    """``s * v + offset`` along ``axis``, in place when ``v`` is writable."""
+    shape = [1] * v.ndim
+    shape[axis] = -1
+    if not v.flags.writeable:
+        v = v.copy()
+    v *= s.astype(v.dtype).reshape(shape)
+    v += offset.astype(v.dtype).reshape(shape)
+    return v
+
+
+def _site_nodes(site: LayerSite) -> set[str]:
+    return {site.node} | {c[0] for c in site.chain}
+
+
+def _restorable(model: onnx.ModelProto, weights: _Weights, site: LayerSite, shared: set[str]) -> bool:
+    """Whether correcting ``site`` maps its pre-activation exactly to ``s * z + offset``."""
+    if site.preact in shared:
+        return False
+    nodes = _site_nodes(site)
+    by_name = {n.name: n for n in model.graph.node if n.name in nodes}
+    if len(by_name) != len(nodes) or not any(site.preact in n.output for n in by_name.values()):
+        return False
+    for _, init, axis, _sign in site.chain:
+        if init not in weights.index:
+            return False
+        dims = weights.model.graph.initializer[weights.index[init]].dims
+        if len(dims) == 0 or axis >= len(dims) or dims[axis] == 1:
+            return False
+    inner = {o for n in by_name.values() for o in n.output if o and o != site.preact}
+    for n in model.graph.node:
+        if n.name in nodes:
+            continue
+        if inner & set(_node_inputs(n)):
+            return False
+    return True
 
 
 def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, stats: PairStats, batches,
-           providers=None, heads: bool = True, progress=None) -> RepairReport:
+           providers=None, heads: bool = True, progress=None, max_samples: int | None = None) -> RepairReport:
     """Correct the zipped model in place; ``batches()`` yields calibration batches afresh.
 
     With ``heads``, layers inside each task's branch are corrected too, toward their own
     model's statistics on its own task's samples (a branch reads merged features through its
     unmerge, whose statistics are the cluster's average, not its model's own). Layers that
     write a task's outputs (logits) are left as they are.
+
+    The merged model's statistics are measured on an evenly spread subset of at most
+    ``max_samples`` calibration rows (``0`` or a negative value: all rows): every k-th valid
+    row, k the smallest power of two that gives at most that many. By default
+    (:func:`default_repair_samples`) all rows when their activations are small, else
+    :data:`REPAIR_SAMPLES`, fewer for models whose activations would not fit
+    :data:`FRONTIER_BUDGET_BYTES`. The targets (the source models' statistics) are taken on
+    the same rows (``stats.subset_preact``), so a model zipped with itself is left unchanged.
     """
+    if max_samples is None:
+        max_samples = default_repair_samples(stats)
+    limit = None if max_samples <= 0 else int(max_samples)
     weights = _Weights(model)
-    owners = stats.owners
     norms = list(layout.norm_sites)
     sites = [
         s for s in layout.sites
         if s.model == -1 or (heads and not graphs[s.model].groups[graphs[s.model].layers[s.index].out_space.gid].output)
     ]
     levels = sorted({(s.model >= 0, float(s.number)) for s in sites} | {(False, n.level) for n in norms})
+    if not levels:
+        return RepairReport(layers=0, passes=0, samples=0)
+    per_run = None
+    if getattr(stats, "activation_bytes", 0):
+        per_run = max(1, int(RUN_BUDGET_BYTES // stats.activation_bytes))
+    step = subset_step(stats.samples, limit)
+    if step > 1 and not getattr(stats, "preact_parts", None):
+        step = 1  # no per-subset targets to compare with: measure on all rows
+    chunks, feeds, rows = _subset(batches, stats.owners, step, _static_batch(model), per_run)
+    # targets on the same rows as the measurements: identical models get identical statistics
+    stats = replace(stats, preact=stats.subset_preact(step)) if step > 1 else stats
+    frontier = _Frontier(model, weights, chunks, feeds, providers)
     passes = 0
     for level in levels:
         resets = [n for n in norms if not level[0] and n.level == level[1]]
         if resets:
-            _reset_norms(model, weights, resets, batches, providers)
+            _reset_norms_on(frontier, weights, resets)
+            passes += 1
         group = [s for s in sites if (s.model >= 0, float(s.number)) == level]
         if not group:
-            passes += bool(resets)
             continue
-        accs = _measure(model, group, batches, providers, owners if level[0] else None)
-        passes += 1
+        owned = level[0]
+        preacts = list(dict.fromkeys(s.preact for s in group))
+        counts = {}
         for s in group:
-            acc = accs[s.preact]
-            if acc is None or acc.count == 0:
-                continue
-            mean_t, std_t = target_statistics(s, graphs, merges, stats)
-            correct_layer(model, weights, s, acc.mean, np.sqrt(acc.var), mean_t, std_t)
+            counts[s.preact] = counts.get(s.preact, 0) + 1
+        shared = {p for p, c in counts.items() if c > 1}
+        restorable = {s.preact: s for s in group if _restorable(model, weights, s, shared)}
+        changed = set().union(*(_site_nodes(s) for s in group))
+        plan = frontier.plan(preacts, changed, {p: _site_nodes(s) for p, s in restorable.items()})
+        accs: dict[tuple, SplitMoments] = {}
+
+        def measure(chunk: _Chunk, values: dict, group=group, owned=owned, accs=accs) -> None:
+            for s in group:
+                mask = chunk.valid
+                if owned and s.model >= 0 and chunk.owner is not None:
+                    mask = mask & chunk.owner[s.model]
+                key = (s.preact, s.model if owned else -1)
+                x = values[s.preact]
+                if key not in accs:
+                    accs[key] = SplitMoments(x.shape[s.channel_axis], 1)
+                accs[key].update(x, s.channel_axis, mask[None])
+
+        fetched = frontier.execute(plan, measure)
+        passes += 1
+        restored = {}
+        for s in group:
+            acc = accs.get((s.preact, s.model if owned else -1))
+            sv = None
+            if acc is not None and acc.count[0] > 0:
+                mean_now, var_now, _ = acc.moments([0])
+                mean_t, std_t = target_statistics(s, graphs, merges, stats)
+                sv, off = correct_layer(model, weights, s, mean_now, np.sqrt(var_now), mean_t, std_t)
+            if s.preact in restorable:
+                restored[s.preact] = (_site_nodes(s), sv, None if sv is None else off, s.channel_axis)
+        frontier.commit(plan, fetched, restored)
         if progress is not None:
             progress(1)
-    return RepairReport(layers=len(sites) + len(norms), passes=passes, samples=stats.samples)
+    return RepairReport(layers=len(sites) + len(norms), passes=passes, samples=rows)
 
 
-def _reset_norms(model, weights: _Weights, norms, batches, providers) -> None:
+def _reset_norms_on(frontier: _Frontier, weights: _Weights, norms) -> None:
     """BatchNormalization reset: running mean and variance measured on the merged model (the paper)."""
     names = list(dict.fromkeys(n.input for n in norms))
-    sess = make_session(_only_outputs(model, names), providers)
-    inputs = [i.name for i in sess.get_inputs()]
-    accs = {}
-    for batch in batches():
-        outs = dict(zip(names, sess.run(names, {n: batch.feeds[n] for n in inputs})))
-        for name, value in outs.items():
-            rows = as_samples(value, 1)
-            accs.setdefault(name, MomentAccumulator(rows.shape[-1])).update(rows, batch.valid.astype(np.float64))
+    plan = frontier.plan(names, {n.node for n in norms}, {})
+    accs: dict[str, SplitMoments] = {}
+
+    def measure(chunk: _Chunk, values: dict) -> None:
+        for name in names:
+            x = values[name]
+            accs.setdefault(name, SplitMoments(x.shape[1], 1)).update(x, 1, chunk.valid[None])
+
+    fetched = frontier.execute(plan, measure)
     for n in norms:
-        acc = accs[n.input]
+        acc_mean, acc_var, _ = accs[n.input].moments([0])
         mean, var = weights.get(n.mean), weights.get(n.var)
-        weights.set(n.mean, acc.mean.astype(mean.dtype).reshape(mean.shape))
-        weights.set(n.var, acc.var.astype(var.dtype).reshape(var.shape))
+        weights.set(n.mean, acc_mean.astype(mean.dtype).reshape(mean.shape))
+        weights.set(n.var, acc_var.astype(var.dtype).reshape(var.shape))
+    frontier.commit(plan, fetched, {})
