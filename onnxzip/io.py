@@ -185,6 +185,8 @@ class _TempModel:
         self.path = os.path.join(self.dir, "model.onnx")
         onnx.save_model(model, self.path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
+        # saving moved the tensors' bytes out of the caller's proto: put them back
+        onnx.external_data_helper.load_external_data_for_model(model, self.dir)
 
     def __del__(self):
         import shutil

@@ -117,7 +117,12 @@ def make_session(model: onnx.ModelProto, providers=None, optimize: bool = False,
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     )
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers or ["CPUExecutionProvider"])
+    from onnxzip.io import session_source
+
+    source, holder = session_source(model)  # above the protobuf limit: a temporary external-data copy
+    sess = ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
+    sess._onnxzip_keep = holder  # the copy lives as long as the session
+    return sess
 
 
 # Confidences closer than this are a tie: the sample informs both models (identical models
