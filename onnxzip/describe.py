@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from onnxzip.errors import OnnxZipError
-from onnxzip.graph.compare import canonical_weight_shape, first_difference, space_signature
+from onnxzip.graph.compare import canonical_weight_shape, first_difference, format_signature, space_signature
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.graph.spaces import leaves
 from onnxzip.normalize import opset_of
@@ -12,18 +12,7 @@ __all__ = ["inspect", "check", "graph_summary"]
 
 
 def _space_text(space) -> str:
-    sig = space_signature(space)
-
-    def fmt(s):
-        if s[0] == "group":
-            return f"g{s[1]}"
-        if s[0] == "concat":
-            return "concat(" + ", ".join(fmt(x) for x in s[1:]) + ")"
-        if s[0] == "expand":
-            return f"flatten(g{s[3][1] if s[3][0] == 'group' else '?'} x{s[1] * s[2]})"
-        return s[0]
-
-    return fmt(sig)
+    return format_signature(space_signature(space), group="g")
 
 
 def graph_summary(graph: LayerGraph) -> dict:

@@ -56,14 +56,18 @@ def _describe(layer: Layer) -> str:
     return f"{layer.node} ({layer.describe()}, reads {_fmt(ins)}, writes {_fmt(outs)})"
 
 
-def _fmt(sig) -> str:
+def format_signature(sig, group: str = "group ") -> str:
+    """A space signature in words: ``group 3``, ``concat(group 1, group 2)``, ``flatten(group 4 x16)``."""
     if sig[0] == "group":
-        return f"group {sig[1]}"
+        return f"{group}{sig[1]}"
     if sig[0] == "concat":
-        return "concat(" + ", ".join(_fmt(s) for s in sig[1:]) + ")"
+        return "concat(" + ", ".join(format_signature(s, group) for s in sig[1:]) + ")"
     if sig[0] == "expand":
-        return f"flatten({_fmt(sig[3])} x{sig[1] * sig[2]})"
+        return f"flatten({format_signature(sig[3], group)} x{sig[1] * sig[2]})"
     return sig[0]
+
+
+_fmt = format_signature
 
 
 # ------------------------------------------------------------------------------------------------

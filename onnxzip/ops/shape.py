@@ -19,6 +19,22 @@ def _nonfeature(ctx, node):
     return [kind for _ in node.output]
 
 
+def on_features(fn):
+    """Handler decorator: a node whose first input carries no features passes its kind through;
+    otherwise ``fn(ctx, node, x, space)`` with ``x`` the first input and ``space`` its features."""
+
+    def handler(ctx, node):
+        x = node.input[0]
+        space = ctx.space(x)
+        if not ctx.is_feature(space):
+            return _nonfeature(ctx, node)
+        return fn(ctx, node, x, space)
+
+    handler.__name__ = fn.__name__
+    handler.__doc__ = fn.__doc__
+    return handler
+
+
 def _moved(ctx, node, space, axis):
     out = node.output[0]
     if isinstance(space, GroupSpace):
@@ -49,11 +65,8 @@ def map_axis(in_shape, out_shape, axis):
 
 
 @register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
-def reshape(ctx, node):
-    x = node.input[0]
-    space = ctx.space(x)
-    if not ctx.is_feature(space):
-        return _nonfeature(ctx, node)
+@on_features
+def reshape(ctx, node, x, space):
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     axis = ctx.feature_axis(x)
     if isinstance(space, HeadSpace):
@@ -81,11 +94,8 @@ def reshape(ctx, node):
 
 
 @register("Transpose")
-def transpose(ctx, node):
-    x = node.input[0]
-    space = ctx.space(x)
-    if not ctx.is_feature(space):
-        return _nonfeature(ctx, node)
+@on_features
+def transpose(ctx, node, x, space):
     rank = ctx.rank(x)
     perm = list(ctx.attr(node, "perm", list(range(rank))[::-1]))
     if isinstance(space, (HeadSpace, HeadsOnly)):
@@ -151,10 +161,10 @@ def _broadcast_param(ctx, name, axis, rank, space) -> bool:
 
 
 def _passthrough(ctx, node, need_axis=None):
-    x = node.input[0]
-    space = ctx.space(x)
-    if not ctx.is_feature(space):
-        return _nonfeature(ctx, node)
+    return on_features(lambda c, n, x, space: _pass_on(c, n, x, space, need_axis))(ctx, node)
+
+
+def _pass_on(ctx, node, x, space, need_axis):
     axis = ctx.feature_axis(x)
     if need_axis is not None and axis != need_axis:
         return ctx.unsupported_op(node, f"{node.op_type} expects channels on axis {need_axis}")
@@ -186,11 +196,8 @@ _SYMMETRIC = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "
 
 
 @register("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "ReduceSumSquare")
-def reduce(ctx, node):
-    x = node.input[0]
-    space = ctx.space(x)
-    if not ctx.is_feature(space):
-        return _nonfeature(ctx, node)
+@on_features
+def reduce(ctx, node, x, space):
     rank = ctx.rank(x)
     axes = _axes(ctx, node, rank)
     if axes is None or len(axes) == 0:
@@ -213,11 +220,8 @@ def reduce(ctx, node):
 
 
 @register("Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "ArgMax", "ArgMin", "TopK", "CumSum")
-def channel_mixing(ctx, node):
-    x = node.input[0]
-    space = ctx.space(x)
-    if not ctx.is_feature(space):
-        return _nonfeature(ctx, node)
+@on_features
+def channel_mixing(ctx, node, x, space):
     rank = ctx.rank(x)
     axis = ctx.attr(node, "axis", -1 if node.op_type in ("Softmax", "LogSoftmax", "Hardmax", "LpNormalization") else 0)
     if node.op_type == "CumSum":
@@ -234,11 +238,8 @@ def channel_mixing(ctx, node):
 
 
 @register("Pad")
-def pad(ctx, node):
-    x = node.input[0]
-    space = ctx.space(x)
-    if not ctx.is_feature(space):
-        return _nonfeature(ctx, node)
+@on_features
+def pad(ctx, node, x, space):
     rank = ctx.rank(x)
     pads = ctx.attr(node, "pads", None)
     if pads is None:
@@ -255,11 +256,8 @@ def pad(ctx, node):
 
 
 @register("Slice")
-def slice_(ctx, node):
-    x = node.input[0]
-    space = ctx.space(x)
-    if not ctx.is_feature(space):
-        return _nonfeature(ctx, node)
+@on_features
+def slice_(ctx, node, x, space):
     axis = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
         return ctx.unsupported_op(node, "slices the channel axis")
@@ -267,11 +265,8 @@ def slice_(ctx, node):
 
 
 @register("Split")
-def split(ctx, node):
-    x = node.input[0]
-    space = ctx.space(x)
-    if not ctx.is_feature(space):
-        return _nonfeature(ctx, node)
+@on_features
+def split(ctx, node, x, space):
     rank = ctx.rank(x)
     axis = ctx.attr(node, "axis", 0) % rank
     ch = ctx.feature_axis(x)
@@ -304,11 +299,8 @@ def gather(ctx, node):
 
 
 @register("Tile")
-def tile(ctx, node):
-    x = node.input[0]
-    space = ctx.space(x)
-    if not ctx.is_feature(space):
-        return _nonfeature(ctx, node)
+@on_features
+def tile(ctx, node, x, space):
     ch = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[ch] != ctx.shape(x)[ch]:
         return ctx.unsupported_op(node, "tiles the channel axis")
