@@ -61,6 +61,26 @@ class Merges(dict):
         raise TypeError(f"no unmerge for {space!r}")
 
 
+# Weight of the tie-break below: far under the differences that decide real matches.
+TIE_BREAK = 1e-4
+
+
+def similarity(group_stats) -> np.ndarray:
+    """The matchers' similarity: the correlation of the features (paper Sec. 4.3), with ties
+    broken towards features of similar mean and spread.
+
+    Features that are perfectly correlated (or constant) cannot be told apart by correlation, yet
+    merging two of them with different means changes the model; ``TIE_BREAK`` times the relative
+    distance of (mean, std) separates them without moving any match that correlation decides.
+    """
+    corr = correlation_from_covariance(group_stats.covariance)
+    mean = np.asarray(group_stats.mean, dtype=np.float64)
+    std = np.sqrt(np.maximum(np.diagonal(group_stats.covariance), 0.0))
+    scale = max(float(np.abs(mean).max(initial=0.0)), float(std.max(initial=0.0)), 1e-30)
+    dist = (np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])) / scale
+    return corr - TIE_BREAK * dist
+
+
 def fixed_merge(size: int, n_models: int) -> GroupMerge:
     eye = np.eye(size)
     return GroupMerge(np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models), fixed=True)
@@ -92,7 +112,7 @@ def head_merges(groups: list, stats: PairStats, method: str, params: dict) -> di
     q and k of a head share one group, v and the output projection another (the builder ties them).
     """
     heads = groups[0].heads
-    corrs = {g.gid: correlation_from_covariance(stats.groups[g.gid].covariance) for g in groups if g.gid in stats.groups}
+    corrs = {g.gid: similarity(stats.groups[g.gid]) for g in groups if g.gid in stats.groups}
     pairing = np.arange(heads) if method == "average" or not corrs else _head_pairing(list(corrs.values()), heads)
     out = {}
     for g in groups:
@@ -129,7 +149,6 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
         if group.output or gid not in stats.groups:
             merges[gid] = fixed_merge(group.size, n_models)
             continue
-        corr = correlation_from_covariance(stats.groups[gid].covariance)
-        m, u = match(corr, method=method, **params)
+        m, u = match(similarity(stats.groups[gid]), method=method, **params)
         merges[gid] = GroupMerge(np.asarray(m, dtype=np.float64), np.asarray(u, dtype=np.float64))
     return merges
