@@ -337,7 +337,11 @@ def validate(model: onnx.ModelProto, pair: PreparedPair) -> None:
     sess = make_session(model, pair.providers)
     batch = next(pair.batches())
     names = [o.name for o in sess.get_outputs()]
-    outs = sess.run(names, {i.name: batch.feeds[i.name] for i in sess.get_inputs()})
+    feeds = {}
+    for i in sess.get_inputs():
+        static = isinstance(i.shape[0], int) if i.shape else True
+        feeds[i.name] = batch.feeds[i.name] if static else batch.feeds[i.name][:8]  # a few rows suffice
+    outs = sess.run(names, feeds)
     for n, o in zip(names, outs):
         if np.issubdtype(o.dtype, np.floating) and not np.isfinite(o).all():
             raise InternalError(f"the zipped model's output '{n}' is not finite on calibration data")
