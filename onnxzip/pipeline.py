@@ -258,7 +258,7 @@ def resolve_stop_at(stop_at, num_layers: int) -> int:
 
 def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None = None, stop_at=None,
                  tasks: list[str] | None = None, do_repair: bool = True, repair_heads: bool = True,
-                 progress=None) -> ZipResult:
+                 progress=None, repair_samples: int | None = None) -> ZipResult:
     """One zip candidate from prepared statistics: match, rewrite, split, repair, validate."""
     params = validate_params(get_matcher(method).name, dict(params or {}))
     graphs = pair.graphs
@@ -283,7 +283,7 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
             progress.start("repair", None)
             advance = progress.advance
         report = repair(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
-                        heads=repair_heads, progress=advance)
+                        heads=repair_heads, progress=advance, max_samples=repair_samples)
         timings["repair"] = time.perf_counter() - t
     t = time.perf_counter()
     _set_metadata(model, pair, method, params, depth, m, tasks)
@@ -352,7 +352,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                repair_heads: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
-               log=None, input_layout: str | None = None) -> ZipResult:
+               log=None, input_layout: str | None = None, repair_samples: int | None = None) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
     Args:
@@ -372,6 +372,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         search: "coordinate" or "grid" over the paper's alpha/beta grid.
         select_by: "fidelity" (no labels) or "accuracy" (needs ``select_data``: {task: npz with labels}).
         log: called with each candidate as it is scored.
+        repair_samples: calibration rows the repair measures (None: all when they fit, else an
+            evenly spread subset; 0: all).
         input_layout: "NCHW" or "NHWC": the zipped model's image input layout when the two
             models differ (default: model A's).
     """
@@ -418,7 +420,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
             selection["candidates"] += [c.to_dict() for c in tried]
         selection["search_seconds"] = time.perf_counter() - t
         pair.timings["search"] = selection["search_seconds"]
-    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads, progress=progress)
+    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads, progress=progress,
+                          repair_samples=repair_samples)
     result.timings = {**pair.timings, **result.timings}
     result.selection = selection
     result.sources = [g.model for g in pair.graphs]  # normalized, inputs aligned to the zipped model's layout
