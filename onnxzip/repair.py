@@ -25,7 +25,7 @@ from onnxzip.errors import InternalError
 from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.accumulate import SplitMoments
-from onnxzip.stats.collect import SUBSET_LEVELS, PairStats, make_session
+from onnxzip.stats.collect import SUBSET_LEVELS, PairStats, _static_batch, make_session
 
 __all__ = ["RepairReport", "repair", "target_statistics", "correct_layer", "REPAIR_SAMPLES", "FRONTIER_BUDGET_BYTES"]
 
@@ -159,14 +159,6 @@ def correct_layer(model: onnx.ModelProto, weights: _Weights, site: LayerSite, me
 class _Chunk:
     valid: np.ndarray  # bool per row (False: padding)
     owner: np.ndarray | None  # [models, rows] bool, which model's targets each row informs
-
-
-def _static_batch(model: onnx.ModelProto) -> bool:
-    for i in model.graph.input:
-        dims = i.type.tensor_type.shape.dim
-        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return True
-    return False
 
 
 def default_repair_samples(stats: PairStats) -> int:
