@@ -137,3 +137,17 @@ def test_samples_table_command_runs():
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [l for l in r.stdout.splitlines() if l.startswith("| mlp |")]
     assert len(rows) >= 10 and any("ensemble" in l for l in rows)
+
+
+def test_zip_nhwc_with_nchw_takes_the_chosen_layout_and_evaluates(tmp_path):
+    """A Keras NHWC model zips with a torch NCHW one; --eval runs the sources as zipped."""
+    nhwc = SAMPLES / "keras_mlp_a.nhwc.onnx"
+    out = tmp_path / "z.onnx"
+    r = runner.invoke(app, ["zip", str(nhwc), str(SAMPLES / "mlp_b.onnx"), "-d", str(SAMPLES / "calib.npz"), "-o", str(out),
+                            "--tasks", "a,b", "--input-layout", "NCHW", "--json",
+                            "--eval", f"a={SAMPLES / 'test_a.npz'},b={SAMPLES / 'test_b.npz'}"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert any("layout" in w for w in summary["warnings"])
+    assert onnx.load(out).graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1  # N, C=1, H, W
+    assert summary["eval"]["model A"]["per_task"]["a"] > 0.9
