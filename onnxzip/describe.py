@@ -5,7 +5,6 @@ from __future__ import annotations
 from onnxzip.errors import OnnxZipError
 from onnxzip.graph.compare import canonical_weight_shape, first_difference, format_signature, space_signature
 from onnxzip.graph.layergraph import LayerGraph
-from onnxzip.graph.spaces import leaves
 from onnxzip.normalize import opset_of
 
 __all__ = ["inspect", "check", "graph_summary"]

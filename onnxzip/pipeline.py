@@ -23,7 +23,7 @@ from onnxzip.graph.compare import first_difference
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.io import check_output_path, file_sha256, load_model, save_model
 from onnxzip.match import get_matcher, validate_params
-from onnxzip.merge import Merges, compute_merges
+from onnxzip.merge import compute_merges
 from onnxzip.normalize import align_input_layouts, convert_opset, normalize, opset_of
 from onnxzip.repair import RepairReport, repair
 from onnxzip.split import ZipLayout, build_zipped_model
@@ -215,13 +215,12 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     if diff is not None:
         raise ArchitectureMismatchError(f"the models differ: {diff}; zip models of the same architecture")
     warnings = [f"input layout: {note}; the zipped model takes that layout" for note in layout_notes]
-    n_total = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
-    if n_total * (1 - holdout) < 2:
+    n = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
+    if n * (1 - holdout) < 2:
         raise CalibrationDataError(
-            f"only {n_total} calibration sample(s){' before the hold-out' if holdout else ''}: statistics need at least 2 "
+            f"only {n} calibration sample(s){' before the hold-out' if holdout else ''}: statistics need at least 2 "
             "(a few hundred for reliable merges); pass more data"
         )
-    n = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
     if n < MIN_TRUSTED_SAMPLES:
         warnings.append(f"only {n} calibration samples: statistics may be unreliable (use a few hundred)")
     timings = {"load_and_parse": time.perf_counter() - t0}
@@ -231,13 +230,17 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
         warnings.append(f"only about {int(n * holdout)} held-out samples to score candidates: use more calibration data")
     if collect:
         t1 = time.perf_counter()
-        advance = None
-        if progress is not None:
-            progress.start("statistics", n)
-            advance = progress.advance
-        pair.stats = collect_stats(graphs, pair.batches(), providers, advance)
+        pair.stats = collect_stats(graphs, pair.batches(), providers, _stage(progress, "statistics", n))
         timings["statistics"] = time.perf_counter() - t1
     return pair
+
+
+def _stage(progress, name: str, total):
+    """Start a progress stage; returns the callback that advances it (None without progress)."""
+    if progress is None:
+        return None
+    progress.start(name, total)
+    return progress.advance
 
 
 def resolve_stop_at(stop_at, num_layers: int) -> int:
@@ -278,12 +281,8 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     report = None
     if do_repair:
         t = time.perf_counter()
-        advance = None
-        if progress is not None:
-            progress.start("repair", None)
-            advance = progress.advance
         report = repair(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
-                        heads=repair_heads, progress=advance, max_samples=repair_samples)
+                        heads=repair_heads, progress=_stage(progress, "repair", None), max_samples=repair_samples)
         timings["repair"] = time.perf_counter() - t
     t = time.perf_counter()
     _set_metadata(model, pair, method, params, depth, m, tasks)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import OnnxZipError, OptionError
-from onnxzip.stats.collect import make_session, owner_masks
+from onnxzip.stats.collect import make_session, owner_masks, softmax
 
 __all__ = [
     "ALPHA_GRID", "BETA_GRID", "Holdout", "Candidate", "make_holdout", "fidelity", "search_alpha_beta",
@@ -34,15 +34,9 @@ ALPHA_GRID = (1.0, 0.5, 0.3, 0.1, 0.01, 0.0001)
 BETA_GRID = (1.0, 0.25, 0.125, 0.075, 0.0375, 0.0)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z.reshape(z.shape[0], -1).astype(np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 def joint_predictions(heads: list[np.ndarray]) -> np.ndarray:
     """Argmax over the concatenation of each head's softmax (method.md, "How it is judged")."""
-    return np.concatenate([_softmax(h) for h in heads], axis=1).argmax(axis=1)
+    return np.concatenate([softmax(h) for h in heads], axis=1).argmax(axis=1)
 
 
 @dataclass
@@ -176,11 +170,17 @@ def _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, 
     fid = fidelity(z.model, holdout, tasks, pair.providers)
     acc = None
     if labeled is not None:
-        from onnxzip.evaluate import ModelPredictor, evaluate
+        from onnxzip.evaluate import ModelPredictor
 
-        r = evaluate(ModelPredictor(z.model), labeled)
-        acc = {"joint": r.joint, "task_average": r.task_average, "per_task": r.per_task}
+        acc = _accuracy(ModelPredictor(z.model), labeled)
     return z, fid, acc
+
+
+def _accuracy(predictor, labeled) -> dict:
+    from onnxzip.evaluate import evaluate
+
+    r = evaluate(predictor, labeled)
+    return {"joint": r.joint, "task_average": r.task_average, "per_task": r.per_task}
 
 
 def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=None, betas=None,
@@ -299,7 +299,7 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
     Reference rows: the ensemble and each source model.
     """
     from onnxzip.cost import count_flops, count_params, measure_latency
-    from onnxzip.evaluate import EnsemblePredictor, ModelPredictor, evaluate
+    from onnxzip.evaluate import EnsemblePredictor, ModelPredictor
 
     tasks = tasks or pair.tasks
     m = pair.graphs[0].num_layers
@@ -336,20 +336,11 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
             **(fid or {}), "accuracy": acc, "seconds": seconds,
         })
 
-    from onnxzip.evaluate import ModelPredictor as MP
-
     ens_acc = a_acc = b_acc = None
     if labeled is not None:
-        pa, pb = MP(pair.sources[0], task=tasks[0]), MP(pair.sources[1], task=tasks[1])
-        for name, pred in (("ensemble", EnsemblePredictor({tasks[0]: pa, tasks[1]: pb})), ("A", pa), ("B", pb)):
-            r = evaluate(pred, labeled)
-            acc = {"joint": r.joint, "task_average": r.task_average, "per_task": r.per_task}
-            if name == "ensemble":
-                ens_acc = acc
-            elif name == "A":
-                a_acc = acc
-            else:
-                b_acc = acc
+        pa, pb = (ModelPredictor(pair.sources[k], task=tasks[k]) for k in range(2))
+        ens_acc = _accuracy(EnsemblePredictor({tasks[0]: pa, tasks[1]: pb}), labeled)
+        a_acc, b_acc = _accuracy(pa, labeled), _accuracy(pb, labeled)
     add_row("reference", "ensemble", None, sum(base_params), sum(base_flops), both_lat,
             {"joint_agreement": 1.0, "task_agreement": {t: 1.0 for t in tasks}}, ens_acc)
     for k, name in enumerate(("model A", "model B")):

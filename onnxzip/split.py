@@ -178,7 +178,6 @@ def _attrs(node: onnx.NodeProto) -> dict:
 def build_zipped_model(graphs: list[LayerGraph], merges: Merges, stop_at: int, tasks: list[str]) -> tuple[onnx.ModelProto, ZipLayout]:
     """Assemble the zipped model; ``graphs[k].layers[i]`` correspond across models."""
     a = graphs[0]
-    n_models = len(graphs)
     trunk_idx = [i for i, l in enumerate(a.layers) if l.number <= stop_at]
     trunk_sets = [{g.layers[i].node for i in trunk_idx} for g in graphs]
     branches = [branch_nodes(g, trunk_sets[k]) for k, g in enumerate(graphs)]

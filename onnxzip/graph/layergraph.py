@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxzip.graph.spaces import GroupSpace, Space, leaves
+from onnxzip.graph.spaces import GroupSpace, Space
 
 __all__ = ["Layer", "ChannelParam", "FeatureGroup", "Unsupported", "LayerGraph"]
 

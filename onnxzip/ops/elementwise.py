@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, NoFeatures
+from onnxzip.graph.spaces import Blocked, GroupSpace, InputSpace, NoFeatures
 from onnxzip.ops.registry import register
 
 UNARY = (

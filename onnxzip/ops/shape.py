@@ -255,12 +255,13 @@ def pad(ctx, node, x, space):
     return [_moved(ctx, node, space, axis)]
 
 
-@register("Slice")
+@register("Slice", "Tile")
 @on_features
-def slice_(ctx, node, x, space):
+def keep_channels(ctx, node, x, space):
+    """Slice or Tile along other axes: the channels pass through when their count is unchanged."""
     axis = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
-        return ctx.unsupported_op(node, "slices the channel axis")
+        return ctx.unsupported_op(node, f"{node.op_type} changes the channel axis")
     return [_moved(ctx, node, space, axis)]
 
 
@@ -296,12 +297,3 @@ def gather(ctx, node):
     idx_rank = ctx.rank(idx) or 0
     new = ch if axis > ch else ch - 1 + idx_rank
     return [_moved(ctx, node, space, new)]
-
-
-@register("Tile")
-@on_features
-def tile(ctx, node, x, space):
-    ch = ctx.feature_axis(x)
-    if ctx.shape(node.output[0])[ch] != ctx.shape(x)[ch]:
-        return ctx.unsupported_op(node, "tiles the channel axis")
-    return [_moved(ctx, node, space, ch)]

@@ -143,11 +143,15 @@ def owner_masks(batch, head_outputs: list[np.ndarray]) -> np.ndarray:
     return conf >= conf.max(axis=0, keepdims=True) - TIE_TOLERANCE
 
 
-def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax (float64) of ``[rows, ...]`` head outputs, flattened per row."""
     z = logits.reshape(logits.shape[0], -1).astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return (p / p.sum(axis=1, keepdims=True)).max(axis=1)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
+    return softmax(logits).max(axis=1)
 
 
 # Both models' fetched activations for one run are kept under about this many bytes: a batch
