@@ -3,9 +3,10 @@ and the zipped model's latency.
 
     python bench/bench_zip.py                       # the bundled ResNet-20 pair (samples/digits)
     python bench/bench_zip.py --pair resnet50       # a ResNet-50 pair built with torch in a temp folder
-    options: --repeat R (timing rounds, default 3), --batch-size B (default 64), --workdir DIR (keep
-             the generated files there; default: a temp folder, removed), --skip-memory, --skip-latency,
-             --json out.json
+    options: --repeat R (timing rounds, default 3), --batch-size B (default 64), --scale K (also time
+             the zip on the calibration set repeated K times; default 4 for resnet20), --workdir DIR
+             (keep the generated files there; default: a temp folder, removed), --skip-memory,
+             --skip-latency, --json out.json
 
 What it measures, each in a fresh subprocess (so one measurement does not warm or fill memory for the next):
 
@@ -14,7 +15,9 @@ What it measures, each in a fresh subprocess (so one measurement does not warm o
 (b) ``onnxzip.zip_models`` end to end (zipit, alpha 0.5, beta 1, saved to a temp file) with its
     breakdown (``result.timings``), and the ratio zip / floor (target <= 2). Floor and zip are measured
     in the same process, floor - zip - floor, and each round's ratio uses the mean of its two floors;
-    the figures are medians over the rounds;
+    the figures are medians over the rounds; with ``--scale K`` again on the calibration set
+    repeated K times (fixed costs, such as parsing, matching and the repair on at most 128 rows,
+    then weigh less);
 (c) peak RSS (VmHWM) of a zip with the calibration set and with it repeated 10x (with fresh noise),
     and the ratio (target: < 1.10);
 (d) latency (``onnxzip.cost.measure_latency``, one batch) of the full zip against one source model
@@ -200,10 +203,15 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--samples", type=int, default=256, help="calibration images for --pair resnet50")
     ap.add_argument("--workdir")
+    ap.add_argument("--scale", type=int, default=None,
+                    help="also time the zip on the calibration set repeated this many times (default 4 for resnet20, "
+                         "1 = off for resnet50)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.scale is None:
+        args.scale = 4 if args.pair == "resnet20" else 1
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
@@ -219,6 +227,23 @@ def main(argv=None) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
+def time_rounds(pair: dict, data: str, args, out: str) -> dict:
+    """Floor and zip side by side, ``args.repeat`` rounds; the median round, with all rounds."""
+    rounds = []
+    for r in range(args.repeat):
+        res = run_child({"mode": "time", "a": pair["a"], "b": pair["b"], "data": data,
+                         "batch_size": args.batch_size, "out": out})
+        floor = statistics.mean(f["floor_s"] for f in res["floor"])
+        res["floor_s"] = floor
+        res["ratio"] = res["zip_s"] / floor
+        rounds.append(res)
+        print(f"  round {r + 1}: floor {floor:.2f}s, zip {res['zip_s']:.2f}s ({fmt_breakdown(res['timings'])}), "
+              f"ratio {res['ratio']:.2f}", flush=True)
+    med = dict(sorted(rounds, key=lambda x: x["ratio"])[len(rounds) // 2])
+    med["rounds"] = [{k: v for k, v in x.items() if k != "rounds"} for x in rounds]
+    return med
+
+
 def run(args, work: Path) -> dict:
     import onnxruntime as ort
 
@@ -231,25 +256,24 @@ def run(args, work: Path) -> dict:
 
     # (a) + (b): floor and zip, side by side
     full_out, part_out = str(work / "zipped_full.onnx"), str(work / "zipped_partial.onnx")
-    rounds = []
-    for r in range(args.repeat):
-        res = run_child({"mode": "time", "a": pair["a"], "b": pair["b"], "data": pair["data"],
-                         "batch_size": args.batch_size, "out": full_out})
-        floor = statistics.mean(f["floor_s"] for f in res["floor"])
-        res["floor_s"] = floor
-        res["ratio"] = res["zip_s"] / floor
-        rounds.append(res)
-        print(f"  round {r + 1}: floor {floor:.2f}s, zip {res['zip_s']:.2f}s ({fmt_breakdown(res['timings'])}), "
-              f"ratio {res['ratio']:.2f}", flush=True)
-    med = sorted(rounds, key=lambda x: x["ratio"])[len(rounds) // 2]
+    med = time_rounds(pair, pair["data"], args, full_out)
     floor_run = statistics.mean(f["floor_run_s"] for f in med["floor"])
     print(f"(a) inference floor (load both + run both over {n} samples): {med['floor_s']:.2f}s "
           f"(of which running {floor_run:.2f}s)")
     print(f"(b) zip end to end: {med['zip_s']:.2f}s ({fmt_breakdown(med['timings'])}); shared {med['shared']}, "
           f"repair {med['repair']}")
-    print(f"    zip / floor = {med['ratio']:.2f} (median of {len(rounds)} rounds: "
-          f"{', '.join(format(x['ratio'], '.2f') for x in rounds)}; target <= 2)")
-    report["time"] = {"rounds": rounds, "median": med}
+    print(f"    zip / floor = {med['ratio']:.2f} (median of {len(med['rounds'])} rounds: "
+          f"{', '.join(format(x['ratio'], '.2f') for x in med['rounds'])}; target <= 2)")
+    report["time"] = {"median": med}
+    if args.scale > 1:
+        big = work / f"calib_x{args.scale}.npz"
+        n_big = repeated_data(pair["data"], big, args.scale)
+        med_big = time_rounds(pair, str(big), args, full_out)
+        print(f"(b') the same with the calibration set repeated {args.scale}x ({n_big} samples, fresh noise): floor "
+              f"{med_big['floor_s']:.2f}s, zip {med_big['zip_s']:.2f}s ({fmt_breakdown(med_big['timings'])})")
+        print(f"    zip / floor = {med_big['ratio']:.2f} (median of {len(med_big['rounds'])} rounds: "
+              f"{', '.join(format(x['ratio'], '.2f') for x in med_big['rounds'])})")
+        report["time_scaled"] = {"times": args.scale, "samples": n_big, "median": med_big}
 
     # (c) memory: 1x and 10x calibration data, fresh processes
     if not args.skip_memory:

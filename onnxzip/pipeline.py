@@ -25,9 +25,9 @@ from onnxzip.io import check_output_path, file_sha256, load_model, save_model
 from onnxzip.match import get_matcher, validate_params
 from onnxzip.merge import compute_merges
 from onnxzip.normalize import align_input_layouts, convert_opset, normalize, opset_of
-from onnxzip.repair import RepairReport, repair
+from onnxzip.repair import REPAIR_SAMPLES, RepairReport, repair
 from onnxzip.split import ZipLayout, build_zipped_model
-from onnxzip.stats.collect import PairStats, collect_stats, make_session
+from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats, make_session
 
 __all__ = ["ZipResult", "PreparedPair", "prepare_pair", "zip_models", "load_layer_graph", "resolve_stop_at", "zip_prepared"]
 
@@ -161,7 +161,8 @@ def default_tasks(sources: list[str]) -> list[str]:
 
 def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int | None = None,
                  providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None,
-                 holdout: float = 0.0, input_layout: str | None = None) -> PreparedPair:
+                 holdout: float = 0.0, input_layout: str | None = None, all_positions: bool = False,
+                 repair_samples: int | None = None) -> PreparedPair:
     """Load, normalize, parse and check two models; optionally collect their statistics.
 
     ``holdout``: share of the calibration samples kept out of the statistics and the repair, to
@@ -169,6 +170,10 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     ``input_layout``: "NCHW" or "NHWC" for every image input; by default a model whose input
     differs from model A's only by that layout gets a Transpose in front (a warning says so), and
     the calibration data comes in A's layout.
+    ``all_positions``: covariances over every position of every feature map (default: large maps
+    are sampled, see :func:`onnxzip.stats.collect.collect_stats`).
+    ``repair_samples``: the most rows a later repair measures on (None: the default,
+    :data:`onnxzip.repair.REPAIR_SAMPLES`; 0: all); the repair targets are taken on those rows.
     """
     if not 0.0 <= holdout < 1.0:
         raise OptionError(f"--holdout {holdout} must be in [0, 1)")
@@ -230,9 +235,18 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
         warnings.append(f"only about {int(n * holdout)} held-out samples to score candidates: use more calibration data")
     if collect:
         t1 = time.perf_counter()
-        pair.stats = collect_stats(graphs, pair.batches(), providers, _stage(progress, "statistics", n))
+        held = n // max(2, int(round(1.0 / holdout))) if holdout > 0 else 0
+        pair.stats = collect_stats(graphs, pair.batches(), providers, _stage(progress, "statistics", n),
+                                   items=n - held, rows_per_feature=None if all_positions else ROWS_PER_FEATURE,
+                                   preact_rows=_preact_rows(repair_samples))
         timings["statistics"] = time.perf_counter() - t1
     return pair
+
+
+def _preact_rows(repair_samples: int | None) -> int | None:
+    if repair_samples is None:
+        return REPAIR_SAMPLES
+    return None if repair_samples <= 0 else int(repair_samples)
 
 
 def _stage(progress, name: str, total):
@@ -351,7 +365,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                repair_heads: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
-               log=None, input_layout: str | None = None, repair_samples: int | None = None) -> ZipResult:
+               log=None, input_layout: str | None = None, repair_samples: int | None = None,
+               all_positions: bool = False) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
     Args:
@@ -371,8 +386,10 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         search: "coordinate" or "grid" over the paper's alpha/beta grid.
         select_by: "fidelity" (no labels) or "accuracy" (needs ``select_data``: {task: npz with labels}).
         log: called with each candidate as it is scored.
-        repair_samples: calibration rows the repair measures (None: all when they fit, else an
-            evenly spread subset; 0: all).
+        repair_samples: calibration rows the repair measures (None: an evenly spread subset of at
+            most :data:`onnxzip.repair.REPAIR_SAMPLES`, fewer when they would not fit; 0: all).
+        all_positions: covariances over every position of every feature map (default: maps with
+            many positions are sampled, at least ``ROWS_PER_FEATURE`` rows per feature).
         input_layout: "NCHW" or "NHWC": the zipped model's image input layout when the two
             models differ (default: model A's).
     """
@@ -396,7 +413,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     if output is not None:
         check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)])
     pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress,
-                        holdout=holdout, input_layout=input_layout)
+                        holdout=holdout, input_layout=input_layout, all_positions=all_positions,
+                        repair_samples=repair_samples)
     selection = None
     if auto or auto_depth:
         t = time.perf_counter()

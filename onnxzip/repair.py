@@ -25,19 +25,19 @@ from onnxzip.errors import InternalError
 from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.accumulate import SplitMoments
-from onnxzip.stats.collect import SUBSET_LEVELS, PairStats, _static_batch, make_session
+from onnxzip.stats.collect import PairStats, _static_batch, make_session, subset_step
 
 __all__ = ["RepairReport", "repair", "target_statistics", "correct_layer", "REPAIR_SAMPLES", "FRONTIER_BUDGET_BYTES"]
 
 _EPS = 1e-8
 _MAX_SCALE = 1e4
 
-# Calibration rows the statistics are measured on by default. The activations kept between
-# levels take about 3x the largest activation per row (measured in the statistics pass): when
-# that is under SMALL_FRONTIER_BYTES for all rows, all rows are used; else an evenly spread
-# subset of at most REPAIR_SAMPLES rows, fewer if they would not fit FRONTIER_BUDGET_BYTES.
-REPAIR_SAMPLES = 256
-SMALL_FRONTIER_BYTES = 128 << 20
+# Calibration rows the statistics are measured on by default: an evenly spread subset of at most
+# REPAIR_SAMPLES rows (per-channel means and variances; on the bundled samples 128 rows and all
+# 512 give joint accuracies within about 1.5 points, either way: bench/README.md), fewer if the
+# activations kept between levels (about 3x the largest activation per row, measured in the
+# statistics pass) would not fit FRONTIER_BUDGET_BYTES.
+REPAIR_SAMPLES = 128
 FRONTIER_BUDGET_BYTES = 1536 << 20
 MIN_REPAIR_SAMPLES = 32
 
@@ -166,19 +166,7 @@ def default_repair_samples(stats: PairStats) -> int:
     per_row = 3 * getattr(stats, "largest_activation_bytes", 0.0)
     if not per_row:
         return REPAIR_SAMPLES
-    if stats.samples * per_row <= SMALL_FRONTIER_BYTES:
-        return 0
     return min(REPAIR_SAMPLES, max(MIN_REPAIR_SAMPLES, int(FRONTIER_BUDGET_BYTES // per_row)))
-
-
-def subset_step(total: int, limit: int | None) -> int:
-    """The smallest power of two ``k`` such that every k-th row gives at most ``limit`` rows."""
-    step = 1
-    if limit is None:
-        return step
-    while -(-total // step) > limit and step < (1 << SUBSET_LEVELS):
-        step *= 2
-    return step
 
 
 def _subset(batches, owners, step: int, static: bool, max_chunk: int | None = None) -> tuple[list[_Chunk], dict, int]:
@@ -462,10 +450,10 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
     The merged model's statistics are measured on an evenly spread subset of at most
     ``max_samples`` calibration rows (``0`` or a negative value: all rows): every k-th valid
     row, k the smallest power of two that gives at most that many. By default
-    (:func:`default_repair_samples`) all rows when their activations are small, else
-    :data:`REPAIR_SAMPLES`, fewer for models whose activations would not fit
+    (:func:`default_repair_samples`) :data:`REPAIR_SAMPLES`, fewer for models whose activations would not fit
     :data:`FRONTIER_BUDGET_BYTES`. The targets (the source models' statistics) are taken on
-    the same rows (``stats.subset_preact``), so a model zipped with itself is left unchanged.
+    the same rows (``stats.subset_preact``), so a model zipped with itself is left unchanged;
+    hence never more rows than the statistics pass took targets on (``stats.preact_step``).
     """
     if max_samples is None:
         max_samples = default_repair_samples(stats)
@@ -482,7 +470,8 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
     per_run = None
     if getattr(stats, "activation_bytes", 0):
         per_run = max(1, int(RUN_BUDGET_BYTES // stats.activation_bytes))
-    step = subset_step(stats.samples, limit)
+    # no finer than the rows the targets were taken on
+    step = max(subset_step(stats.samples, limit), getattr(stats, "preact_step", 1))
     if step > 1 and not getattr(stats, "preact_parts", None):
         step = 1  # no per-subset targets to compare with: measure on all rows
     chunks, feeds, rows = _subset(batches, stats.owners, step, _static_batch(model), per_run)

@@ -17,7 +17,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "digits"
 def test_zipit_beats_permute_beats_average_and_repair_helps(arch):
     tasks = {t: load_task_data(SAMPLES / f"test_{t}.npz") for t in "ab"}
     pair = prepare_pair(SAMPLES / f"{arch}_a.onnx", SAMPLES / f"{arch}_b.onnx", SAMPLES / "calib.npz",
-                        tasks=["a", "b"], max_samples=256)
+                        tasks=["a", "b"])
     joint = {}
     for method in ("average", "permute", "zipit"):
         for repair in (True, False):

@@ -57,7 +57,7 @@ def test_large_mean_keeps_precision():
 @pytest.mark.parametrize("batch_size", [7, 64])
 def test_group_statistics_equal_numpy_on_all_activations(tiny, calib, batch_size):
     a, b = tiny("resnet", seed=0), tiny("resnet", seed=1)
-    pair = prepare_pair(a, b, calib, batch_size=batch_size, tasks=["a", "b"])
+    pair = prepare_pair(a, b, calib, batch_size=batch_size, tasks=["a", "b"], all_positions=True)
     x = np.load(calib)["input"]
     acts = []
     for g in pair.graphs:
@@ -89,3 +89,52 @@ def test_static_batch_pads_and_masks(tmp_path):
     assert [int(b.valid.sum()) for b in batches] == [4, 4, 2]
     ds2 = open_data(path, [InputSpec("inp", (None, 1), np.float32)])
     assert sum(int(b.valid.sum()) for b in ds2.batches(batch_size=3, max_samples=5)) == 5
+
+
+def test_sampled_positions_are_exact_when_positions_repeat_each_item():
+    """Each item's features are the same at every position: any subset of positions gives the
+    statistics of all of them."""
+    rng = np.random.default_rng(3)
+    items = rng.normal(2.0, 1.5, size=(50, 6)).astype(np.float32)
+    # NCHW, 8x8 positions: model A's 4 channels and model B's 2
+    maps = np.repeat(np.repeat(items[:, :, None, None], 8, axis=2), 8, axis=3)
+    exact, sampled = CovarianceAccumulator(6), CovarianceAccumulator(6, max_positions=5, seed=7)
+    for chunk in np.array_split(np.arange(50), 4):
+        for acc in (exact, sampled):
+            acc.update_blocks([(maps[chunk, :4], 1), (maps[chunk, 4:], 1)])
+    assert exact.count == 50 * 64 and sampled.count == 50 * 5
+    np.testing.assert_allclose(sampled.mean, exact.mean, rtol=1e-5)
+    np.testing.assert_allclose(sampled.covariance, exact.covariance, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(exact.covariance, np.cov(items.astype(np.float64).T, bias=True), rtol=1e-4, atol=1e-6)
+
+
+def test_channel_last_and_channel_first_blocks_agree():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(9, 3, 5, 4)).astype(np.float32)
+    b = rng.normal(size=(9, 2, 5, 4)).astype(np.float32)
+    first, last = CovarianceAccumulator(5), CovarianceAccumulator(5)
+    first.update_blocks([(a, 1), (b, 1)])
+    last.update_blocks([(a.transpose(0, 2, 3, 1), 3), (b.transpose(0, 2, 3, 1), -1)])
+    np.testing.assert_allclose(first.covariance, last.covariance, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(first.mean, last.mean, rtol=1e-6)
+
+
+def test_sampled_statistics_use_fewer_positions_on_large_maps_only(tiny, calib):
+    """By default a group's covariance keeps at least ROWS_PER_FEATURE rows per feature for each
+    measured tensor; maps with fewer positions per item than that needs are kept whole."""
+    from onnxzip.stats.collect import ROWS_PER_FEATURE, max_positions
+
+    a, b = tiny("resnet", seed=0), tiny("resnet", seed=1)
+    pair = prepare_pair(a, b, calib, tasks=["a", "b"])
+    items = pair.stats.samples
+    for gid, gs in pair.stats.groups.items():
+        dim = 2 * pair.graphs[0].groups[gid].size
+        cap = max_positions(dim, items, ROWS_PER_FEATURE)
+        expected = 0
+        for p in pair.graphs[0].measure_points():
+            if p.gid == gid:
+                shape = pair.graphs[0].shapes[p.tensor]
+                positions = int(np.prod(shape[1:])) // shape[p.axis]
+                expected += items * min(positions, cap)
+                assert min(positions, cap) * items >= min(positions * items, ROWS_PER_FEATURE * dim)
+        assert gs.count == expected

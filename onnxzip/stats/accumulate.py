@@ -51,12 +51,16 @@ class CovarianceAccumulator:
     precision on features with a large mean.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, max_positions: int | None = None, seed: int = 0):
         self.dim = dim
         self.count = 0.0
         self.shift: np.ndarray | None = None
         self.s1 = np.zeros(dim)
         self.s2 = np.zeros((dim, dim))
+        # update_blocks: at most this many positions per item (a random subset, the same for
+        # every block), None for all
+        self.max_positions = max_positions
+        self.rng = np.random.default_rng(seed)
 
     def update(self, rows: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Add samples; ``rows`` is ``[items, positions, D]`` (see :func:`as_samples`)."""
@@ -94,28 +98,37 @@ class CovarianceAccumulator:
             if not (w == 1).all():
                 keep = w == 1
                 arrays = [a[keep] for a in arrays]
-        views = [_channels_first(a, ax) for a, ax in zip(arrays, axes)]
-        n, _, p = views[0].shape
+        views = [_channels_last(a, ax) for a, ax in zip(arrays, axes)]
+        n, p, _ = views[0].shape
         if n == 0 or p == 0:
             return
-        if sum(v.shape[1] for v in views) != self.dim:
-            raise ValueError(f"blocks have {sum(v.shape[1] for v in views)} channels, the accumulator {self.dim}")
+        if sum(v.shape[2] for v in views) != self.dim:
+            raise ValueError(f"blocks have {sum(v.shape[2] for v in views)} channels, the accumulator {self.dim}")
         dtype = _work_dtype(views)
         if self.shift is None:
-            self.shift = np.concatenate([v.mean(axis=(0, 2), dtype=np.float64) for v in views]).astype(dtype).astype(np.float64)
-        shift = self.shift.astype(dtype)[:, None, None]
+            self.shift = np.concatenate([v.mean(axis=(0, 1), dtype=np.float64) for v in views]).astype(dtype).astype(np.float64)
+        shift = self.shift.astype(dtype)
+        sample = self.max_positions is not None and p > self.max_positions
+        if sample:
+            p_all, p = p, self.max_positions
         per = max(1, CHUNK_ROWS // p)
+        ones = None
         for i0 in range(0, n, per):
             i1 = min(n, i0 + per)
-            buf = np.empty((self.dim, i1 - i0, p), dtype=dtype)  # features x rows, rows = items x positions
+            buf = np.empty((i1 - i0, p, self.dim), dtype=dtype)  # rows (items x positions) x features
+            # a fresh random subset of positions per chunk of items, the same in every block
+            index = np.sort(self.rng.choice(p_all, p, replace=False)) if sample else None
             off = 0
             for v in views:
-                c = v.shape[1]
-                np.subtract(v[i0:i1].transpose(1, 0, 2), shift[off:off + c], out=buf[off:off + c])
+                c = v.shape[2]
+                part = v[i0:i1] if index is None else v[i0:i1, index]
+                np.subtract(part, shift[off:off + c], out=buf[:, :, off:off + c])
                 off += c
-            x = buf.reshape(self.dim, -1)
-            self.count += x.shape[1]
-            self.s1 += x @ np.ones(x.shape[1], dtype=dtype)
+            x = buf.reshape(-1, self.dim)
+            if ones is None or len(ones) != x.shape[0]:
+                ones = np.ones(x.shape[0], dtype=dtype)
+            self.count += x.shape[0]
+            self.s1 += ones @ x
             _add_gram(self.s2, x)
 
     @property
@@ -173,12 +186,17 @@ class MomentAccumulator:
         return np.maximum(self.s2 / self.count - m * m, 0.0)
 
 
-def _channels_first(x: np.ndarray, axis: int) -> np.ndarray:
-    """``[items, channels, positions]``, a view where the layout allows (NCHW, NHWC and [N, T, C] do)."""
+def _channels_last(x: np.ndarray, axis: int) -> np.ndarray:
+    """``[items, positions, channels]``, a view (strided for channel-first layouts such as NCHW;
+    a copy only for layouts whose positions cannot be flattened in place)."""
     if x.ndim == 1:
         return x.reshape(-1, 1, 1)
-    v = np.moveaxis(x, axis, 1)
-    return v.reshape(v.shape[0], v.shape[1], -1)
+    axis = axis % x.ndim
+    if axis == x.ndim - 1:
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    v = np.moveaxis(x, axis, 1)  # [items, channels, ...]
+    v = v.reshape(v.shape[0], v.shape[1], -1)  # a view for NCHW
+    return v.transpose(0, 2, 1)
 
 
 # From this many features on, Gram matrices use BLAS syrk (one triangle: half the work, faster
@@ -187,16 +205,17 @@ SYRK_MIN_DIM = 1024
 
 
 def _add_gram(s2: np.ndarray, x: np.ndarray) -> None:
-    """``s2 += x @ x.T`` (``x``: features x rows); only the lower triangle of ``s2`` is kept exact."""
-    if x.shape[0] >= SYRK_MIN_DIM:
+    """``s2 += x.T @ x`` (``x``: rows x features, C-ordered); only the lower triangle of ``s2``
+    is kept exact."""
+    if x.shape[1] >= SYRK_MIN_DIM:
         from scipy.linalg import blas
 
         syrk = blas.ssyrk if x.dtype == np.float32 else blas.dsyrk
-        # x.T is Fortran-ordered (rows x features): C = x x^T, upper triangle, Fortran order;
+        # x.T is Fortran-ordered (features x rows): C = x^T x, upper triangle, Fortran order;
         # its transpose is a C-ordered view holding the lower triangle
-        s2 += syrk(1.0, x.T, trans=1).T
+        s2 += syrk(1.0, x.T, trans=0).T
         return
-    s2 += x @ x.T
+    s2 += x.T @ x
 
 
 def _work_dtype(views) -> type:
@@ -221,6 +240,9 @@ class SplitMoments:
 
     def update(self, x: np.ndarray, axis: int, masks: np.ndarray) -> None:
         x = np.asarray(x)
+        if x.ndim > 1 and axis % x.ndim == x.ndim - 1:
+            self._update_last(x.reshape(x.shape[0], -1, x.shape[-1]), masks)
+            return
         # [items, channels, positions]: a view for channel-first layouts (NCHW), so the sums over
         # positions run along contiguous memory (numpy's pairwise summation)
         v = np.moveaxis(x, axis, 1) if x.ndim > 1 else x.reshape(-1, 1)
@@ -244,6 +266,29 @@ class SplitMoments:
             self.s1 += m @ xc.sum(axis=2).astype(np.float64)
             np.multiply(xc, xc, out=xc)
             self.s2 += m @ xc.sum(axis=2).astype(np.float64)
+            self.count += m.sum(axis=1) * p
+
+    def _update_last(self, v: np.ndarray, masks) -> None:
+        """:meth:`update` for ``[items, positions, channels]`` (channel-last) data."""
+        masks = np.asarray(masks, dtype=np.float64).reshape(self.parts, v.shape[0])
+        keep = masks.any(axis=0)
+        if not keep.any() or v.shape[1] == 0:
+            return
+        if not keep.all():
+            v, masks = v[keep], masks[:, keep]
+        dtype = _work_dtype([v])
+        if self.shift is None:
+            self.shift = v.mean(axis=(0, 1), dtype=np.float64).astype(dtype).astype(np.float64)
+        shift = self.shift.astype(dtype)
+        n, p, c = v.shape
+        per = max(1, (1 << 20) // max(1, p * c))  # about 4 MB of float32 at a time
+        for i0 in range(0, n, per):
+            i1 = min(n, i0 + per)
+            xc = v[i0:i1] - shift
+            m = masks[:, i0:i1]
+            self.s1 += m @ xc.sum(axis=1).astype(np.float64)
+            np.multiply(xc, xc, out=xc)
+            self.s2 += m @ xc.sum(axis=1).astype(np.float64)
             self.count += m.sum(axis=1) * p
 
     def moments(self, parts) -> tuple[np.ndarray, np.ndarray, float]:

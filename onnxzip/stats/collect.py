@@ -46,6 +46,8 @@ class PairStats:
     largest_activation_bytes: float = 0.0  # bytes per sample of the largest single activation
     # layer index -> per model SplitMoments with parts (owned, level) (see subset_preact)
     preact_parts: dict = field(default_factory=dict)
+    # pre-activation moments cover only the valid rows whose index is a multiple of this
+    preact_step: int = 1
 
     def subset_preact(self, step: int) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
         """Like ``preact``, over the rows whose index among the valid calibration rows (in
@@ -78,6 +80,16 @@ def _part(owned: bool, level: int) -> int:
     return (0 if owned else SUBSET_LEVELS + 1) + level
 
 
+def subset_step(total: int, limit: int | None) -> int:
+    """The smallest power of two ``k`` such that every k-th of ``total`` rows gives at most ``limit``."""
+    step = 1
+    if limit is None:
+        return step
+    while -(-total // step) > limit and step < (1 << SUBSET_LEVELS):
+        step *= 2
+    return step
+
+
 def row_levels(index: np.ndarray) -> np.ndarray:
     """Trailing zero bits of each (non-negative) row index, capped at :data:`SUBSET_LEVELS`."""
     index = np.asarray(index, dtype=np.int64)
@@ -86,6 +98,38 @@ def row_levels(index: np.ndarray) -> np.ndarray:
     low = index[nz] & -index[nz]
     out[nz] = np.minimum(np.round(np.log2(low)).astype(np.int64), SUBSET_LEVELS)
     return out
+
+
+CHANNELS_LAST = "::onnxzip_channels_last"
+
+
+def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict) -> tuple[onnx.ModelProto, dict]:
+    """A copy of ``model`` with a channel-last Transpose of each wanted feature map.
+
+    ``wanted``: (tensor, channel axis) pairs. Returns the model and, per tensor, the name to fetch
+    and its channel axis there. onnxruntime writes the transposed copy instead of the plain one
+    (its blocked-layout convolutions reorder their outputs either way), and the accumulators then
+    read every row's features from contiguous memory.
+    """
+    axes: dict[str, set] = {}
+    for tensor, axis in wanted:
+        axes.setdefault(tensor, set()).add(axis)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    where = {}
+    for tensor, options in axes.items():
+        axis = next(iter(options))
+        shape = shapes.get(tensor)
+        rank = len(shape) if shape is not None else 0
+        if len(options) > 1 or rank < 3 or axis % rank in (0, rank - 1):
+            where[tensor] = (tensor, axis)
+            continue
+        axis %= rank
+        perm = [0] + [a for a in range(1, rank) if a != axis] + [axis]
+        name = tensor + CHANNELS_LAST
+        m.graph.node.append(helper.make_node("Transpose", [tensor], [name], name=name, perm=perm))
+        where[tensor] = (name, rank - 1)
+    return m, where
 
 
 def fetch_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -173,13 +217,39 @@ def _sub_batch(batch, start: int, stop: int):
     return Batch({k: v[start:stop] for k, v in batch.feeds.items()}, batch.valid[start:stop], batch.task[start:stop])
 
 
+# Covariance rows per feature that every measured tensor keeps at least (see collect_stats).
+ROWS_PER_FEATURE = 128
+MIN_POSITIONS = 4
+
+
+def max_positions(dim: int, items: int | None, rows_per_feature: int | None) -> int | None:
+    """Positions per item a covariance of ``dim`` features samples (None: all)."""
+    if not rows_per_feature or not items:
+        return None
+    return max(MIN_POSITIONS, -(-rows_per_feature * dim // items))
+
+
 def collect_stats(
     graphs: list[LayerGraph],
     batches,
     providers=None,
     progress=None,
+    items: int | None = None,
+    rows_per_feature: int | None = ROWS_PER_FEATURE,
+    preact_rows: int | None = None,
 ) -> PairStats:
     """Stream statistics of two models over ``batches`` (from :meth:`DataSet.batches`).
+
+    Covariances of feature maps with many positions per item are estimated on a random subset
+    of each item's positions: at most ``ceil(rows_per_feature * D / items)`` per item and
+    measured tensor (``D``: the group's features in both models, ``items``: the calibration
+    samples), so that each tensor still gives at least ``rows_per_feature * D`` rows; ``None``
+    (or unknown ``items``) uses every position. Means and pre-activation moments always use
+    every position.
+
+    Pre-activation moments (the statistics correction's targets) are taken on the rows the
+    correction measures on: every k-th valid row, k the smallest power of two that leaves at
+    most ``preact_rows`` of the ``items`` (None: all rows); see ``PairStats.preact_step``.
 
     ``graphs[k].layers[i]`` correspond across models, as do measurement points; the batches'
     feeds are keyed by the first model's input names and mapped by position to the others.
@@ -189,20 +259,24 @@ def collect_stats(
     n_models = len(graphs)
     base = graphs[0]
     points = [g.measure_points() for g in graphs]
-    fetch = []
+    fetch, where, models = [], [], []
     for k, g in enumerate(graphs):
-        names = list(dict.fromkeys([p.tensor for p in points[k]] + [l.preact for l in g.layers] + g.outputs[:1]))
+        wanted = [(p.tensor, p.axis) for p in points[k]] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
+        model, w = channels_last_model(g.model, wanted, g.shapes)
+        names = list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1]))
         fetch.append(names)
+        where.append(w)
+        models.append(model)
     # the models run side by side, each on its share of the cores (no straggler waits inside an
     # op while the accumulator threads hold a core)
     threads = max(1, _worker_count(cap=64) // n_models)
-    sessions = [make_session(fetch_model(g.model, fetch[k]), providers, optimize=True, threads=threads)
-                for k, g in enumerate(graphs)]
+    sessions = [make_session(fetch_model(m, fetch[k]), providers, optimize=True, threads=threads)
+                for k, m in enumerate(models)]
     static = any(_static_batch(g.model) for g in graphs)
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
-        size = base.groups[p.gid].size
-        group_acc.setdefault(p.gid, CovarianceAccumulator(n_models * size))
+        dim = n_models * base.groups[p.gid].size
+        group_acc.setdefault(p.gid, CovarianceAccumulator(dim, max_positions(dim, items, rows_per_feature), seed=p.gid))
     # per layer and model: the samples it owns (its targets) and the rest (fallback: all samples),
     # each split by row level (so the correction can take targets on its own subset of rows)
     preact_acc = {i: [SplitMoments(l.out_channels, 2 * (SUBSET_LEVELS + 1)) for _ in graphs] for i, l in enumerate(base.layers)}
@@ -211,7 +285,8 @@ def collect_stats(
     owners: list[np.ndarray] = []
     # one task per accumulator, each always on the same worker (so every accumulator sees its
     # updates in order: the result does not depend on the number of workers)
-    tasks = _tasks(graphs, points, group_acc, preact_acc)
+    preact_step = subset_step(items, preact_rows) if items else 1
+    tasks = _tasks(graphs, points, group_acc, preact_acc, where, int(preact_step).bit_length() - 1)
     workers = _worker_count()
     plan = None
 
@@ -271,7 +346,7 @@ def collect_stats(
                 mean, var, _ = acc.moments(owned + rest)
             preact[i].append((mean, var))
     return PairStats(groups, preact, samples, assigned, n_batches, owners, per_sample / max(1, n_models), largest,
-                     preact_acc)
+                     preact_acc, preact_step)
 
 
 def _run(sess, graph: LayerGraph, base: LayerGraph, names: list[str], batch) -> dict:
@@ -291,8 +366,10 @@ def _worker_count(cap: int | None = None) -> int:
 MAX_WORKERS = 8
 
 
-def _tasks(graphs, points, group_acc, preact_acc) -> list:
-    """(cost function, update function) per accumulator."""
+def _tasks(graphs, points, group_acc, preact_acc, where, min_level: int = 0) -> list:
+    """(cost function, update function) per accumulator; ``where[k]``: tensor -> (fetched name,
+    channel axis) in model k's run (see :func:`channels_last_model`); pre-activation moments only
+    on rows of level ``min_level`` or more."""
     n_models = len(graphs)
     tasks = []
     by_group: dict[int, list[int]] = {}
@@ -300,31 +377,37 @@ def _tasks(graphs, points, group_acc, preact_acc) -> list:
         by_group.setdefault(p.gid, []).append(j)
     for gid, js in by_group.items():
         acc = group_acc[gid]
+        blocks = [[where[k][points[k][j].tensor] for k in range(n_models)] for j in js]
 
-        def update(outs, valid, owner, acc=acc, js=js) -> None:
+        def update(outs, valid, owner, acc=acc, blocks=blocks) -> None:
             w = valid.astype(np.float64)
-            for j in js:
-                acc.update_blocks([(outs[k][points[k][j].tensor], points[k][j].axis) for k in range(n_models)], w)
+            for per_model in blocks:
+                acc.update_blocks([(outs[k][name], axis) for k, (name, axis) in enumerate(per_model)], w)
 
-        def cost(outs, acc=acc, js=js) -> float:
-            return float(acc.dim) ** 2 * sum(outs[0][points[0][j].tensor].size / max(1, acc.dim // n_models) for j in js)
+        def cost(outs, acc=acc, blocks=blocks) -> float:
+            rows = 0.0
+            for per_model in blocks:
+                t = outs[0][per_model[0][0]]
+                positions = t.size / max(1, t.shape[0] * (acc.dim // n_models))
+                rows += t.shape[0] * min(positions, acc.max_positions or positions)
+            return float(acc.dim) ** 2 * rows
 
         tasks.append((cost, update))
     for i in range(len(graphs[0].layers)):
         for k, g in enumerate(graphs):
             layer = g.layers[i]
             acc = preact_acc[i][k]
-            axis = _channel_axis(g, layer)
+            name, axis = where[k][layer.preact]
 
-            def update(outs, valid, owner_level, acc=acc, k=k, name=layer.preact, axis=axis) -> None:
+            def update(outs, valid, owner_level, acc=acc, k=k, name=name, axis=axis) -> None:
                 owner, level = owner_level
                 masks = np.zeros((2 * (SUBSET_LEVELS + 1), len(valid)), dtype=bool)
-                rows = np.flatnonzero(valid)
+                rows = np.flatnonzero(valid & (level >= min_level))
                 own = owner[k][rows]
                 masks[np.where(own, 0, SUBSET_LEVELS + 1) + level[rows], rows] = True
                 acc.update(outs[k][name], axis, masks)
 
-            def cost(outs, k=k, name=layer.preact) -> float:
+            def cost(outs, k=k, name=name) -> float:
                 return 8.0 * outs[k][name].size
 
             tasks.append((cost, update))
