@@ -272,16 +272,19 @@ class _Frontier:
         self.providers = providers
         self.values: dict[str, list] = {i.name: feeds[i.name] for i in model.graph.input if i.name in feeds}
         self.done: set[str] = set()
+        # the repair edits initializers only: the graph's wiring is fixed
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, set[str]] = {}
+        self.outputs: dict[str, list[str]] = {}
+        for n in model.graph.node:
+            self.outputs[n.name] = [o for o in n.output if o]
+            for o in self.outputs[n.name]:
+                self.producer[o] = n
+            for i in _node_inputs(n):
+                self.consumers.setdefault(i, set()).add(n.name)
 
     def _maps(self):
-        producer, consumers = {}, {}
-        for n in self.model.graph.node:
-            for o in n.output:
-                if o:
-                    producer[o] = n
-            for i in _node_inputs(n):
-                consumers.setdefault(i, set()).add(n.name)
-        return producer, consumers
+        return self.producer, self.consumers
 
     def plan(self, targets: list[str], changed: set[str], restored: dict[str, set[str]]) -> _Plan:
         """What to run to measure ``targets``.
@@ -345,10 +348,7 @@ class _Frontier:
         return _Plan(list(targets), nodes, fetch, inputs, post, free)
 
     def _outputs(self, name: str) -> list[str]:
-        for n in self.model.graph.node:
-            if n.name == name:
-                return [o for o in n.output if o]
-        return []
+        return self.outputs.get(name, [])
 
     def _session(self, plan: _Plan):
         graph_inputs = []
@@ -386,8 +386,8 @@ class _Frontier:
             done.update(nodes)
             if s is not None and preact in merged:
                 merged[preact] = [_affine(v, s, offset, axis) for v in merged[preact]]
-        _, consumers = self._maps()
-        producer_names = {o: n.name for n in self.model.graph.node for o in n.output if o}
+        consumers = self.consumers
+        producer_names = {o: n.name for o, n in self.producer.items()}
         values = {}
         for name, vals in merged.items():
             p = producer_names.get(name)
