@@ -1,10 +1,10 @@
 """Streaming accumulators: mean and covariance in float64, memory independent of the data size.
 
 Sums are kept in float64. Products are formed in the data's own precision: float64 data in
-float64; float32 activations (what onnxruntime returns) in float32, over chunks of at most
-:data:`CHUNK_ROWS` rows whose sums are then added in float64 (float32 matrix products are about
-twice as fast; a chunk's rounding error, about ``sqrt(CHUNK_ROWS) * 6e-8`` relative, is below the
-activations' own precision).
+float64; float32 activations (what onnxruntime returns) in float32, over chunks of
+:data:`CHUNK_ROWS` rows (up to :data:`MAX_STAGED_ROWS` for wide layers) whose sums are then added
+in float64 (float32 matrix products are about twice as fast; a chunk's rounding error, about
+``sqrt(rows) * 6e-8`` relative, is below the activations' own precision).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ __all__ = ["CovarianceAccumulator", "MomentAccumulator", "SplitMoments", "as_sam
 
 # Rows per matrix product in the activations' precision (float32), before summing in float64.
 CHUNK_ROWS = 2048
+# Rows staged before a Gram product: max(CHUNK_ROWS, features), at most this many.
+MAX_STAGED_ROWS = 4096
 
 
 def as_samples(x: np.ndarray, axis: int) -> np.ndarray:
@@ -61,6 +63,10 @@ class CovarianceAccumulator:
         # every block), None for all
         self.max_positions = max_positions
         self.rng = np.random.default_rng(seed)
+        # update_blocks stages centred rows here and forms their Gram matrix once the buffer is
+        # full (few rows per update would otherwise pay a D x D float64 addition each)
+        self._pending: np.ndarray | None = None
+        self._filled = 0
 
     def update(self, rows: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Add samples; ``rows`` is ``[items, positions, D]`` (see :func:`as_samples`)."""
@@ -112,10 +118,9 @@ class CovarianceAccumulator:
         if sample:
             p_all, p = p, self.max_positions
         per = max(1, CHUNK_ROWS // p)
-        ones = None
         for i0 in range(0, n, per):
             i1 = min(n, i0 + per)
-            buf = np.empty((i1 - i0, p, self.dim), dtype=dtype)  # rows (items x positions) x features
+            buf = self._reserve((i1 - i0) * p, dtype).reshape(i1 - i0, p, self.dim)
             # a fresh random subset of positions per chunk of items, the same in every block
             index = np.sort(self.rng.choice(p_all, p, replace=False)) if sample else None
             off = 0
@@ -124,21 +129,41 @@ class CovarianceAccumulator:
                 part = v[i0:i1] if index is None else v[i0:i1, index]
                 np.subtract(part, shift[off:off + c], out=buf[:, :, off:off + c])
                 off += c
-            x = buf.reshape(-1, self.dim)
-            if ones is None or len(ones) != x.shape[0]:
-                ones = np.ones(x.shape[0], dtype=dtype)
-            self.count += x.shape[0]
-            self.s1 += ones @ x
-            _add_gram(self.s2, x)
+            self.count += (i1 - i0) * p
+
+    def _reserve(self, rows: int, dtype) -> np.ndarray:
+        """``rows`` free rows of the staging buffer (flushed first when they do not fit)."""
+        if self._pending is not None and (self._pending.dtype != dtype or self._filled + rows > len(self._pending)):
+            self._flush()
+        if self._pending is None or self._pending.dtype != dtype or rows > len(self._pending):
+            self._pending = np.empty((max(rows, CHUNK_ROWS, min(self.dim, MAX_STAGED_ROWS)), self.dim), dtype=dtype)
+        out = self._pending[self._filled:self._filled + rows]
+        self._filled += rows
+        return out
+
+    def _flush(self) -> None:
+        if self._pending is None or self._filled == 0:
+            return
+        x = self._pending[:self._filled]
+        self.s1 += np.ones(len(x), dtype=x.dtype) @ x
+        _add_gram(self.s2, x)
+        self._filled = 0
+
+    def release(self) -> None:
+        """Form the staged rows' products and free the staging buffer."""
+        self._flush()
+        self._pending = None
 
     @property
     def mean(self) -> np.ndarray:
+        self._flush()
         if self.count == 0:
             return np.zeros(self.dim)
         return self.shift + self.s1 / self.count
 
     @property
     def covariance(self) -> np.ndarray:
+        self._flush()
         if self.count == 0:
             return np.zeros((self.dim, self.dim))
         m = self.s1 / self.count

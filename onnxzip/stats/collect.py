@@ -334,6 +334,8 @@ def collect_stats(
             n_batches += 1
             if progress is not None:
                 progress(int(batch.valid.sum()))
+    for a in group_acc.values():
+        a.release()
     groups = {gid: GroupStats(a.mean, a.covariance, a.count) for gid, a in group_acc.items()}
     owned = [_part(True, lv) for lv in range(SUBSET_LEVELS + 1)]
     rest = [_part(False, lv) for lv in range(SUBSET_LEVELS + 1)]
