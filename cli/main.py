@@ -210,6 +210,7 @@ def zip_cmd(
     repair_heads: bool = typer.Option(True, "--repair-heads/--no-repair-heads", help="Also correct layers inside each task's branch."),
     repair_samples: Optional[int] = typer.Option(None, help="Calibration rows the repair measures (default: up to 128, fewer when they would not fit in memory; 0: all)."),
     all_positions: bool = typer.Option(False, "--all-positions", help="Covariances over every position of every feature map (default: large maps are sampled, at least 128 rows per feature)."),
+    seed: int = typer.Option(0, help="Seed of the sampled positions (results are deterministic for a given seed)."),
     batch_size: int = typer.Option(64, help="Calibration batch size."),
     max_samples: Optional[int] = typer.Option(None, help="Use at most this many calibration samples."),
     providers: Optional[str] = typer.Option(None, help="onnxruntime execution providers, comma-separated (default CPU)."),
@@ -236,7 +237,7 @@ def zip_cmd(
                 batch_size=batch_size, max_samples=max_samples, providers=prov, progress=bars,
                 holdout=holdout, search=search, select_by=select_by, select_data=_parse_tasks_eval(task) or None,
                 min_fidelity=min_fidelity, max_flops=max_flops, input_layout=input_layout,
-                repair_samples=repair_samples, all_positions=all_positions,
+                repair_samples=repair_samples, all_positions=all_positions, seed=seed,
             )
         total = time.perf_counter() - t0
         summary = result.summary()

@@ -162,7 +162,7 @@ def default_tasks(sources: list[str]) -> list[str]:
 def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int | None = None,
                  providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None,
                  holdout: float = 0.0, input_layout: str | None = None, all_positions: bool = False,
-                 repair_samples: int | None = None) -> PreparedPair:
+                 repair_samples: int | None = None, seed: int = 0) -> PreparedPair:
     """Load, normalize, parse and check two models; optionally collect their statistics.
 
     ``holdout``: share of the calibration samples kept out of the statistics and the repair, to
@@ -174,6 +174,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     are sampled, see :func:`onnxzip.stats.collect.collect_stats`).
     ``repair_samples``: the most rows a later repair measures on (None: the default,
     :data:`onnxzip.repair.REPAIR_SAMPLES`; 0: all); the repair targets are taken on those rows.
+    ``seed``: seeds the sampled positions (the result is otherwise deterministic).
     """
     if not 0.0 <= holdout < 1.0:
         raise OptionError(f"--holdout {holdout} must be in [0, 1)")
@@ -238,7 +239,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
         held = n // max(2, int(round(1.0 / holdout))) if holdout > 0 else 0
         pair.stats = collect_stats(graphs, pair.batches(), providers, _stage(progress, "statistics", n),
                                    items=n - held, rows_per_feature=None if all_positions else ROWS_PER_FEATURE,
-                                   preact_rows=_preact_rows(repair_samples))
+                                   preact_rows=_preact_rows(repair_samples), seed=seed)
         timings["statistics"] = time.perf_counter() - t1
     return pair
 
@@ -366,7 +367,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
                log=None, input_layout: str | None = None, repair_samples: int | None = None,
-               all_positions: bool = False) -> ZipResult:
+               all_positions: bool = False, seed: int = 0) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
     Args:
@@ -389,7 +390,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         repair_samples: calibration rows the repair measures (None: an evenly spread subset of at
             most :data:`onnxzip.repair.REPAIR_SAMPLES`, fewer when they would not fit; 0: all).
         all_positions: covariances over every position of every feature map (default: maps with
-            many positions are sampled, at least ``ROWS_PER_FEATURE`` rows per feature).
+            many positions are sampled, at least ``ROWS_PER_FEATURE`` rows per feature); ``seed``
+            seeds that sampling.
         input_layout: "NCHW" or "NHWC": the zipped model's image input layout when the two
             models differ (default: model A's).
     """
@@ -414,7 +416,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)])
     pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress,
                         holdout=holdout, input_layout=input_layout, all_positions=all_positions,
-                        repair_samples=repair_samples)
+                        repair_samples=repair_samples, seed=seed)
     selection = None
     if auto or auto_depth:
         t = time.perf_counter()

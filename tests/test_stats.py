@@ -138,3 +138,11 @@ def test_sampled_statistics_use_fewer_positions_on_large_maps_only(tiny, calib):
                 expected += items * min(positions, cap)
                 assert min(positions, cap) * items >= min(positions * items, ROWS_PER_FEATURE * dim)
         assert gs.count == expected
+
+
+def test_sampled_positions_follow_the_seed(tiny, calib):
+    a, b = tiny("resnet", seed=0), tiny("resnet", seed=1)
+    runs = [prepare_pair(a, b, calib, tasks=["a", "b"], seed=s).stats for s in (0, 0, 1)]
+    first, again, other = ({gid: g.covariance for gid, g in r.groups.items()} for r in runs)
+    assert all(np.array_equal(first[g], again[g]) for g in first)
+    assert any(not np.array_equal(first[g], other[g]) for g in first)

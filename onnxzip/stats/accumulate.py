@@ -53,7 +53,7 @@ class CovarianceAccumulator:
     precision on features with a large mean.
     """
 
-    def __init__(self, dim: int, max_positions: int | None = None, seed: int = 0):
+    def __init__(self, dim: int, max_positions: int | None = None, seed=0):
         self.dim = dim
         self.count = 0.0
         self.shift: np.ndarray | None = None

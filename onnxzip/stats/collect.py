@@ -237,6 +237,7 @@ def collect_stats(
     items: int | None = None,
     rows_per_feature: int | None = ROWS_PER_FEATURE,
     preact_rows: int | None = None,
+    seed: int = 0,
 ) -> PairStats:
     """Stream statistics of two models over ``batches`` (from :meth:`DataSet.batches`).
 
@@ -245,7 +246,7 @@ def collect_stats(
     measured tensor (``D``: the group's features in both models, ``items``: the calibration
     samples), so that each tensor still gives at least ``rows_per_feature * D`` rows; ``None``
     (or unknown ``items``) uses every position. Means and pre-activation moments always use
-    every position.
+    every position. ``seed`` seeds the choice of positions (one stream per group).
 
     Pre-activation moments (the statistics correction's targets) are taken on the rows the
     correction measures on: every k-th valid row, k the smallest power of two that leaves at
@@ -276,7 +277,8 @@ def collect_stats(
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
         dim = n_models * base.groups[p.gid].size
-        group_acc.setdefault(p.gid, CovarianceAccumulator(dim, max_positions(dim, items, rows_per_feature), seed=p.gid))
+        group_acc.setdefault(p.gid, CovarianceAccumulator(dim, max_positions(dim, items, rows_per_feature),
+                                                            seed=(seed, p.gid)))
     # per layer and model: the samples it owns (its targets) and the rest (fallback: all samples),
     # each split by row level (so the correction can take targets on its own subset of rows)
     preact_acc = {i: [SplitMoments(l.out_channels, 2 * (SUBSET_LEVELS + 1)) for _ in graphs] for i, l in enumerate(base.layers)}
