@@ -245,8 +245,9 @@ def collect_stats(
     of each item's positions: at most ``ceil(rows_per_feature * D / items)`` per item and
     measured tensor (``D``: the group's features in both models, ``items``: the calibration
     samples), so that each tensor still gives at least ``rows_per_feature * D`` rows; ``None``
-    (or unknown ``items``) uses every position. Means and pre-activation moments always use
-    every position. ``seed`` seeds the choice of positions (one stream per group).
+    (or unknown ``items``) uses every position. A group's mean comes from the same rows as its
+    covariance; pre-activation moments always use every position. ``seed`` seeds the choice of
+    positions (one stream per group).
 
     Pre-activation moments (the statistics correction's targets) are taken on the rows the
     correction measures on: every k-th valid row, k the smallest power of two that leaves at
