@@ -299,6 +299,8 @@ def sweep_cmd(
     tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated."),
     holdout: float = typer.Option(0.2, help="Share of calibration samples held out to measure fidelity."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure onnxruntime latency of each result."),
+    all_positions: bool = typer.Option(False, "--all-positions", help="Covariances over every position (as for zip)."),
+    seed: int = typer.Option(0, help="Seed of the sampled positions (as for zip)."),
     batch_size: int = typer.Option(64),
     max_samples: Optional[int] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -322,7 +324,7 @@ def sweep_cmd(
         t0 = time.perf_counter()
         with _bars() as bars:
             pair = prepare_pair(str(model_a), str(model_b), spec, batch_size, max_samples, tasks=task_names,
-                                holdout=holdout, progress=bars)
+                                holdout=holdout, progress=bars, all_positions=all_positions, seed=seed)
         hold = make_holdout(pair)
         labeled = None
         if task:

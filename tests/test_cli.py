@@ -151,3 +151,25 @@ def test_zip_nhwc_with_nchw_takes_the_chosen_layout_and_evaluates(tmp_path):
     assert any("layout" in w for w in summary["warnings"])
     assert onnx.load(out).graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1  # N, C=1, H, W
     assert summary["eval"]["model A"]["per_task"]["a"] > 0.9
+
+
+def test_zip_sampling_options_reach_the_statistics(tiny, calib, tmp_path):
+    """A given --seed gives the same model; --all-positions and --repair-samples reach the zip
+    (the seed's effect on the statistics is tested in test_stats)."""
+    a, b = tiny("resnet", seed=0), tiny("resnet", seed=1)
+
+    def zip_with(name, *extra):
+        out = tmp_path / f"{name}.onnx"
+        r = runner.invoke(app, ["zip", str(a), str(b), "-d", str(calib), "-o", str(out), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+        return json.loads(r.output), weights
+
+    rows = len(np.load(calib)["input"])
+    summary, default = zip_with("default")
+    _, again = zip_with("again", "--seed", "0")
+    fewer, _ = zip_with("fewer", "--all-positions", "--repair-samples", str(rows // 3), "--seed", "1")
+    assert all(np.array_equal(default[k], again[k]) for k in default)
+    assert summary["repair"]["samples"] == min(rows, 128)
+    # every 4th row: the smallest power-of-two step that leaves at most rows // 3
+    assert fewer["repair"]["samples"] == -(-rows // 4)
