@@ -277,7 +277,12 @@ def resolve_stop_at(stop_at, num_layers: int) -> int:
 def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None = None, stop_at=None,
                  tasks: list[str] | None = None, do_repair: bool = True, repair_heads: bool = True,
                  progress=None, repair_samples: int | None = None) -> ZipResult:
-    """One zip candidate from prepared statistics: match, rewrite, split, repair, validate."""
+    """One zip candidate from prepared statistics: match, rewrite, split, repair, validate.
+
+    ``repair_samples`` can only lower the rows the repair measures on: its targets exist for the
+    rows :func:`prepare_pair` was asked for (its own ``repair_samples``); ``result.repair.samples``
+    says how many were used.
+    """
     params = validate_params(get_matcher(method).name, dict(params or {}))
     graphs = pair.graphs
     m = graphs[0].num_layers

@@ -146,3 +146,32 @@ def test_sampled_positions_follow_the_seed(tiny, calib):
     first, again, other = ({gid: g.covariance for gid, g in r.groups.items()} for r in runs)
     assert all(np.array_equal(first[g], again[g]) for g in first)
     assert any(not np.array_equal(first[g], other[g]) for g in first)
+
+
+def test_static_batch_model_gives_the_statistics_of_its_dynamic_twin(tiny, calib, tmp_path):
+    """A fixed batch axis pads the last batch; padding rows must not reach any statistic."""
+    import onnx
+
+    def static(path, name):
+        m = onnx.load(path)
+        for i in m.graph.input:
+            i.type.tensor_type.shape.dim[0].dim_value = 16
+        for o in m.graph.output:
+            o.type.tensor_type.shape.dim[0].dim_value = 16
+        out = tmp_path / name
+        onnx.save(m, out)
+        return out
+
+    a, b = tiny("resnet", seed=0), tiny("resnet", seed=1)
+    kw = dict(batch_size=16, max_samples=90, tasks=["a", "b"], all_positions=True)  # 90 = 5 x 16 + 10
+    dyn = prepare_pair(a, b, calib, **kw).stats
+    fix = prepare_pair(static(a, "sa.onnx"), static(b, "sb.onnx"), calib, **kw).stats
+    assert fix.samples == dyn.samples == 90
+    for gid, g in dyn.groups.items():
+        assert fix.groups[gid].count == g.count
+        np.testing.assert_allclose(fix.groups[gid].mean, g.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fix.groups[gid].covariance, g.covariance, rtol=1e-4, atol=1e-6)
+    for i, per_model in dyn.preact.items():
+        for (m1, v1), (m2, v2) in zip(per_model, fix.preact[i]):
+            np.testing.assert_allclose(m2, m1, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(v2, v1, rtol=1e-4, atol=1e-6)
