@@ -37,12 +37,12 @@ def sessions(graphs, mode: str):
             continue
         wanted = [(p.tensor, p.axis) for p in g.measure_points()] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
         if mode == "channel-last":
-            model, where = channels_last_model(g.model, wanted, g.shapes)
-            names = [n for n, _ in where.values()]
+            model, where = channels_last_model(g.model, wanted, g.shapes, also=g.outputs[:1])
+            names = list(dict.fromkeys([n for n, _ in where.values()] + g.outputs[:1]))
         else:
-            model, names = g.model, [t for t, _ in wanted]
-        names = list(dict.fromkeys(names + g.outputs[:1]))
-        out.append((make_session(fetch_model(model, names), optimize=True), names))
+            names = list(dict.fromkeys([t for t, _ in wanted] + g.outputs[:1]))
+            model = fetch_model(g.model, names)
+        out.append((make_session(model, optimize=True), names))
     return out
 
 

@@ -317,17 +317,8 @@ def _gemm(node: onnx.NodeProto, shapes: _Shapes) -> int | None:
     return flops
 
 
-@_register("MatMul", "MatMulInteger")
+@_register("MatMul", "MatMulInteger", "QLinearMatMul")
 def _matmul(node: onnx.NodeProto, shapes: _Shapes) -> int | None:
-    a = shapes.get(node.input[0])
-    out = shapes.get(node.output[0])
-    if a is None or out is None or not a:
-        return None
-    return 2 * math.prod(out) * a[-1]
-
-
-@_register("QLinearMatMul")
-def _qlinear_matmul(node: onnx.NodeProto, shapes: _Shapes) -> int | None:
     a = shapes.get(node.input[0])
     out = shapes.get(node.output[0])
     if a is None or out is None or not a:

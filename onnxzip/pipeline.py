@@ -236,7 +236,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
         warnings.append(f"only about {int(n * holdout)} held-out samples to score candidates: use more calibration data")
     if collect:
         t1 = time.perf_counter()
-        held = n // max(2, int(round(1.0 / holdout))) if holdout > 0 else 0
+        held = int(pair._holdout_mask(0, n).sum())
         pair.stats = collect_stats(graphs, pair.batches(), providers, _stage(progress, "statistics", n),
                                    items=n - held, rows_per_feature=None if all_positions else ROWS_PER_FEATURE,
                                    preact_rows=_preact_rows(repair_samples), seed=seed)

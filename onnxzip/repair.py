@@ -283,9 +283,6 @@ class _Frontier:
             for i in _node_inputs(n):
                 self.consumers.setdefault(i, set()).add(n.name)
 
-    def _maps(self):
-        return self.producer, self.consumers
-
     def plan(self, targets: list[str], changed: set[str], restored: dict[str, set[str]]) -> _Plan:
         """What to run to measure ``targets``.
 
@@ -293,7 +290,7 @@ class _Frontier:
         that compute it from their inputs, for the layers whose corrected pre-activation is
         updated in place (so their nodes stay valid).
         """
-        producer, consumers = self._maps()
+        producer, consumers = self.producer, self.consumers
         inits = self.weights.index
         closure: set[str] = set()
         stack = list(targets)
@@ -324,7 +321,7 @@ class _Frontier:
             for c in consumers.get(t, ()):
                 if c not in stale:
                     stale.add(c)
-                    seeds.extend(o for o in self._outputs(c))
+                    seeds.extend(self.outputs.get(c, []))
         stale &= computed
         post = computed - stale
         nodes = [n for n in self.model.graph.node if n.name in closure]
@@ -346,9 +343,6 @@ class _Frontier:
             raise InternalError(f"repair: tensors {missing} are neither kept nor computable")
         free = [i for i in inputs if i not in targets and consumers.get(i, set()) <= post]
         return _Plan(list(targets), nodes, fetch, inputs, post, free)
-
-    def _outputs(self, name: str) -> list[str]:
-        return self.outputs.get(name, [])
 
     def _session(self, plan: _Plan):
         graph_inputs = []

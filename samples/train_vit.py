@@ -50,25 +50,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+# shared with the CNN samples: augmentation, accuracy, the two exporters (same opsets), file sizes
+from train_digits import SIZE, accuracy, export_dynamo, export_torchscript, file_size, shift_batch
 
 # --------------------------------------------------------------------------------------------
 # Settings (changing any of these changes the committed samples)
 # --------------------------------------------------------------------------------------------
 SEEDS = {"a": 5000, "b": 5001}
-SIZE = 16
 PATCH = 4
 DIM = 64
 HEADS = 4
 DEPTH = 2
 MLP_RATIO = 2
 NUM_CLASSES = 5
-OPSET = 17              # TorchScript exporter
-DYNAMO_OPSET = 18       # the dynamo exporter's minimum
 # AdamW (weight decay on the matrices only, not on biases, LayerNorm, cls token or position embeddings),
 # one-cycle learning rate with 10% warmup.
 RECIPE = dict(epochs=200, lr=2e-3, wd=0.05, warmup=0.1)
 BATCH = 64
-MAX_SHIFT = 2           # augmentation: random translation by up to this many pixels (zero fill)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,25 +151,6 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return d["input"], d["labels"]
 
 
-def shift_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to MAX_SHIFT pixels per image (zero fill)."""
-    n = x.shape[0]
-    pad = F.pad(x, (MAX_SHIFT,) * 4)
-    offs = torch.randint(0, 2 * MAX_SHIFT + 1, (n, 2), generator=gen)
-    out = torch.empty_like(x)
-    for i in range(n):
-        dy, dx = int(offs[i, 0]), int(offs[i, 1])
-        out[i] = pad[i, :, dy:dy + SIZE, dx:dx + SIZE]
-    return out
-
-
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    model.eval()
-    with torch.no_grad():
-        pred = model(torch.from_numpy(x)).argmax(1).numpy()
-    return float((pred == y).mean())
-
-
 def train(task: str, data: dict, epochs: int) -> tuple[nn.Module, dict]:
     seed = SEEDS[task]
     torch.manual_seed(seed)
@@ -210,25 +189,6 @@ def train(task: str, data: dict, epochs: int) -> tuple[nn.Module, dict]:
 # --------------------------------------------------------------------------------------------
 # Export and verification
 # --------------------------------------------------------------------------------------------
-def export_torchscript(model: nn.Module, path: Path) -> None:
-    torch.onnx.export(
-        model, (torch.zeros(2, 1, SIZE, SIZE),), str(path), dynamo=False, opset_version=OPSET,
-        do_constant_folding=True, input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-
-
-def export_dynamo(model: nn.Module, path: Path) -> None:
-    data_file = path.with_name(path.name + ".data")
-    for p in (path, data_file):
-        if p.exists():
-            p.unlink()
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.onnx.export(
-        model, (torch.zeros(2, 1, SIZE, SIZE),), str(path), dynamo=True, opset_version=DYNAMO_OPSET,
-        input_names=["input"], output_names=["logits"], dynamic_shapes={"x": {0: batch}},
-        external_data=True)
-
-
 def verify(path: Path, model: nn.Module, x_eval: np.ndarray) -> dict:
     """onnx.checker, then onnxruntime vs torch on every test image, at full batch and at batch 1."""
     import onnx
@@ -251,12 +211,6 @@ def verify(path: Path, model: nn.Module, x_eval: np.ndarray) -> dict:
     return dict(max_abs_diff=diff_full, max_abs_diff_batch1=diff_b1, opset=opset, ir_version=proto.ir_version,
                 ops=sorted({n.op_type for n in proto.graph.node}), input_shape=str(ins[0].shape),
                 output_shape=str(outs[0].shape))
-
-
-def file_size(path: Path) -> int:
-    size = path.stat().st_size
-    data_file = path.with_name(path.name + ".data")
-    return size + (data_file.stat().st_size if data_file.exists() else 0)
 
 
 def describe(path: Path, x: np.ndarray) -> None:

@@ -7,6 +7,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
+def graph_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx.ModelProto:
+    """A checked model of one graph (IR version 8) from nodes, input/output value infos and initializers."""
+    graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def mlp(weights, spelling: str = "gemm_t1", opset: int = 17, hidden_act: str = "Relu") -> onnx.ModelProto:
     """x [N, in] -> dense -> act -> ... -> logits, from weights = [(W [out, in], b [out]), ...].
 

@@ -11,21 +11,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxzip.cost import FlopReport, count_flops, count_params, measure_latency
 from onnxzip.errors import CalibrationDataError, ModelLoadError, OptionError
+from tests.onnx_builders import graph_model
 
-OPSET = 17
 RNG = np.random.default_rng(0)
 
 
 def _init(name, *shape, dtype=np.float32):
     return numpy_helper.from_array(RNG.normal(size=shape).astype(dtype), name)
-
-
-def _model(nodes, inputs, outputs, initializers=()):
-    graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def _vi(name, shape, elem=TensorProto.FLOAT):
@@ -34,7 +26,7 @@ def _vi(name, shape, elem=TensorProto.FLOAT):
 
 def _single(node, in_shape, out_shape, initializers=()):
     inputs, outputs = [_vi(node.input[0], in_shape)], [_vi(node.output[0], out_shape)]
-    return _model([node], inputs, outputs, initializers)
+    return graph_model([node], inputs, outputs, initializers)
 
 
 def test_conv_with_bias():
@@ -77,7 +69,7 @@ def test_matmul_rank3_and_batched():
     # batched, two activations: a [N,3,7,6] @ b [N,3,6,4] -> 3 matmuls per sample
     mm = helper.make_node("MatMul", ["a", "b"], ["y"])
     inputs = [_vi("a", ["N", 3, 7, 6]), _vi("b", ["N", 3, 6, 4])]
-    model = _model([mm], inputs, [_vi("y", ["N", 3, 7, 4])])
+    model = graph_model([mm], inputs, [_vi("y", ["N", 3, 7, 4])])
     assert count_flops(model).total == 3 * 2 * 7 * 6 * 4
 
 
@@ -98,7 +90,7 @@ def test_small_cnn_breakdown_and_shape_only_ops():
         helper.make_node("Gemm", ["f", "W2", "B2"], ["y"], transB=1),
         helper.make_node("Softmax", ["y"], ["s"]),
     ]
-    model = _model(
+    model = graph_model(
         nodes,
         [_vi("x", ["batch", 3, 8, 8])],
         [_vi("s", ["batch", 10])],
@@ -128,7 +120,7 @@ def test_elementwise_and_normalization_rates():
         helper.make_node("Sigmoid", ["a"], ["y"]),
     ]
     inits = [_init(n, 4) for n in "sbm"] + [numpy_helper.from_array(np.ones(4, np.float32), "v")]
-    model = _model(nodes, [_vi("x", ["N", 4, 2, 2])], [_vi("y", ["N", 4, 2, 2])], inits)
+    model = graph_model(nodes, [_vi("x", ["N", 4, 2, 2])], [_vi("y", ["N", 4, 2, 2])], inits)
     assert count_flops(model).by_op_type == {"BatchNormalization": 32, "Add": 16, "Sigmoid": 16}
 
 
@@ -175,7 +167,7 @@ def test_params_count_shared_initializer_once():
         _init("unused", 100),
         numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"),  # not a float parameter
     ]
-    model = _model(nodes, [_vi("x", ["N", 4])], [_vi("y", ["N", 4])], inits)
+    model = graph_model(nodes, [_vi("x", ["N", 4])], [_vi("y", ["N", 4])], inits)
     assert count_params(model) == 16 + 4
     assert count_flops(model).by_op_type == {"MatMul": 2 * 2 * 16, "Add": 4, "Reshape": 0}
 
@@ -185,7 +177,7 @@ def test_external_data_path(tmp_path):
         helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c"], ["y"]),
     ]
-    model = _model(nodes, [_vi("x", ["N", 3, 8, 8])], [_vi("y", ["N", 4, 8, 8])],
+    model = graph_model(nodes, [_vi("x", ["N", 3, 8, 8])], [_vi("y", ["N", 4, 8, 8])],
                    [_init("W", 4, 3, 3, 3), _init("B", 4)])
     path = tmp_path / "m.onnx"
     onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,

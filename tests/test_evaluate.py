@@ -19,16 +19,7 @@ from onnxzip.evaluate import (
     evaluate_many,
     load_task_data,
 )
-
-OPSET = 17
-
-
-def _model(nodes, inputs, outputs, initializers=()):
-    graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+from tests.onnx_builders import graph_model
 
 
 def gemm_model(weight, bias=None, *, batch="N", out_name="logits", in_name="x"):
@@ -39,7 +30,7 @@ def gemm_model(weight, bias=None, *, batch="N", out_name="logits", in_name="x"):
     if bias is not None:
         inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
         ins.append("B")
-    return _model(
+    return graph_model(
         [helper.make_node("Gemm", ins, [out_name])],
         [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, [batch, weight.shape[0]])],
         [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [batch, weight.shape[1]])],
@@ -51,7 +42,7 @@ def two_head_model(batch="N"):
     """Input x [N, 5]: a/logits = x[:, 0:2], b/logits = x[:, 2:5] (as Gemms with selector weights)."""
     eye = np.eye(5, dtype=np.float32)
     wa, wb = eye[:, :2], eye[:, 2:]
-    return _model(
+    return graph_model(
         [
             helper.make_node("Gemm", ["x", "Wa"], ["a/logits"]),
             helper.make_node("Gemm", ["x", "Wb"], ["b/logits"]),
@@ -321,7 +312,7 @@ def test_load_task_data_errors(tmp_path, arrays, match):
 
 
 def test_load_task_data_multi_input_keys_must_match(tmp_path):
-    model = _model(
+    model = graph_model(
         [helper.make_node("Add", ["x", "y"], ["z"])],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 2]) for n in ("x", "y")],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 2])],

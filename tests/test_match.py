@@ -229,6 +229,16 @@ def test_diagonal_is_ignored():
 # ---------------------------------------------------------------------------------------------
 # Known answers
 # ---------------------------------------------------------------------------------------------
+def pairing_unmerge(perm):
+    """The unmerge that pairs A's feature c with B's copy of it: B feature k copies A feature
+    perm[k], so cluster c = (A c, B feature k with perm[k] = c)."""
+    F = len(perm)
+    expected = np.zeros((2 * F, F))
+    expected[np.arange(F), np.arange(F)] = 1
+    expected[F + np.argsort(perm), np.arange(F)] = 1
+    return expected
+
+
 def permuted_copy_corr(F, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((F, 5 * F + 20))
@@ -241,11 +251,7 @@ def test_zipit_recovers_permutation(alpha):
     F = 12
     corr, perm = permuted_copy_corr(F, 5)
     merge, unmerge = match(corr, "zipit", alpha=alpha, beta=0.0)
-    # B feature k is a copy of A feature perm[k]: cluster c = (A c, B feature k with perm[k] = c)
-    inv = np.argsort(perm)
-    expected = np.zeros((2 * F, F))
-    expected[np.arange(F), np.arange(F)] = 1
-    expected[F + inv, np.arange(F)] = 1
+    expected = pairing_unmerge(perm)
     np.testing.assert_array_equal(unmerge, expected)
     np.testing.assert_array_equal(merge, expected.T / 2)
 
@@ -254,10 +260,7 @@ def test_permute_recovers_permutation():
     F = 12
     corr, perm = permuted_copy_corr(F, 6)
     merge, unmerge = match(corr, "permute")
-    inv = np.argsort(perm)
-    expected = np.zeros((2 * F, F))
-    expected[np.arange(F), np.arange(F)] = 1
-    expected[F + inv, np.arange(F)] = 1
+    expected = pairing_unmerge(perm)
     np.testing.assert_array_equal(unmerge, expected)
     np.testing.assert_array_equal(merge, expected.T / 2)
     check_invariants(merge, unmerge, F)

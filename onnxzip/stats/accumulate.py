@@ -266,54 +266,35 @@ class SplitMoments:
     def update(self, x: np.ndarray, axis: int, masks: np.ndarray) -> None:
         x = np.asarray(x)
         if x.ndim > 1 and axis % x.ndim == x.ndim - 1:
-            self._update_last(x.reshape(x.shape[0], -1, x.shape[-1]), masks)
-            return
-        # [items, channels, positions]: a view for channel-first layouts (NCHW), so the sums over
-        # positions run along contiguous memory (numpy's pairwise summation)
-        v = np.moveaxis(x, axis, 1) if x.ndim > 1 else x.reshape(-1, 1)
-        v = v.reshape(v.shape[0], v.shape[1], -1)
+            # channel-last: [items, positions, channels]
+            v, positions_axis = x.reshape(x.shape[0], -1, x.shape[-1]), 1
+        else:
+            # [items, channels, positions]: a view for channel-first layouts (NCHW), so the sums
+            # over positions run along contiguous memory (numpy's pairwise summation)
+            v = np.moveaxis(x, axis, 1) if x.ndim > 1 else x.reshape(-1, 1)
+            v, positions_axis = v.reshape(v.shape[0], v.shape[1], -1), 2
         masks = np.asarray(masks, dtype=np.float64).reshape(self.parts, v.shape[0])
         keep = masks.any(axis=0)
-        if not keep.any() or v.shape[2] == 0:
+        p = v.shape[positions_axis]
+        if not keep.any() or p == 0:
             return
         if not keep.all():
             v, masks = v[keep], masks[:, keep]
         dtype = _work_dtype([v])
         if self.shift is None:
-            self.shift = v.mean(axis=(0, 2), dtype=np.float64).astype(dtype).astype(np.float64)
-        shift = self.shift.astype(dtype)[:, None]
-        n, _, p = v.shape
-        per = max(1, (1 << 20) // max(1, p * v.shape[1]))  # about 4 MB of float32 at a time
-        for i0 in range(0, n, per):
-            i1 = min(n, i0 + per)
-            xc = v[i0:i1] - shift
-            m = masks[:, i0:i1]
-            self.s1 += m @ xc.sum(axis=2).astype(np.float64)
-            np.multiply(xc, xc, out=xc)
-            self.s2 += m @ xc.sum(axis=2).astype(np.float64)
-            self.count += m.sum(axis=1) * p
-
-    def _update_last(self, v: np.ndarray, masks) -> None:
-        """:meth:`update` for ``[items, positions, channels]`` (channel-last) data."""
-        masks = np.asarray(masks, dtype=np.float64).reshape(self.parts, v.shape[0])
-        keep = masks.any(axis=0)
-        if not keep.any() or v.shape[1] == 0:
-            return
-        if not keep.all():
-            v, masks = v[keep], masks[:, keep]
-        dtype = _work_dtype([v])
-        if self.shift is None:
-            self.shift = v.mean(axis=(0, 1), dtype=np.float64).astype(dtype).astype(np.float64)
+            self.shift = v.mean(axis=(0, positions_axis), dtype=np.float64).astype(dtype).astype(np.float64)
         shift = self.shift.astype(dtype)
-        n, p, c = v.shape
-        per = max(1, (1 << 20) // max(1, p * c))  # about 4 MB of float32 at a time
+        if positions_axis == 2:
+            shift = shift[:, None]
+        n = v.shape[0]
+        per = max(1, (1 << 20) // max(1, p * self.dim))  # about 4 MB of float32 at a time
         for i0 in range(0, n, per):
             i1 = min(n, i0 + per)
             xc = v[i0:i1] - shift
             m = masks[:, i0:i1]
-            self.s1 += m @ xc.sum(axis=1).astype(np.float64)
+            self.s1 += m @ xc.sum(axis=positions_axis).astype(np.float64)
             np.multiply(xc, xc, out=xc)
-            self.s2 += m @ xc.sum(axis=1).astype(np.float64)
+            self.s2 += m @ xc.sum(axis=positions_axis).astype(np.float64)
             self.count += m.sum(axis=1) * p
 
     def moments(self, parts) -> tuple[np.ndarray, np.ndarray, float]:

@@ -103,8 +103,9 @@ def row_levels(index: np.ndarray) -> np.ndarray:
 CHANNELS_LAST = "::onnxzip_channels_last"
 
 
-def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict) -> tuple[onnx.ModelProto, dict]:
-    """A copy of ``model`` with a channel-last Transpose of each wanted feature map.
+def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict, also=()) -> tuple[onnx.ModelProto, dict]:
+    """A copy of ``model`` that outputs a channel-last Transpose of each wanted feature map (and
+    the tensors ``also``).
 
     ``wanted``: (tensor, channel axis) pairs. Returns the model and, per tensor, the name to fetch
     and its channel axis there. onnxruntime writes the transposed copy instead of the plain one
@@ -129,6 +130,7 @@ def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict) -> tuple[o
         name = tensor + CHANNELS_LAST
         m.graph.node.append(helper.make_node("Transpose", [tensor], [name], name=name, perm=perm))
         where[tensor] = (name, rank - 1)
+    _add_outputs(m, [n for n, _ in where.values()] + list(also))
     return m, where
 
 
@@ -136,12 +138,16 @@ def fetch_model(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A shallow copy of ``model`` that also outputs the tensors ``names``."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    _add_outputs(m, names)
+    return m
+
+
+def _add_outputs(m: onnx.ModelProto, names) -> None:
     have = {o.name for o in m.graph.output}
     for n in names:
         if n not in have:
             m.graph.output.append(helper.make_empty_tensor_value_info(n))
             have.add(n)
-    return m
 
 
 def make_session(model: onnx.ModelProto, providers=None, optimize: bool = False, arena: bool = True,
@@ -261,19 +267,16 @@ def collect_stats(
     n_models = len(graphs)
     base = graphs[0]
     points = [g.measure_points() for g in graphs]
-    fetch, where, models = [], [], []
-    for k, g in enumerate(graphs):
-        wanted = [(p.tensor, p.axis) for p in points[k]] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
-        model, w = channels_last_model(g.model, wanted, g.shapes)
-        names = list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1]))
-        fetch.append(names)
-        where.append(w)
-        models.append(model)
     # the models run side by side, each on its share of the cores (no straggler waits inside an
     # op while the accumulator threads hold a core)
     threads = max(1, _worker_count(cap=64) // n_models)
-    sessions = [make_session(fetch_model(m, fetch[k]), providers, optimize=True, threads=threads)
-                for k, m in enumerate(models)]
+    fetch, where, sessions = [], [], []
+    for k, g in enumerate(graphs):
+        wanted = [(p.tensor, p.axis) for p in points[k]] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
+        model, w = channels_last_model(g.model, wanted, g.shapes, also=g.outputs[:1])
+        fetch.append(list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1])))
+        where.append(w)
+        sessions.append(make_session(model, providers, optimize=True, threads=threads))
     static = any(_static_batch(g.model) for g in graphs)
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
