@@ -9,15 +9,16 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Zip ONNX models of the same architecture, trained on different tasks, into one multi-task model (ZipIt!).",
 )
 out = Console()
 err = Console(stderr=True)
-_state = {"verbose": False}
+_state = {"verbose": False, "quiet": False}
 
 
 def _fail(e: BaseException) -> None:
@@ -26,12 +27,12 @@ def _fail(e: BaseException) -> None:
     if _state["verbose"]:
         raise e
     if isinstance(e, OnnxZipError):
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     if isinstance(e, KeyboardInterrupt):
         err.print("interrupted; no output written")
         raise typer.Exit(130)
-    err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (run with --verbose for the traceback and report it)",
+    err.print(f"[red]internal error:[/red] {type(e).__name__}: {escape(str(e))} (run with --verbose for the traceback and report it)",
               highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
@@ -39,15 +40,17 @@ def _fail(e: BaseException) -> None:
 def _run(fn):
     try:
         return fn()
-    except typer.Exit:
+    except (typer.Exit, SystemExit):  # rich exits on a closed pipe (`onnxzip inspect m.onnx | head`)
         raise
     except BaseException as e:  # noqa: BLE001 - every failure gets one line, the traceback with --verbose
         _fail(e)
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors.")):
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     _state["verbose"] = verbose
+    _state["quiet"] = quiet
 
 
 def _fmt_count(n: float) -> str:
@@ -89,18 +92,24 @@ def _bars():
     return _Bars() if err.is_terminal and not _state.get("quiet") else contextlib.nullcontext(None)
 
 
-def _selection_table(sel: dict) -> Table:
-    table = Table(title=f"candidates scored on {sel['holdout_samples']} held-out samples ({sel['select_by']}); "
-                        f"search {sel['search_seconds']:.1f}s")
-    for col in ("alpha", "beta", "stop at", "joint agreement", "task agreement", "accuracy", "s"):
+def _selection_table(sel: dict, params: dict, stop_at: int) -> Table:
+    """The scored candidates; the one the zip uses is marked."""
+    labeled = any(c.get("accuracy") for c in sel["candidates"])
+    table = Table(title=f"candidates scored on {sel['holdout_samples']} held-out samples by {sel['select_by']} "
+                        f"(search {sel['search_seconds']:.1f}s); * = chosen")
+    cols = ["", "alpha", "beta", "stop at", "joint agreement", "task agreement"] + (["joint acc %"] if labeled else [])
+    for col in cols + ["time (s)"]:
         table.add_column(col, justify="right")
-    for c in sel["candidates"]:
-        p = c["params"]
-        acc = c.get("accuracy")
-        table.add_row(str(p.get("alpha", "-")), str(p.get("beta", "-")), str(c["stop_at"]), f"{c['joint_agreement']:.3f}",
-                      " ".join(f"{t}:{v:.2f}" for t, v in c["task_agreement"].items()),
-                      "-" if not acc else f"{100 * acc['joint']:.1f}",
-                      "same merges" if c.get("duplicate_of") is not None else f"{c['seconds']:.1f}")
+    chosen = max((k for k, c in enumerate(sel["candidates"]) if c["stop_at"] == stop_at
+                  and all(params.get(n) == v for n, v in c["params"].items())), default=None)
+    for k, c in enumerate(sel["candidates"]):
+        p, acc = c["params"], c.get("accuracy")
+        cells = ["*" if k == chosen else "", str(p.get("alpha", "-")), str(p.get("beta", "-")), str(c["stop_at"]),
+                 f"{c['joint_agreement']:.3f}", " ".join(f"{t}:{v:.2f}" for t, v in c["task_agreement"].items())]
+        if labeled:
+            cells.append("-" if not acc else f"{100 * acc['joint']:.1f}")
+        cells.append("same merges as above" if c.get("duplicate_of") is not None else f"{c['seconds']:.1f}")
+        table.add_row(*cells)
     return table
 
 
@@ -170,42 +179,90 @@ def _eval_table(results: dict, title: str) -> Table:
     return table
 
 
-def _evaluate_models(named: dict, task_files: dict, sources: Optional[tuple] = None) -> dict:
-    from onnxzip.evaluate import EnsemblePredictor, ModelPredictor, evaluate_many, load_task_data
+def _task_names(tasks: Optional[str], models: list, *keyed: dict) -> list:
+    """--tasks, else the task keys of --data, --eval or --task (when they name every model), else
+    the models' file stems."""
+    from onnxzip.pipeline import default_tasks
 
-    names = list(task_files)
+    if tasks:
+        return [t.strip() for t in tasks.split(",")]
+    for keys in keyed:
+        if len(keys) == len(models):
+            return list(keys)
+    return default_tasks([str(m) for m in models])
+
+
+def _task_data(files: dict, tasks: Optional[list], option: str) -> dict:
+    """Read labeled data before any work: every file holds inputs and labels, for a known task."""
+    from onnxzip.errors import OptionError
+    from onnxzip.evaluate import load_task_data
+
+    unknown = [t for t in files if tasks is not None and t not in tasks]
+    if unknown:
+        raise OptionError(f"{option} names task(s) {unknown}; the tasks are {tasks} (name them with --tasks)")
+    return {t: load_task_data(path) for t, path in files.items()}
+
+
+def _data_keys(spec) -> dict:
+    from onnxzip.data import data_items
+
+    return {k: v for k, v in data_items(spec) if k is not None}
+
+
+def _evaluate_models(named: dict, data: dict, sources: Optional[tuple] = None) -> dict:
+    """Accuracy of each model (and with ``sources``, of both sources and their ensemble) on
+    ``data`` ({task: (arrays, labels)}, as :func:`_task_data` reads it)."""
+    from onnxzip.errors import OptionError
+    from onnxzip.evaluate import EnsemblePredictor, ModelPredictor, evaluate_many, prepare_feed
+
+    names = list(data)
     predictors = {}
     if sources is not None:
-        a, b = (ModelPredictor(p if not isinstance(p, Path) else str(p), task=t) for p, t in zip(sources, names))
-        predictors["model A"] = a
-        predictors["model B"] = b
-        predictors["ensemble"] = EnsemblePredictor({names[0]: a, names[1]: b})
+        a, b = (ModelPredictor(p, task=t) for p, t in zip(sources, names))
+        predictors.update({"model A": a, "model B": b, "ensemble": EnsemblePredictor({names[0]: a, names[1]: b})})
     for label, model in named.items():
-        predictors[label] = ModelPredictor(model)
-    first = next(iter(predictors.values()))
-    data = {t: load_task_data(p, first) for t, p in task_files.items()}
-    return evaluate_many(predictors, data)
+        predictor = ModelPredictor(model)
+        if predictor.tasks is None and len(data) > 1 and "onnxzip.tasks" not in predictor.metadata:
+            raise OptionError(
+                f"{label} has one output and no task heads, so it serves one task: evaluate it with that task's "
+                f"data only (--task NAME=FILE), or with its partner as --ensemble A --ensemble B")
+        predictors[label] = predictor
+    specs = next(iter(predictors.values())).input_specs
+    fitted = {t: (prepare_feed(x, specs, where=f"data of task '{t}'"), y) for t, (x, y) in data.items()}
+    return evaluate_many(predictors, fitted)
+
+
+def _data_reads(spec, **labeled: dict) -> list:
+    """(what, path) of the data files a command reads: calibration data and --eval/--task files."""
+    from onnxzip.data import data_files
+
+    reads = [("calibration data", f) for f in data_files(spec)]
+    return reads + [(f"--{option} data of task '{t}'", Path(p)) for option, files in labeled.items() for t, p in files.items()]
+
+
+def _data_spec(data: List[str]):
+    return data if len(data) > 1 or "=" in data[0] else data[0]
 
 
 @app.command("zip")
 def zip_cmd(
     model_a: Path = typer.Argument(..., help="First model (.onnx)."),
     model_b: Path = typer.Argument(..., help="Second model (.onnx), same architecture."),
-    data: List[str] = typer.Option(..., "--data", "-d", help="Calibration data: calib.npz (mixed) or a folder of shards; or task=file.npz once per task."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write the zipped model."),
+    data: List[str] = typer.Option(..., "--data", "-d", metavar="DATA", help="Calibration data: calib.npz (mixed) or a folder of shards; or task=file.npz once per task."),
+    output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Where to write the zipped model."),
     method: str = typer.Option("zipit", help="Matching method (see `onnxzip methods`)."),
-    alpha: Optional[str] = typer.Option(None, help="zipit: similarity decay of merged clusters (default 0.3), or 'auto'."),
-    beta: Optional[str] = typer.Option(None, help="zipit: share of within-model merges (default 0.125), or 'auto'."),
-    param: List[str] = typer.Option([], help="Other matcher parameter, name=value (repeatable)."),
+    alpha: Optional[str] = typer.Option(None, help="zipit: similarity decay of merged clusters, in [0, 1] (default 0.3), or 'auto'."),
+    beta: Optional[str] = typer.Option(None, help="zipit: share of within-model merges, in [0, 1] (default 0.125), or 'auto'."),
+    param: List[str] = typer.Option([], metavar="NAME=VALUE", help="Other matcher parameter (repeatable)."),
     stop_at: Optional[str] = typer.Option(None, "--stop-at", help="Share the first N layers (see `inspect`); 'all' merges the final layer too; 'auto' with --min-fidelity or --max-flops. Default: all but the final layer."),
     min_fidelity: Optional[float] = typer.Option(None, help="--stop-at auto: the deepest zip whose fidelity (joint agreement with the ensemble on held-out samples) reaches this."),
     max_flops: Optional[float] = typer.Option(None, help="--stop-at auto: the best zip using at most this share of the FLOPs of running both models."),
     holdout: Optional[float] = typer.Option(None, help="Share of calibration samples held out to score candidates (default 0.2 with 'auto')."),
     search: str = typer.Option("coordinate", help="alpha/beta search over the paper's grid: coordinate (11 candidates) or grid (36)."),
     select_by: str = typer.Option("fidelity", help="Score candidates by fidelity (no labels) or accuracy (needs --task)."),
-    task: List[str] = typer.Option([], "--task", help="Labeled data for --select-by accuracy: task=file.npz (repeatable)."),
+    task: List[str] = typer.Option([], "--task", metavar="TASK=FILE", help="Labeled data for --select-by accuracy (repeatable)."),
     input_layout: Optional[str] = typer.Option(None, help="NCHW or NHWC: the zipped model's input layout when the models differ (default: model A's)."),
-    tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated (default: file stems). Outputs are named <task>/<output>."),
+    tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated (default: the task keys of --data or --eval, else the file stems). Outputs are named <task>/<output>."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Correct statistics after merging (REPAIR)."),
     repair_heads: bool = typer.Option(True, "--repair-heads/--no-repair-heads", help="Also correct layers inside each task's branch."),
     repair_samples: Optional[int] = typer.Option(None, help="Calibration rows the repair measures (default: up to 128, fewer when they would not fit in memory; 0: all)."),
@@ -214,184 +271,228 @@ def zip_cmd(
     batch_size: int = typer.Option(64, help="Calibration batch size."),
     max_samples: Optional[int] = typer.Option(None, help="Use at most this many calibration samples."),
     providers: Optional[str] = typer.Option(None, help="onnxruntime execution providers, comma-separated (default CPU)."),
-    report: Optional[Path] = typer.Option(None, help="Write the summary as JSON here."),
-    eval_: List[str] = typer.Option([], "--eval", help="Evaluate after zipping: a=test_a.npz,b=test_b.npz (labels in the npz)."),
+    report: Optional[Path] = typer.Option(None, metavar="FILE", help="Write the summary as JSON here."),
+    eval_: List[str] = typer.Option([], "--eval", metavar="TASK=FILE", help="Evaluate after zipping, on labeled data: a=test_a.npz,b=test_b.npz or repeated."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Zip MODEL_A and MODEL_B into one model with a shared trunk and one head per task."""
 
     def run():
         from onnxzip import zip_models
-        from onnxzip.cost import count_flops, count_params
+        from onnxzip.io import check_paths, model_reads, model_writes, save_model, write_atomic
+        from onnxzip.normalize import check_input_layout
         from onnxzip.providers import resolve_providers
 
-        task_names = [t.strip() for t in tasks.split(",")] if tasks else None
-        params = _parse_params(method, alpha, beta, param)
-        prov = resolve_providers(providers, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {m}"))
-        spec = data if len(data) > 1 or "=" in data[0] else data[0]
         t0 = time.perf_counter()
+        # every option and file is checked before any work
+        spec = _data_spec(data)
+        eval_files, select_files = _parse_tasks_eval(eval_), _parse_tasks_eval(task)
+        task_names = _task_names(tasks, [model_a, model_b], _data_keys(spec), eval_files, select_files)
+        params = _parse_params(method, alpha, beta, param)
+        check_input_layout(input_layout)
+        reads = model_reads([model_a, model_b]) + _data_reads(spec, eval=eval_files, task=select_files)
+        writes = [("--output", p) for p in model_writes(output)] + ([("--report", report)] if report else [])
+        check_paths(writes, reads)
+        eval_data = _task_data(eval_files, task_names, "--eval")
+        select_data = _task_data(select_files, task_names, "--task") or None
+        prov = resolve_providers(providers, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {escape(m)}"))
         with _bars() as bars:
             result = zip_models(
-                str(model_a), str(model_b), spec, output=str(output), method=method, params=params,
+                str(model_a), str(model_b), spec, output=None, method=method, params=params,
                 stop_at=stop_at, tasks=task_names, do_repair=repair, repair_heads=repair_heads,
                 batch_size=batch_size, max_samples=max_samples, providers=prov, progress=bars,
-                holdout=holdout, search=search, select_by=select_by, select_data=_parse_tasks_eval(task) or None,
+                holdout=holdout, search=search, select_by=select_by, select_data=select_data,
                 min_fidelity=min_fidelity, max_flops=max_flops, input_layout=input_layout,
                 repair_samples=repair_samples, all_positions=all_positions, seed=seed,
             )
-        total = time.perf_counter() - t0
         summary = result.summary()
-        summary["time_s"] = round(total, 3)
-        cost = {}
-        for label, src in (("model A", model_a), ("model B", model_b), ("zipped", output)):
-            cost[label] = {"params": count_params(str(src)), "flops": count_flops(str(src)).total}
-        summary["cost"] = cost
-        if eval_:
-            task_files = _parse_tasks_eval(eval_)
+        summary["cost"] = _costs({"model A": str(model_a), "model B": str(model_b), "zipped": result.model})
+        results = None
+        if eval_data:
             # the sources as zipped (normalized, input layout aligned), so the same data fits every model
-            results = _evaluate_models({"zipped": str(output)}, task_files, tuple(result.sources))
+            results = _evaluate_models({"zipped": result.model}, eval_data, tuple(result.sources))
             summary["eval"] = {k: v.to_dict() for k, v in results.items()}
+        t = time.perf_counter()
+        save_model(result.model, output)
+        result.timings["save"] = time.perf_counter() - t
+        summary.update(output=str(output), time_s=round(time.perf_counter() - t0, 3),
+                       timings_s={k: round(v, 4) for k, v in result.timings.items()})
         if report:
-            Path(report).write_text(json.dumps(summary, indent=2))
+            write_atomic(report, json.dumps(summary, indent=2))
         if as_json:
             print(json.dumps(summary, indent=2))
-            return
-        for w in result.warnings:
-            err.print(f"[yellow]warning:[/yellow] {w}")
-        if result.selection:
-            out.print(_selection_table(result.selection))
-        out.print(f"[bold]zipped[/bold] {model_a.name} + {model_b.name} -> {output}  "
-                  f"({result.method} {json.dumps(result.params)}, shared layers {result.stop_at}/{result.num_layers})")
-        both = {k: cost["model A"][k] + cost["model B"][k] for k in ("params", "flops")}
-        table = Table(title="cost (per sample)")
-        table.add_column("")
-        table.add_column("params", justify="right")
-        table.add_column("FLOPs", justify="right")
-        for label in ("model A", "model B"):
-            table.add_row(label, _fmt_count(cost[label]["params"]), _fmt_count(cost[label]["flops"]))
-        table.add_row("A + B", _fmt_count(both["params"]), _fmt_count(both["flops"]))
-        z = cost["zipped"]
-        table.add_row("zipped", f"{_fmt_count(z['params'])} ({z['params'] / both['params']:.0%})",
-                      f"{_fmt_count(z['flops'])} ({z['flops'] / both['flops']:.0%})")
-        out.print(table)
-        rep = result.repair
-        out.print(f"outputs: {', '.join(o for outs in result.layout.outputs.values() for o in outs)}")
-        out.print(f"calibration: {result.samples} samples; repair: "
-                  + (f"{rep.layers} layers in {rep.passes} passes over {rep.samples} samples" if rep else "off"))
-        times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-        out.print(f"time: {total:.2f}s ({times})")
-        if eval_:
-            out.print(_eval_table(results, "accuracy (%)"))
+        else:
+            _print_zip(result, summary, model_a, model_b, output, results)
 
     _run(run)
 
 
+def _costs(models: dict) -> dict:
+    from onnxzip.cost import count_flops, count_params
+
+    return {label: {"params": count_params(m), "flops": count_flops(m).total} for label, m in models.items()}
+
+
+def _print_zip(result, summary: dict, model_a: Path, model_b: Path, output: Path, results: Optional[dict]) -> None:
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}")
+    if result.selection:
+        out.print(_selection_table(result.selection, result.params, result.stop_at))
+    out.print(f"[bold]zipped[/bold] {escape(model_a.name)} + {escape(model_b.name)} -> {escape(str(output))}  "
+              f"({result.method} {escape(json.dumps(result.params))}, shared layers {result.stop_at}/{result.num_layers})",
+              highlight=False)
+    cost = summary["cost"]
+    both = {k: cost["model A"][k] + cost["model B"][k] for k in ("params", "flops")}
+    table = Table(title="cost (per sample)")
+    table.add_column("")
+    table.add_column("params", justify="right")
+    table.add_column("FLOPs", justify="right")
+    for label in ("model A", "model B"):
+        table.add_row(label, _fmt_count(cost[label]["params"]), _fmt_count(cost[label]["flops"]))
+    table.add_row("A + B", _fmt_count(both["params"]), _fmt_count(both["flops"]))
+    z = cost["zipped"]
+    table.add_row("zipped", f"{_fmt_count(z['params'])} ({z['params'] / both['params']:.0%})",
+                  f"{_fmt_count(z['flops'])} ({z['flops'] / both['flops']:.0%})")
+    out.print(table)
+    rep = result.repair
+    out.print(f"outputs: {', '.join(o for outs in result.layout.outputs.values() for o in outs)}", highlight=False)
+    out.print(f"calibration: {result.samples} samples; repair: "
+              + (f"{rep.layers} layers in {rep.passes} passes over {rep.samples} samples" if rep else "off"))
+    times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    out.print(f"time: {summary['time_s']:.2f}s ({times})")
+    if results:
+        out.print(_eval_table(results, "accuracy (%)"))
+
+
 @app.command("sweep")
 def sweep_cmd(
-    model_a: Path = typer.Argument(...),
-    model_b: Path = typer.Argument(...),
-    data: List[str] = typer.Option(..., "--data", "-d", help="Calibration data (as for zip)."),
-    task: List[str] = typer.Option([], "--task", help="Labeled test data task=file.npz (repeatable): adds accuracy columns."),
+    model_a: Path = typer.Argument(..., help="First model (.onnx)."),
+    model_b: Path = typer.Argument(..., help="Second model (.onnx), same architecture."),
+    data: List[str] = typer.Option(..., "--data", "-d", metavar="DATA", help="Calibration data (as for zip)."),
+    task: List[str] = typer.Option([], "--task", metavar="TASK=FILE", help="Labeled test data (repeatable): adds accuracy columns."),
     methods: str = typer.Option("zipit,permute,average", help="Methods, comma-separated."),
     depths: Optional[str] = typer.Option(None, help="Depths to try, comma-separated (default: every depth)."),
     alpha: Optional[float] = typer.Option(None, help="zipit alpha (default 0.3)."),
     beta: Optional[float] = typer.Option(None, help="zipit beta (default 0.125)."),
-    tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated."),
+    tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated (default: the task keys of --data or --task, else the file stems)."),
     holdout: float = typer.Option(0.2, help="Share of calibration samples held out to measure fidelity."),
-    latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure onnxruntime latency of each result."),
+    latency: bool = typer.Option(False, "--latency/--no-latency", help="Measure onnxruntime latency of each result (one thread, fastest of 30 runs)."),
     all_positions: bool = typer.Option(False, "--all-positions", help="Covariances over every position (as for zip)."),
     seed: int = typer.Option(0, help="Seed of the sampled positions (as for zip)."),
-    batch_size: int = typer.Option(64),
-    max_samples: Optional[int] = typer.Option(None),
+    batch_size: int = typer.Option(64, help="Calibration batch size."),
+    max_samples: Optional[int] = typer.Option(None, help="Use at most this many calibration samples."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write the rows as CSV here."),
-    plot: Optional[Path] = typer.Option(None, help="Save joint accuracy (or fidelity) against relative FLOPs as a PNG (needs matplotlib)."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", metavar="FILE", help="Write the rows as CSV here."),
+    plot: Optional[Path] = typer.Option(None, metavar="FILE", help="Save joint accuracy (or fidelity) against relative FLOPs as an image, e.g. sweep.png (needs matplotlib: pip install 'onnxzip[plot]')."),
 ):
     """Zip at every depth with every method: cost against accuracy, one row per (method, depth)."""
 
     def run():
         from onnxzip.errors import OptionError
-        from onnxzip.pipeline import prepare_pair
+        from onnxzip.io import check_paths, model_reads, write_atomic
+        from onnxzip.match import get_matcher, validate_params
+        from onnxzip.pipeline import labeled_data, prepare_pair
         from onnxzip.select import make_holdout, sweep
 
-        task_names = [t.strip() for t in tasks.split(",")] if tasks else None
-        spec = data if len(data) > 1 or "=" in data[0] else data[0]
+        t0 = time.perf_counter()
+        spec = _data_spec(data)
+        test_files = _parse_tasks_eval(task)
+        task_names = _task_names(tasks, [model_a, model_b], _data_keys(spec), test_files)
         try:
             depth_list = [int(d) for d in depths.split(",")] if depths else None
         except ValueError:
             raise OptionError(f"--depths {depths!r}: give layer numbers separated by commas") from None
+        method_list = [get_matcher(m).name for m in methods.split(",") if m.strip()]
         params = {k: v for k, v in (("alpha", alpha), ("beta", beta)) if v is not None}
-        t0 = time.perf_counter()
+        validate_params("zipit", params)
+        if plot:
+            _check_plot_path(plot)
+        reads = model_reads([model_a, model_b]) + _data_reads(spec, task=test_files)
+        check_paths([(o, p) for o, p in (("--csv", csv_out), ("--plot", plot)) if p], reads)
+        test_data = _task_data(test_files, task_names, "--task")
         with _bars() as bars:
             pair = prepare_pair(str(model_a), str(model_b), spec, batch_size, max_samples, tasks=task_names,
                                 holdout=holdout, progress=bars, all_positions=all_positions, seed=seed)
-        hold = make_holdout(pair)
-        labeled = None
-        if task:
-            from onnxzip.pipeline import _labeled
-
-            labeled = _labeled(_parse_tasks_eval(task), pair)
-        result = sweep(pair, hold, [m.strip() for m in methods.split(",") if m.strip()], depth_list, params,
-                       pair.tasks, labeled, latency,
-                       log=(lambda r: err.print(f"  {r['method']} {r['shared']}: {r['joint_agreement']:.3f}")) if err.is_terminal else None)
+            hold = make_holdout(pair)
+            labeled = labeled_data(test_data, pair) if test_data else None
+            result = sweep(pair, hold, method_list, depth_list, params, pair.tasks, labeled, latency, progress=bars)
         result["total_seconds"] = time.perf_counter() - t0
-        rows = result["rows"]
+        written = {}
         if csv_out:
-            _write_csv(csv_out, rows)
+            written["csv"] = str(write_atomic(csv_out, _csv_text(result["rows"])))
         if plot:
-            _plot(plot, rows, labeled is not None)
+            written["plot"] = str(write_atomic(plot, _plot_bytes(plot, result["rows"], labeled is not None)))
         if as_json:
-            print(json.dumps(result, indent=2))
+            print(json.dumps({**result, "written": written}, indent=2))
             return
-        table = Table(title=f"{model_a.name} + {model_b.name}: {result['num_layers']} layers; fidelity on "
-                            f"{result['holdout_samples']} held-out samples")
-        cols = ["method", "shared", "params", "FLOPs", "latency", "fidelity"]
-        if labeled is not None:
-            cols += ["task avg", "joint"]
-        for c in cols:
-            table.add_column(c, justify="right")
-        for r in rows:
-            if "error" in r:
-                table.add_row(r["method"], f"{r['stop_at']}", "-", "-", "-", r["error"][:40])
-                continue
-            cells = [r["method"], r["shared"] or "-", f"{r['params_rel']:.2f}", f"{r['flops_rel']:.2f}",
-                     "-" if r["latency_rel"] is None else f"{r['latency_rel']:.2f}",
-                     "-" if r.get("joint_agreement") is None else f"{r['joint_agreement']:.3f}"]
-            if labeled is not None:
-                acc = r.get("accuracy")
-                cells += ["-" if not acc else f"{100 * acc['task_average']:.1f}", "-" if not acc else f"{100 * acc['joint']:.1f}"]
-            table.add_row(*cells)
-        out.print(table)
-        out.print(f"params, FLOPs and latency relative to running both models; statistics collected once "
-                  f"({pair.stats.samples} samples, {result['statistics_seconds']:.1f}s); whole sweep {result['total_seconds']:.1f}s")
+        out.print(_sweep_table(result, f"{model_a.name} + {model_b.name}", labeled is not None, latency))
+        out.print(f"params, FLOPs{' and latency' if latency else ''} relative to running both models; statistics "
+                  f"collected once ({pair.stats.samples} samples, {result['statistics_seconds']:.1f}s); whole sweep "
+                  f"{result['total_seconds']:.1f}s", highlight=False)
+        for kind, path in written.items():
+            out.print(f"wrote {kind}: {escape(path)}", highlight=False)
 
     _run(run)
 
 
-def _write_csv(path: Path, rows: list) -> None:
+def _sweep_table(result: dict, title: str, labeled: bool, latency: bool) -> Table:
+    table = Table(title=f"{escape(title)}: {result['num_layers']} layers; fidelity on {result['holdout_samples']} "
+                        "held-out samples")
+    cols = ["method", "shared", "params", "FLOPs"] + (["latency"] if latency else []) + ["fidelity"]
+    cols += ["task avg %", "joint %"] if labeled else []
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in result["rows"]:
+        if "error" in r:
+            table.add_row(r["method"], f"{r['stop_at']}", *["-"] * (len(cols) - 3), escape(r["error"]))
+            continue
+        cells = [r["method"], r["shared"] or "-", f"{r['params_rel']:.2f}", f"{r['flops_rel']:.2f}"]
+        if latency:
+            cells.append("-" if r["latency_rel"] is None else f"{r['latency_rel']:.2f}")
+        cells.append("-" if r.get("joint_agreement") is None else f"{r['joint_agreement']:.3f}")
+        if labeled:
+            acc = r.get("accuracy")
+            cells += ["-" if not acc else f"{100 * acc['task_average']:.1f}", "-" if not acc else f"{100 * acc['joint']:.1f}"]
+        table.add_row(*cells)
+    return table
+
+
+def _csv_text(rows: list) -> str:
     import csv
+    import io
 
     cols = ["kind", "method", "stop_at", "shared", "params", "params_rel", "flops", "flops_rel", "latency_ms",
             "latency_rel", "joint_agreement", "task_avg", "joint", "seconds", "error"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            acc = r.get("accuracy") or {}
-            w.writerow({**r, "task_avg": acc.get("task_average"), "joint": acc.get("joint")})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        acc = r.get("accuracy") or {}
+        w.writerow({**r, "task_avg": acc.get("task_average"), "joint": acc.get("joint")})
+    return buf.getvalue()
 
 
-def _plot(path: Path, rows: list, labeled: bool) -> None:
+def _check_plot_path(path: Path) -> None:
+    """--plot: matplotlib is installed and the file name ends in a format it writes; before any work."""
     from onnxzip.errors import OptionError
 
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
-        raise OptionError("--plot needs matplotlib: pip install 'onnxzip[plot]'") from None
-    key = "joint accuracy (%)" if labeled else "fidelity (joint agreement with the ensemble)"
+        raise OptionError("--plot needs matplotlib: pip install 'onnxzip[plot]' (or leave --plot out)") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise OptionError(f"--plot {path}: give a file name ending in an image format, e.g. {path.with_suffix('.png')} "
+                          f"(formats: {', '.join(sorted(formats))})")
+
+
+def _plot_bytes(path: Path, rows: list, labeled: bool) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     def y(r):
         if labeled:
@@ -406,12 +507,14 @@ def _plot(path: Path, rows: list, labeled: bool) -> None:
         if r["kind"] == "reference" and y(r) is not None:
             ax.scatter([r["flops_rel"]], [y(r)], marker="*", s=120, label=r["method"])
     ax.set_xlabel("FLOPs relative to running both models")
-    ax.set_ylabel(key)
+    ax.set_ylabel("joint accuracy (%)" if labeled else "fidelity (joint agreement with the ensemble)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".").lower(), dpi=120)
     plt.close(fig)
+    return buf.getvalue()
 
 
 @app.command("inspect")
@@ -429,11 +532,12 @@ def inspect_cmd(
         if as_json:
             print(json.dumps(info, indent=2))
             return
-        out.print(f"[bold]{model}[/bold]: opset {info['opset']}, inputs {info['inputs']}, outputs {info['outputs']}")
+        out.print(f"[bold]{escape(str(model))}[/bold]: opset {info['opset']}, inputs {escape(str(info['inputs']))}, "
+                  f"outputs {escape(str(info['outputs']))}", highlight=False)
         out.print(f"{info['num_layers']} layers on the main path; zip depth up to {info['max_stop_at']}")
         table = Table(title="weight layers")
         for col in ("#", "node", "op", "weight shape", "in -> out", "reads", "writes"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for l in info["layers"]:
             num = f"{l['number']}" + (" (shortcut)" if l["shortcut"] else "")
             k = "x".join(map(str, l["kernel"]))
@@ -442,17 +546,19 @@ def inspect_cmd(
         out.print(table)
         gt = Table(title="feature groups (merge points)")
         for col in ("group", "channels", "producers", "measured at", "through"):
-            gt.add_column(col)
+            gt.add_column(col, overflow="fold")
         for g in info["groups"]:
             prod = ", ".join(g["producers"][:3]) + (" ..." if len(g["producers"]) > 3 else "")
             where = "output (averaged, not matched)" if g["output"] else f"{len(g['measured_at'])} tensor(s)"
             if g["heads"] > 1:
-                where += f"; {g['heads']} heads (tied with g{g['head_tie']})"
+                tied = g["head_tie"] is not None and g["head_tie"] != g["group"]
+                where += f"; {g['heads']} heads" + (f" (tied with g{g['head_tie']})" if tied else "")
             gt.add_row(f"g{g['group']}", str(g["channels"]), prod, where, ", ".join(g["passes_through"]))
         out.print(gt)
         if info["unsupported"]:
             for u in info["unsupported"]:
-                out.print(f"[yellow]unsupported:[/yellow] {u['op_type']} '{u['node']}': {u['reason']} (zip at most {u['max_stop_at']} layers)")
+                out.print(f"[yellow]unsupported:[/yellow] {u['op_type']} '{escape(u['node'])}': {escape(u['reason'])} "
+                          f"(zip at most {u['max_stop_at']} layers)", highlight=False)
         else:
             out.print("no unsupported ops")
 
@@ -510,7 +616,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON."
 @app.command("eval")
 def eval_cmd(
     models: List[Path] = typer.Argument(None, help="Models to evaluate (zipped: outputs named <task>/...)."),
-    task: List[str] = typer.Option(..., "--task", "-t", help="task=test.npz (inputs plus labels), repeatable."),
+    task: List[str] = typer.Option(..., "--task", "-t", metavar="TASK=FILE", help="Labeled data: inputs plus labels in an .npz (repeatable)."),
     ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Source models A and B (give twice): adds model A, model B and their ensemble."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
@@ -526,8 +632,9 @@ def eval_cmd(
             raise OptionError("--ensemble needs data for two tasks (--task a=... --task b=...)")
         if not models and not ensemble:
             raise OptionError("nothing to evaluate: give a model, or --ensemble A --ensemble B")
+        data = _task_data(task_files, None, "--task")
         named = {str(m): str(m) for m in (models or [])}
-        results = _evaluate_models(named, task_files, tuple(ensemble) if ensemble else None)
+        results = _evaluate_models(named, data, tuple(str(p) for p in ensemble) if ensemble else None)
         if as_json:
             print(json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
             return

@@ -17,7 +17,7 @@ import numpy as np
 
 from onnxzip.errors import CalibrationDataError
 
-__all__ = ["InputSpec", "DataSet", "Batch", "open_data", "LABEL_KEYS"]
+__all__ = ["InputSpec", "DataSet", "Batch", "open_data", "data_items", "data_files", "LABEL_KEYS"]
 
 LABEL_KEYS = ("labels", "label", "y")
 
@@ -262,6 +262,31 @@ def _fmt_dims(dims) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in dims) + "]"
 
 
+def data_items(spec) -> list[tuple[str | None, str]]:
+    """(task or None, path) of each data set in a spec: a path, ``{task: path}``, or the CLI's
+    list of ``"task=path"`` / ``"path"`` strings."""
+    if isinstance(spec, (str, os.PathLike)):
+        spec = [str(spec)]
+    if isinstance(spec, dict):
+        return [(k, str(v)) for k, v in spec.items()]
+    items = []
+    for s in spec:
+        s = str(s)
+        if "=" in s and not Path(s).exists():
+            k, v = s.split("=", 1)
+            items.append((k.strip(), v.strip()))
+        else:
+            items.append((None, s))
+    return items
+
+
+def data_files(spec) -> list[Path]:
+    """Every file a data spec reads (the shards of a folder included); paths that do not exist
+    are listed as given, for the loader to report."""
+    paths = [Path(path) for _, path in data_items(spec)]
+    return [f for p in paths for f in (_shards(p) if p.is_dir() else [p])]
+
+
 def open_data(spec, inputs: list[InputSpec], tasks: list[str] | None = None) -> DataSet:
     """Open calibration data.
 
@@ -271,19 +296,7 @@ def open_data(spec, inputs: list[InputSpec], tasks: list[str] | None = None) -> 
         inputs: the model's inputs.
         tasks: the task names, in model order, used to check per-task keys.
     """
-    if isinstance(spec, (str, os.PathLike)):
-        spec = [str(spec)]
-    if isinstance(spec, dict):
-        items = [(k, v) for k, v in spec.items()]
-    else:
-        items = []
-        for s in spec:
-            s = str(s)
-            if "=" in s and not Path(s).exists():
-                k, v = s.split("=", 1)
-                items.append((k, v))
-            else:
-                items.append((None, s))
+    items = data_items(spec)
     named = [k for k, _ in items if k is not None]
     if named and len(named) != len(items):
         raise CalibrationDataError("mix of per-task data (task=path) and unlabeled data; use one form")

@@ -14,6 +14,14 @@ def _space_text(space) -> str:
     return format_signature(space_signature(space), group="g")
 
 
+def _declared_dims(model, name: str) -> list:
+    """An input's dimensions as the model declares them: numbers, or names for symbolic ones."""
+    for vi in model.graph.input:
+        if vi.name == name:
+            return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
+    return []
+
+
 def graph_summary(graph: LayerGraph) -> dict:
     """A JSON-ready description of a layer graph."""
     layers = []
@@ -47,7 +55,7 @@ def graph_summary(graph: LayerGraph) -> dict:
             "blocked_by": [n for n, _ in g.blocked_by] if not g.output else [],
         })
     return {
-        "inputs": {n: list(graph.shapes.get(n, ())) for n in graph.inputs},
+        "inputs": {n: _declared_dims(graph.model, n) for n in graph.inputs},
         "outputs": graph.outputs,
         "opset": opset_of(graph.model),
         "num_layers": graph.num_layers,

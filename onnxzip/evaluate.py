@@ -423,6 +423,11 @@ class ModelPredictor(Predictor):
         return None if self._heads is None else dict(self._heads)
 
     @property
+    def metadata(self) -> dict[str, str]:
+        """The model's metadata_props (a zipped model's say which tasks it serves)."""
+        return dict(self._session.get_modelmeta().custom_metadata_map)
+
+    @property
     def static_batch(self) -> int | None:
         """The model's fixed batch size, or ``None`` when the batch dimension is dynamic."""
         return self._batch

@@ -20,8 +20,8 @@ from google.protobuf.message import DecodeError
 from onnxzip.errors import ModelLoadError, OutputPathError
 
 __all__ = [
-    "load_model", "save_model", "file_sha256", "check_output_path", "EXTERNAL_DATA_THRESHOLD", "is_large",
-    "session_source",
+    "load_model", "save_model", "file_sha256", "check_output_path", "check_paths", "model_files", "model_reads", "model_writes",
+    "same_file", "write_atomic", "EXTERNAL_DATA_THRESHOLD", "is_large", "session_source",
 ]
 
 # Protobuf cannot serialize messages over 2 GiB; stay well below it.
@@ -106,22 +106,101 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> Path:
-    """Refuse an output path whose folder is missing or that would overwrite an input."""
-    out = Path(output)
-    if out.exists() and out.is_dir():
-        raise OutputPathError(f"{out}: is a folder; give a file name such as {out / 'zipped.onnx'}")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OutputPathError(f"{out}: folder {parent} does not exist; create it first")
-    for src in inputs:
-        s = Path(src)
-        if s.exists() and out.exists() and os.path.samefile(s, out):
-            raise OutputPathError(f"{out}: is one of the input models; choose another output path")
-        if s.resolve() == out.resolve():
-            raise OutputPathError(f"{out}: is one of the input models; choose another output path")
-        if (s.resolve().parent / (s.name + ".data")) == out.resolve():
-            raise OutputPathError(f"{out}: would overwrite an input's external data; choose another path")
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model at ``path`` is read from: the .onnx file and its external data files.
+
+    A file that cannot be parsed is returned alone (loading it later says what is wrong)."""
+    p = Path(path)
+    files = [p]
+    if not p.is_file():
+        return files
+    try:
+        model = onnx.load_model(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - load_model reports the problem with its own message
+        return files
+    for _, location in _external_locations(model):
+        if location:
+            files.append(p.parent / location)
+    return files
+
+
+def model_reads(models: list[str | os.PathLike]) -> list[tuple[str, Path]]:
+    """(what, path) of every file the models are read from, for :func:`check_paths`."""
+    reads = []
+    for k, src in enumerate(models):
+        name = f"model {chr(ord('A') + k)}" if len(models) > 1 else "the model"
+        files = model_files(src)
+        reads += [(name, files[0])] + [(f"{name}'s external data", f) for f in files[1:]]
+    return reads
+
+
+def model_writes(path: str | os.PathLike) -> list[Path]:
+    """The files saving a model to ``path`` may write or replace: the model and ``<name>.data``."""
+    p = Path(path)
+    return [p, p.parent / (p.name + ".data")]
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two paths name one file: equal once resolved, or the same file through a link."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_paths(writes: list[tuple[str, str | os.PathLike]], reads: list[tuple[str, str | os.PathLike]]) -> None:
+    """Refuse, before any work, a set of outputs that would lose or mix up the user's files.
+
+    ``writes``: (option, path) of every file the run will write (a model's external data
+    included: :func:`model_writes`); ``reads``: (what, path) of every file it reads (models with
+    their external data, data files). An output that is a folder, lies in a missing folder, is one of the files
+    read (by resolved path or file identity: links count) or is another output raises
+    :class:`OutputPathError`.
+    """
+    seen: list[tuple[str, Path]] = []
+    for option, w in writes:
+        out = Path(w)
+        if out.is_dir():
+            raise OutputPathError(f"{option} {out}: is a folder; give a file name such as {out / 'zipped.onnx'}")
+        parent = out.resolve().parent
+        if not parent.is_dir():
+            raise OutputPathError(f"{option} {out}: folder {parent} does not exist; create it first")
+        for what, r in reads:
+            if same_file(out, r):
+                same = "" if Path(r) == out else f" ({r})"
+                raise OutputPathError(
+                    f"{option} {out} is an input of this run, {what}{same}; writing it would destroy it: "
+                    "choose another output path")
+        for other_option, other in seen:
+            if same_file(out, other):
+                raise OutputPathError(
+                    f"{option} {out} is also the path of {other_option}; give each output its own path")
+        seen.append((option, out))
+
+
+def check_output_path(output: str | os.PathLike, models: list[str | os.PathLike],
+                      data: list[str | os.PathLike] = ()) -> Path:
+    """Refuse a model output path whose folder is missing or that would overwrite a file read:
+    a model (or its external data) or a data file."""
+    reads = model_reads(models) + [("calibration data", d) for d in data]
+    check_paths([(str("-o"), p) for p in model_writes(output)], reads)
+    return Path(output)
+
+
+def write_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write a small file (a report, a table) all at once: a temporary file beside it, renamed."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".onnxzip-", suffix=out.suffix, dir=out.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return out
 
 

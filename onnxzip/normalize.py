@@ -28,7 +28,7 @@ import onnx.reference
 import onnx.version_converter
 from onnx import helper, numpy_helper
 
-from onnxzip.errors import ModelLoadError
+from onnxzip.errors import ModelLoadError, OptionError
 
 __all__ = [
     "normalize", "normalize_notes", "opset_of", "convert_opset", "guess_layout", "permute_input",
@@ -873,6 +873,15 @@ def permute_input(model: onnx.ModelProto, name: str, perm: list[int]) -> onnx.Mo
     return m
 
 
+def check_input_layout(layout: str | None) -> str | None:
+    """The layout in upper case; OptionError unless it is None, NCHW or NHWC."""
+    if layout is None:
+        return None
+    if layout.strip().upper() not in ("NCHW", "NHWC"):
+        raise OptionError(f"--input-layout {layout!r}: use NCHW or NHWC")
+    return layout.strip().upper()
+
+
 def align_input_layouts(models: list[onnx.ModelProto], layout: str | None = None) -> tuple[list[onnx.ModelProto], list[str]]:
     """Give every model the same image-input layout; return the models and what was done, in words.
 
@@ -880,10 +889,7 @@ def align_input_layouts(models: list[onnx.ModelProto], layout: str | None = None
     rank-4 inputs whose shapes differ by exactly the NCHW <-> NHWC permutation are touched (or, with
     ``layout``, whose guessed layout differs from it).
     """
-    if layout is not None:
-        layout = layout.upper()
-        if layout not in ("NCHW", "NHWC"):
-            raise ValueError(f"input layout {layout!r}: use NCHW or NHWC")
+    layout = check_input_layout(layout)
     out, notes = [], []
     ref = models[0]
     ref_inputs = list(ref.graph.input)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxzip.data import DataSet, InputSpec, open_data
+from onnxzip.data import DataSet, InputSpec, data_files, open_data
 from onnxzip.errors import ArchitectureMismatchError, CalibrationDataError, OptionError
 from onnxzip.graph.build import build_layer_graph, input_specs, require_depth
 from onnxzip.graph.compare import first_difference
@@ -24,12 +24,14 @@ from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.io import check_output_path, file_sha256, load_model, save_model
 from onnxzip.match import get_matcher, validate_params
 from onnxzip.merge import compute_merges
-from onnxzip.normalize import align_input_layouts, convert_opset, normalize, opset_of
+from onnxzip.progress import stage
+from onnxzip.normalize import align_input_layouts, check_input_layout, convert_opset, normalize, opset_of
 from onnxzip.repair import REPAIR_SAMPLES, RepairReport, repair
 from onnxzip.split import ZipLayout, build_zipped_model
 from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats, make_session
 
-__all__ = ["ZipResult", "PreparedPair", "prepare_pair", "zip_models", "load_layer_graph", "resolve_stop_at", "zip_prepared"]
+__all__ = ["ZipResult", "PreparedPair", "prepare_pair", "zip_models", "load_layer_graph", "resolve_stop_at", "zip_prepared",
+           "labeled_data", "default_tasks"]
 
 # Below this many calibration samples the statistics of wide layers are not trustworthy.
 MIN_TRUSTED_SAMPLES = 64
@@ -237,7 +239,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     if collect:
         t1 = time.perf_counter()
         held = int(pair._holdout_mask(0, n).sum())
-        pair.stats = collect_stats(graphs, pair.batches(), providers, _stage(progress, "statistics", n),
+        pair.stats = collect_stats(graphs, pair.batches(), providers, stage(progress, "statistics", n),
                                    items=n - held, rows_per_feature=None if all_positions else ROWS_PER_FEATURE,
                                    preact_rows=_preact_rows(repair_samples), seed=seed)
         timings["statistics"] = time.perf_counter() - t1
@@ -248,14 +250,6 @@ def _preact_rows(repair_samples: int | None) -> int | None:
     if repair_samples is None:
         return REPAIR_SAMPLES
     return None if repair_samples <= 0 else int(repair_samples)
-
-
-def _stage(progress, name: str, total):
-    """Start a progress stage; returns the callback that advances it (None without progress)."""
-    if progress is None:
-        return None
-    progress.start(name, total)
-    return progress.advance
 
 
 def resolve_stop_at(stop_at, num_layers: int) -> int:
@@ -302,7 +296,7 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     if do_repair:
         t = time.perf_counter()
         report = repair(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
-                        heads=repair_heads, progress=_stage(progress, "repair", None), max_samples=repair_samples)
+                        heads=repair_heads, progress=stage(progress, "repair", None), max_samples=repair_samples)
         timings["repair"] = time.perf_counter() - t
     t = time.perf_counter()
     _set_metadata(model, pair, method, params, depth, m, tasks)
@@ -371,7 +365,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                repair_heads: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
-               log=None, input_layout: str | None = None, repair_samples: int | None = None,
+               input_layout: str | None = None, repair_samples: int | None = None,
                all_positions: bool = False, seed: int = 0) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
@@ -386,12 +380,12 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
             "auto" with ``min_fidelity`` or ``max_flops`` (:func:`onnxzip.select.choose_depth`).
         tasks: task names (default: the file stems), used as output prefixes.
         do_repair: correct statistics after merging (REPAIR).
-        progress: an object with ``start(stage, total)`` and ``advance(n)`` (e.g. a progress bar).
+        progress: an object with ``start(stage, total)`` and ``advance(n)`` (e.g. a progress bar):
+            the statistics pass, each search and the repair are stages.
         holdout: share of calibration samples held out to score candidates (default 0.2 when
             something is "auto", else 0).
         search: "coordinate" or "grid" over the paper's alpha/beta grid.
         select_by: "fidelity" (no labels) or "accuracy" (needs ``select_data``: {task: npz with labels}).
-        log: called with each candidate as it is scored.
         repair_samples: calibration rows the repair measures (None: an evenly spread subset of at
             most :data:`onnxzip.repair.REPAIR_SAMPLES`, fewer when they would not fit; 0: all).
         all_positions: covariances over every position of every feature map (default: maps with
@@ -404,6 +398,9 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
 
     matcher = get_matcher(method)
     params = dict(params or {})
+    if "num_models" in params and str(params["num_models"]).strip() != "2":
+        raise OptionError(f"num_models={params['num_models']}: the number of models is the number of files "
+                          "given (2); it is not a parameter to set")
     auto = [k for k, v in params.items() if isinstance(v, str) and v.strip().lower() == "auto"]
     fixed = {k: v for k, v in params.items() if k not in auto}
     validate_params(matcher.name, fixed)
@@ -417,8 +414,11 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         raise OptionError("--min-fidelity and --max-flops go with --stop-at auto")
     if holdout is None:
         holdout = 0.2 if (auto or auto_depth) else 0.0
+    _check_search_options(stop_at, search, select_by, select_data, min_fidelity, max_flops)
+    check_input_layout(input_layout)
     if output is not None:
-        check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)])
+        check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)],
+                          data_files(data))
     pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress,
                         holdout=holdout, input_layout=input_layout, all_positions=all_positions,
                         repair_samples=repair_samples, seed=seed)
@@ -426,19 +426,20 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     if auto or auto_depth:
         t = time.perf_counter()
         hold = make_holdout(pair)
-        labeled = _labeled(select_data, pair) if select_data else None
+        labeled = labeled_data(select_data, pair) if select_data else None
         selection = {"holdout_samples": hold.size, "select_by": select_by, "candidates": []}
         if auto:
             best, tried = search_alpha_beta(pair, hold, stop_at=None if auto_depth else stop_at, tasks=pair.tasks,
                                             search=search, labeled=labeled, select_by=select_by, do_repair=do_repair,
-                                            repair_heads=repair_heads, fixed=fixed, log=log)
+                                            repair_heads=repair_heads, fixed=fixed, progress=progress)
             params = {**fixed, **best}
             selection["alpha_beta"] = best
             selection["candidates"] += [c.to_dict() for c in tried]
         if auto_depth:
             depth, tried = choose_depth(pair, hold, method, {k: v for k, v in params.items()}, tasks=pair.tasks,
                                         min_fidelity=min_fidelity, max_flops=max_flops, labeled=labeled,
-                                        select_by=select_by, do_repair=do_repair, repair_heads=repair_heads, log=log)
+                                        select_by=select_by, do_repair=do_repair, repair_heads=repair_heads,
+                                        progress=progress)
             stop_at = depth
             selection["stop_at"] = depth
             selection["candidates"] += [c.to_dict() for c in tried]
@@ -457,10 +458,38 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     return result
 
 
-def _labeled(select_data: dict, pair: PreparedPair) -> dict:
-    from onnxzip.evaluate import load_task_data
+def _check_search_options(stop_at, search, select_by, select_data, min_fidelity, max_flops) -> None:
+    """The options of the automatic choices, checked before any work."""
+    if isinstance(stop_at, str) and stop_at not in ("all", "auto", "heads"):
+        try:
+            int(stop_at)
+        except ValueError:
+            raise OptionError(f"--stop-at {stop_at!r}: give a layer number, 'all' or 'auto'") from None
+    if search not in ("coordinate", "grid"):
+        raise OptionError(f"--search {search!r}: choose coordinate or grid")
+    if select_by not in ("fidelity", "accuracy"):
+        raise OptionError(f"--select-by {select_by!r}: choose fidelity or accuracy")
+    if select_by == "accuracy" and not select_data:
+        raise OptionError("--select-by accuracy needs labeled data: --task a=test_a.npz --task b=test_b.npz")
+    if min_fidelity is not None and not 0.0 <= min_fidelity <= 1.0:
+        raise OptionError(f"--min-fidelity {min_fidelity} must be in [0, 1] (a share of held-out samples)")
+    if max_flops is not None and not max_flops > 0.0:
+        raise OptionError(f"--max-flops {max_flops} must be above 0 (a share of the FLOPs of both models)")
+
+
+def labeled_data(select_data: dict, pair: PreparedPair) -> dict:
+    """{task: (inputs, labels)} fitted to the zipped model's inputs; ``select_data`` maps tasks to
+    .npz paths or to ``(arrays, labels)`` as :func:`onnxzip.evaluate.load_task_data` reads them."""
+    from onnxzip.evaluate import input_specs as session_specs
+    from onnxzip.evaluate import load_task_data, open_session, prepare_feed
 
     unknown = [t for t in select_data if t not in pair.tasks]
     if unknown:
         raise OptionError(f"labeled data for unknown task(s) {unknown}; the tasks are {pair.tasks}")
-    return {t: load_task_data(path, pair.graphs[0].model) for t, path in select_data.items()}
+    model = pair.graphs[0].model
+    specs = session_specs(open_session(model))
+    out = {}
+    for t, item in select_data.items():
+        arrays, labels = load_task_data(item) if isinstance(item, (str, os.PathLike)) else item
+        out[t] = (prepare_feed(arrays, specs, where=f"labeled data of task '{t}'"), labels)
+    return out

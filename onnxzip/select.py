@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import OnnxZipError, OptionError
+from onnxzip.progress import stage
 from onnxzip.stats.collect import make_session, owner_masks, softmax
 
 __all__ = [
@@ -185,13 +186,14 @@ def _accuracy(predictor, labeled) -> dict:
 
 def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=None, betas=None,
                       search: str = "coordinate", labeled=None, select_by: str = "fidelity",
-                      do_repair: bool = True, repair_heads: bool = True, fixed: dict | None = None, log=None):
+                      do_repair: bool = True, repair_heads: bool = True, fixed: dict | None = None, progress=None):
     """Pick zipit's alpha and beta; returns (best params, every candidate tried).
 
     ``search="grid"`` tries every (alpha, beta) of the grids; ``"coordinate"`` tries every beta at
     the first alpha given (or the paper's default), then every alpha at the best beta (11
     candidates instead of 36 on the paper's grid). Candidates whose matches equal an earlier
     candidate's are scored once. ``fixed`` holds a parameter the user set (not searched).
+    ``progress`` (see :mod:`onnxzip.progress`) advances once per candidate.
     """
     from onnxzip.merge import compute_merges
 
@@ -203,6 +205,12 @@ def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=N
         raise OptionError("selecting by accuracy needs labeled data (--task a=... --task b=...)")
     tried: list[Candidate] = []
     seen: dict[str, int] = {}
+    coordinate = search == "coordinate" and len(alphas) > 1 and len(betas) > 1
+    if search not in ("grid", "coordinate"):
+        raise OptionError(f"--search {search!r}: choose grid or coordinate")
+    a0 = 0.3 if 0.3 in alphas else alphas[0]
+    total = len(betas) + len([a for a in alphas if a != a0]) if coordinate else len(alphas) * len(betas)
+    advance = stage(progress, "alpha, beta", total)
 
     def score(alpha, beta):
         params = {"alpha": alpha, "beta": beta}
@@ -221,31 +229,28 @@ def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=N
             c = Candidate("zipit", params, z.stop_at, value, fid.to_dict(), acc, time.perf_counter() - t)
             seen[key] = len(tried)
         tried.append(c)
-        if log is not None:
-            log(c)
+        if advance is not None:
+            advance(1)
         return c
 
     def best_of(cands):
         # highest score; ties go to the earlier candidate (grids list the paper's order)
         return max(cands, key=lambda c: c.score)
 
-    if search == "grid" or len(alphas) == 1 or len(betas) == 1:
+    if coordinate:
+        best = best_of([score(a0, b) for b in betas])
+        best = best_of([best] + [score(a, best.params["beta"]) for a in alphas])
+    else:
         for a in alphas:
             for b in betas:
                 score(a, b)
         best = best_of(tried)
-    elif search == "coordinate":
-        a0 = 0.3 if 0.3 in alphas else alphas[0]
-        best = best_of([score(a0, b) for b in betas])
-        best = best_of([best] + [score(a, best.params["beta"]) for a in alphas])
-    else:
-        raise OptionError(f"--search {search!r}: choose grid or coordinate")
     return dict(best.params), tried
 
 
 def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, depths=None,
                  min_fidelity: float | None = None, max_flops: float | None = None, labeled=None,
-                 select_by: str = "fidelity", do_repair: bool = True, repair_heads: bool = True, log=None):
+                 select_by: str = "fidelity", do_repair: bool = True, repair_heads: bool = True, progress=None):
     """``--stop-at auto``: the deepest zip whose fidelity meets ``min_fidelity``, or the best-scoring
     zip whose FLOPs stay under ``max_flops`` (relative to running both models).
 
@@ -262,6 +267,7 @@ def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, 
     depths = [d for d in depths if d <= min(limit, m - 1)]
     both = sum(count_flops(g.model).total for g in pair.graphs)
     tried = []
+    advance = stage(progress, "depth", len(depths))
     for d in sorted(depths, reverse=min_fidelity is not None):
         t = time.perf_counter()
         z, fid, acc = _evaluate_candidate(pair, method, params, d, tasks, holdout, labeled, do_repair, repair_heads)
@@ -269,8 +275,8 @@ def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, 
         value = acc["joint"] if select_by == "accuracy" else fid.joint
         c = Candidate(method, dict(params), d, value, fid.to_dict(), acc, time.perf_counter() - t, extra={"flops_rel": rel})
         tried.append(c)
-        if log is not None:
-            log(c)
+        if advance is not None:
+            advance(1)
         if min_fidelity is not None and value >= min_fidelity:
             return d, tried
     if min_fidelity is not None:
@@ -291,7 +297,8 @@ def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, 
 
 
 def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depths=None, params: dict | None = None,
-          tasks=None, labeled=None, latency: bool = True, do_repair: bool = True, repair_heads: bool = True, log=None) -> dict:
+          tasks=None, labeled=None, latency: bool = False, do_repair: bool = True, repair_heads: bool = True,
+          progress=None) -> dict:
     """Zip at every depth (or ``depths``) with every method; one row per (method, depth).
 
     Rows carry shared layers n/m, parameters, FLOPs and onnxruntime latency relative to running
@@ -318,7 +325,9 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
     def lat(model):
         if not latency:
             return None
-        return measure_latency(model, lat_feeds, providers=pair.providers, warmup=2, repeats=10)["median_ms"]
+        # one thread and the fastest of many runs: the least noisy figure on a shared machine
+        return measure_latency(model, lat_feeds, providers=pair.providers, warmup=3, repeats=30,
+                               intra_op_threads=1)["min_ms"]
 
     base_flops = [count_flops(s).total for s in sources]
     base_params = [count_params(s) for s in sources]
@@ -346,6 +355,7 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
     for k, name in enumerate(("model A", "model B")):
         add_row("reference", name, None, base_params[k], base_flops[k], base_lat[k], None, (a_acc, b_acc)[k])
     t_all = time.perf_counter()
+    advance = stage(progress, "sweep", len(methods) * len(depths))
     for method in methods:
         mp = dict(params or {}) if method == "zipit" else {}
         for d in depths:
@@ -354,11 +364,11 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
                 z, fid, acc = _evaluate_candidate(pair, method, mp, d, tasks, holdout, labeled, do_repair, repair_heads)
             except OnnxZipError as e:
                 rows.append({"kind": "candidate", "method": method, "stop_at": d, "error": str(e)})
-                continue
-            add_row("candidate", method, d, count_params(z.model), count_flops(z.model).total, lat(z.model),
-                    fid.to_dict(), acc, time.perf_counter() - t, z.params)
-            if log is not None:
-                log(rows[-1])
+            else:
+                add_row("candidate", method, d, count_params(z.model), count_flops(z.model).total, lat(z.model),
+                        fid.to_dict(), acc, time.perf_counter() - t, z.params)
+            if advance is not None:
+                advance(1)
     return {"rows": rows, "num_layers": m, "max_stop_at": limit, "search_seconds": time.perf_counter() - t_all,
             "holdout_samples": holdout.size, "statistics_samples": pair.stats.samples,
             "statistics_seconds": pair.timings.get("statistics")}

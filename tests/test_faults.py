@@ -35,34 +35,41 @@ def digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def test_failure_while_saving_leaves_nothing(pair, tmp_path, monkeypatch):
+def test_failure_while_saving_leaves_the_old_output_and_no_temporary_files(pair, tmp_path, monkeypatch):
     a, b, data = pair
     before = digest(a), digest(b)
     out = tmp_path / "out.onnx"
+    out.write_bytes(b"an earlier result the user keeps")
+    calls = []
 
-    def broken(*args, **kwargs):
+    def broken(model, path, *args, **kwargs):  # the disk fills up half-way through the file
+        calls.append(path)
+        Path(path).write_bytes(model.SerializeToString()[:100])
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx.checker, "check_model", broken)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(onnx, "save_model", broken)
+    with pytest.raises(OSError, match="disk full"):
         onnxzip.zip_models(a, b, data, output=out)
-    assert not out.exists()
+    assert calls and Path(calls[0]).parent != out.parent  # the save itself failed, in a temporary folder
+    assert out.read_bytes() == b"an earlier result the user keeps"
     assert not list(tmp_path.glob(".onnxzip-*"))
     assert (digest(a), digest(b)) == before
 
 
-def test_killed_run_leaves_no_output(pair, tmp_path):
+def test_killed_run_leaves_the_old_output(pair, tmp_path):
     a, b, data = pair
     before = digest(a), digest(b)
     out = tmp_path / "out.onnx"
+    out.write_bytes(b"an earlier result the user keeps")
     marker = tmp_path / "writing"
     script = f"""
-import time, onnx, onnxzip.io
-real = onnx.checker.check_model
-def slow(path, *a, **k):
+import time, onnx
+from pathlib import Path
+def slow(model, path, *a, **k):  # killed while the file is half written
+    Path(path).write_bytes(model.SerializeToString()[:100])
     open({str(marker)!r}, "w").close()
     time.sleep(60)
-onnx.checker.check_model = slow
+onnx.save_model = slow
 import onnxzip
 onnxzip.zip_models({str(a)!r}, {str(b)!r}, {str(data)!r}, output={str(out)!r})
 """
@@ -73,7 +80,7 @@ onnxzip.zip_models({str(a)!r}, {str(b)!r}, {str(data)!r}, output={str(out)!r})
     assert marker.exists(), "the run never reached the save"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not out.exists()
+    assert out.read_bytes() == b"an earlier result the user keeps"
     assert (digest(a), digest(b)) == before
 
 

@@ -246,7 +246,7 @@ def permuted_copy_corr(F, seed):
     return correlation_from_covariance(np.cov(np.vstack([x, x[perm]]))), perm
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.3, 0.0001, 0.0, -0.5])
+@pytest.mark.parametrize("alpha", [1.0, 0.3, 0.0001, 0.0])
 def test_zipit_recovers_permutation(alpha):
     F = 12
     corr, perm = permuted_copy_corr(F, 5)
@@ -394,7 +394,11 @@ def test_validate_params():
         validate_params("zipit", {"num_models": 2.5})
     with pytest.raises(OptionError, match="num_models=1 is out of range for zipit: must be >= 2"):
         validate_params("zipit", {"num_models": 1})
-    assert validate_params("zipit", {"alpha": -3})["alpha"] == -3.0
+    with pytest.raises(OptionError, match=r"alpha=7 is out of range for zipit: must be in \[0, 1\]"):
+        validate_params("zipit", {"alpha": 7})
+    with pytest.raises(OptionError, match="alpha=-3 is out of range"):
+        validate_params("zipit", {"alpha": -3})
+    assert validate_params("zipit", {"alpha": "1"})["alpha"] == 1.0
 
 
 def test_error_messages_are_one_line():

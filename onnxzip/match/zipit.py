@@ -77,9 +77,9 @@ def merge_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         "models, until F remain; within-model merges are limited by beta."
     ),
     params=(
-        Param("alpha", float, 0.3, help=(
+        Param("alpha", float, 0.3, 0.0, 1.0, help=(
             "a merged feature's similarity to others is alpha * min of its members'; "
-            "alpha <= 0: a merged feature merges no further")),
+            "0: a merged feature merges no further")),
         Param("beta", float, 0.125, 0.0, 1.0, help=(
             "fraction of each model's share of merges that may be within the model "
             "(0: only across models)")),
