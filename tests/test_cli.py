@@ -173,3 +173,26 @@ def test_zip_sampling_options_reach_the_statistics(tiny, calib, tmp_path):
     assert summary["repair"]["samples"] == min(rows, 128)
     # every 4th row: the smallest power-of-two step that leaves at most rows // 3
     assert fewer["repair"]["samples"] == -(-rows // 4)
+
+
+@pytest.mark.parametrize("command", ["zip", "sweep", "eval", "inspect", "check", "methods"])
+def test_help_fits_80_columns_and_cuts_nothing(command):
+    r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in r.output
+    if command == "zip":  # every option's whole help text is there
+        text = " ".join(r.output.split())
+        assert "a=test_a.npz,b=test_b.npz or repeated." in text
+        assert len(lines) < 100
+
+
+def test_inspect_shows_declared_inputs_whole_names_and_head_ties_between_groups():
+    info = json.loads(runner.invoke(app, ["inspect", str(SAMPLES / "vit_a.onnx"), "--json"]).output)
+    assert info["inputs"] == {"input": ["batch", 1, 16, 16]}
+    r = runner.invoke(app, ["inspect", str(SAMPLES / "vit_a.onnx")], terminal_width=80)
+    assert r.exit_code == 0 and "…" not in r.output
+    ties = [g for g in info["groups"] if g["heads"] > 1 and g["head_tie"] not in (None, g["group"])]
+    wide = runner.invoke(app, ["inspect", str(SAMPLES / "vit_a.onnx")], terminal_width=200).output
+    assert ties and wide.count("(tied with") == len(ties)  # a group is never tied with itself
