@@ -89,3 +89,28 @@ def test_sweep_cli_json_csv(tmp_path):
     assert [x["method"] for x in rows] == ["ensemble", "model A", "model B", "zipit", "zipit"]
     assert rows[3]["accuracy"]["joint"] == pytest.approx(rows[0]["accuracy"]["joint"])
     assert (tmp_path / "s.csv").read_text().count("\n") == 6
+
+
+class RecordingProgress:
+    def __init__(self):
+        self.stages = []  # [name, total, advanced]
+
+    def start(self, name, total):
+        self.stages.append([name, total, 0])
+
+    def advance(self, n=1):
+        self.stages[-1][2] += n
+
+
+def test_every_search_reports_progress_to_its_end():
+    progress = RecordingProgress()
+    r = onnxzip.zip_models(A, B, CALIB, params={"alpha": "auto", "beta": "auto"}, tasks=["a", "b"], stop_at="auto",
+                           min_fidelity=0.0, progress=progress)
+    names = [s[0] for s in progress.stages]
+    assert names[0] == "statistics" and "alpha, beta" in names and "depth" in names and names[-1] == "repair"
+    search = progress.stages[names.index("alpha, beta")]
+    assert search[1:] == [11, 11]  # the coordinate search's 11 candidates, each counted once
+    pair = pipeline.prepare_pair(A, B, CALIB, tasks=["a", "b"], holdout=0.2)
+    progress = RecordingProgress()
+    rows = sweep(pair, make_holdout(pair), ["zipit", "average"], [0, 1], tasks=["a", "b"], progress=progress)["rows"]
+    assert progress.stages == [["sweep", 4, 4]] and sum(r["kind"] == "candidate" for r in rows) == 4
