@@ -113,10 +113,12 @@ def test_readme_main_job_runs_as_written(tmp_path):
     assert out.exists()
     test_cmd = next(c for c in cmds if "pytest" in c)
     assert test_cmd.split("&&", 1)[1].strip() == "python -m pytest -q"
-    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == test_cmd
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("pip install")]
+    assert ci == [test_cmd, "pip install -e '.[export]' && python -m pytest -q -m exporter"]
 
 
 @pytest.mark.slow
+@pytest.mark.exporter  # samples/train_digits.py needs torch and scikit-learn
 def test_samples_regenerate_command_runs(tmp_path):
     """samples/README's command, shortened (one pair, one epoch), then the result zips."""
     out = tmp_path / "digits"

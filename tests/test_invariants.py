@@ -123,11 +123,9 @@ def test_mixed_exporters_zip(tiny, calib):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_vit_with_decomposed_layernorm_and_erf_gelu_permutes(tmp_path):
+def test_vit_with_decomposed_layernorm_and_erf_gelu_permutes(tiny):
     """Opset 14: LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div, GELU through Erf."""
-    from tests import tiny_models
-
-    path = tiny_models.export(tiny_models.build("vit", 3), tmp_path / "vit14.onnx", "torchscript", True, 14)
+    path = tiny("vit", seed=3, opset=14)
     ops = {n.op_type for n in onnx.load(path).graph.node}
     assert "LayerNormalization" not in ops and "ReduceMean" in ops and "Erf" in ops
     graph = load_layer_graph(path)

@@ -1,4 +1,7 @@
-"""Tiny torch models exported to ONNX the ways users export them (TorchScript and dynamo)."""
+"""Tiny torch models exported to ONNX the ways users export them (TorchScript and dynamo).
+
+tests/make_models.py exports them into tests/models/ (committed); the tests read those files, so
+only that script and the ``exporter`` tests need torch. Change a model here, then rerun the script."""
 
 from __future__ import annotations
 
