@@ -26,7 +26,7 @@ from onnxzip.match import get_matcher, validate_params
 from onnxzip.merge import compute_merges
 from onnxzip.progress import stage
 from onnxzip.normalize import align_input_layouts, check_input_layout, convert_opset, normalize, opset_of
-from onnxzip.repair import REPAIR_SAMPLES, RepairReport, repair
+from onnxzip.repair import RepairReport, repair
 from onnxzip.split import ZipLayout, build_zipped_model
 from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats, make_session
 
@@ -163,7 +163,7 @@ def default_tasks(sources: list[str]) -> list[str]:
 
 def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int | None = None,
                  providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None,
-                 holdout: float = 0.0, input_layout: str | None = None, all_positions: bool = False,
+                 holdout: float = 0.0, input_layout: str | None = None, all_positions: bool = True,
                  repair_samples: int | None = None, seed: int = 0) -> PreparedPair:
     """Load, normalize, parse and check two models; optionally collect their statistics.
 
@@ -172,10 +172,11 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     ``input_layout``: "NCHW" or "NHWC" for every image input; by default a model whose input
     differs from model A's only by that layout gets a Transpose in front (a warning says so), and
     the calibration data comes in A's layout.
-    ``all_positions``: covariances over every position of every feature map (default: large maps
-    are sampled, see :func:`onnxzip.stats.collect.collect_stats`).
-    ``repair_samples``: the most rows a later repair measures on (None: the default,
-    :data:`onnxzip.repair.REPAIR_SAMPLES`; 0: all); the repair targets are taken on those rows.
+    ``all_positions``: covariances over every position of every feature map (the default, exact);
+    False samples positions of large maps (at least ``ROWS_PER_FEATURE`` rows per feature, see
+    :func:`onnxzip.stats.collect.collect_stats`): faster, and it costs accuracy (bench/README.md).
+    ``repair_samples``: the most rows a later repair measures on (None or 0: all); the repair
+    targets are taken on those rows.
     ``seed``: seeds the sampled positions (the result is otherwise deterministic).
     """
     if not 0.0 <= holdout < 1.0:
@@ -247,9 +248,9 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
 
 
 def _preact_rows(repair_samples: int | None) -> int | None:
-    if repair_samples is None:
-        return REPAIR_SAMPLES
-    return None if repair_samples <= 0 else int(repair_samples)
+    """Rows the repair targets are taken on: all by default (a later repair may still measure on
+    a power-of-two subset of them, see :func:`onnxzip.repair.default_repair_samples`)."""
+    return None if repair_samples is None or repair_samples <= 0 else int(repair_samples)
 
 
 def resolve_stop_at(stop_at, num_layers: int) -> int:
@@ -298,11 +299,15 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
         report = repair(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
                         heads=repair_heads, progress=stage(progress, "repair", None), max_samples=repair_samples)
         timings["repair"] = time.perf_counter() - t
+    warnings = list(pair.warnings)
+    if report is not None and repair_samples is None and report.samples < pair.stats.samples:
+        warnings.append(f"the statistics correction measured {report.samples} of {pair.stats.samples} calibration rows "
+                        "(all of them would not fit in memory); --repair-samples N chooses")
     t = time.perf_counter()
     _set_metadata(model, pair, method, params, depth, m, tasks)
     validate(model, pair)
     timings["validate"] = time.perf_counter() - t
-    return ZipResult(model, layout, method, params, depth, m, tasks, report, timings, pair.stats.samples, list(pair.warnings))
+    return ZipResult(model, layout, method, params, depth, m, tasks, report, timings, pair.stats.samples, warnings)
 
 
 def _check_tasks(tasks: list[str], n: int) -> None:
@@ -366,7 +371,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
                input_layout: str | None = None, repair_samples: int | None = None,
-               all_positions: bool = False, seed: int = 0) -> ZipResult:
+               all_positions: bool = True, seed: int = 0) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
     Args:
@@ -386,11 +391,12 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
             something is "auto", else 0).
         search: "coordinate" or "grid" over the paper's alpha/beta grid.
         select_by: "fidelity" (no labels) or "accuracy" (needs ``select_data``: {task: npz with labels}).
-        repair_samples: calibration rows the repair measures (None: an evenly spread subset of at
-            most :data:`onnxzip.repair.REPAIR_SAMPLES`, fewer when they would not fit; 0: all).
-        all_positions: covariances over every position of every feature map (default: maps with
-            many positions are sampled, at least ``ROWS_PER_FEATURE`` rows per feature); ``seed``
-            seeds that sampling.
+        repair_samples: calibration rows the repair measures (None: all rows whose activations fit
+            :data:`onnxzip.repair.FRONTIER_BUDGET_BYTES`, an evenly spread subset otherwise, with a
+            warning; 0: all; N: at most N).
+        all_positions: covariances over every position of every feature map (default, exact);
+            False samples the positions of large maps, at least ``ROWS_PER_FEATURE`` rows per
+            feature, seeded by ``seed`` (faster; it costs accuracy, see bench/README.md).
         input_layout: "NCHW" or "NHWC": the zipped model's image input layout when the two
             models differ (default: model A's).
     """

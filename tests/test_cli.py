@@ -156,23 +156,26 @@ def test_zip_nhwc_with_nchw_takes_the_chosen_layout_and_evaluates(tmp_path):
 
 
 def test_zip_sampling_options_reach_the_statistics(tiny, calib, tmp_path):
-    """A given --seed gives the same model; --all-positions and --repair-samples reach the zip
-    (the seed's effect on the statistics is tested in test_stats)."""
+    """Exact by default (every position, the repair on every row); --sample-positions with a given
+    --seed gives the same model; --repair-samples reaches the zip (the seed's effect on the
+    statistics is tested in test_stats)."""
     a, b = tiny("resnet", seed=0), tiny("resnet", seed=1)
 
     def zip_with(name, *extra):
         out = tmp_path / f"{name}.onnx"
-        r = runner.invoke(app, ["zip", str(a), str(b), "-d", str(calib), "-o", str(out), "--json", *extra])
+        r = runner.invoke(app, ["zip", str(a), str(b), "-d", str(calib), "-o", str(out), "--json", "--alpha", "0.3",
+                                "--beta", "0.125", *extra])
         assert r.exit_code == 0, r.output
         weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
         return json.loads(r.output), weights
 
     rows = len(np.load(calib)["input"])
-    summary, default = zip_with("default")
-    _, again = zip_with("again", "--seed", "0")
-    fewer, _ = zip_with("fewer", "--all-positions", "--repair-samples", str(rows // 3), "--seed", "1")
-    assert all(np.array_equal(default[k], again[k]) for k in default)
-    assert summary["repair"]["samples"] == min(rows, 128)
+    summary, _ = zip_with("default")
+    _, sampled = zip_with("sampled", "--sample-positions", "--seed", "0")
+    _, again = zip_with("again", "--sample-positions", "--seed", "0")
+    fewer, _ = zip_with("fewer", "--repair-samples", str(rows // 3))
+    assert all(np.array_equal(sampled[k], again[k]) for k in sampled)
+    assert summary["repair"]["samples"] == rows
     # every 4th row: the smallest power-of-two step that leaves at most rows // 3
     assert fewer["repair"]["samples"] == -(-rows // 4)
 
