@@ -251,12 +251,13 @@ def zip_cmd(
     data: List[str] = typer.Option(..., "--data", "-d", metavar="DATA", help="Calibration data: calib.npz (mixed) or a folder of shards; or task=file.npz once per task."),
     output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Where to write the zipped model."),
     method: str = typer.Option("zipit", help="Matching method (see `onnxzip methods`)."),
-    alpha: Optional[str] = typer.Option(None, help="zipit: similarity decay of merged clusters, in [0, 1] (default 0.3), or 'auto'."),
-    beta: Optional[str] = typer.Option(None, help="zipit: share of within-model merges, in [0, 1] (default 0.125), or 'auto'."),
+    alpha: Optional[str] = typer.Option(None, help="zipit: similarity decay of merged clusters, in [0, 1] (the paper's: 0.3). Default: auto, chosen without labels on held-out samples."),
+    beta: Optional[str] = typer.Option(None, help="zipit: share of within-model merges, in [0, 1] (the paper's: 0.125). Default: auto."),
     param: List[str] = typer.Option([], metavar="NAME=VALUE", help="Other matcher parameter (repeatable)."),
     stop_at: Optional[str] = typer.Option(None, "--stop-at", help="Share the first N layers (see `inspect`); 'all' merges the final layer too; 'auto' with --min-fidelity or --max-flops. Default: all but the final layer."),
     min_fidelity: Optional[float] = typer.Option(None, help="--stop-at auto: the deepest zip whose fidelity (joint agreement with the ensemble on held-out samples) reaches this."),
     max_flops: Optional[float] = typer.Option(None, help="--stop-at auto: the best zip using at most this share of the FLOPs of running both models."),
+    allow_no_sharing: bool = typer.Option(False, "--allow-no-sharing", help="--stop-at auto may choose 0 shared layers (both models side by side)."),
     holdout: Optional[float] = typer.Option(None, help="Share of calibration samples held out to score candidates (default 0.2 with 'auto')."),
     search: str = typer.Option("coordinate", help="alpha/beta search over the paper's grid: coordinate (11 candidates) or grid (36)."),
     select_by: str = typer.Option("fidelity", help="Score candidates by fidelity (no labels) or accuracy (needs --task)."),
@@ -304,6 +305,7 @@ def zip_cmd(
                 holdout=holdout, search=search, select_by=select_by, select_data=select_data,
                 min_fidelity=min_fidelity, max_flops=max_flops, input_layout=input_layout,
                 repair_samples=repair_samples, all_positions=all_positions, seed=seed,
+                allow_no_sharing=allow_no_sharing,
             )
         summary = result.summary()
         summary["cost"] = _costs({"model A": str(model_a), "model B": str(model_b), "zipped": result.model})
@@ -338,6 +340,7 @@ def _print_zip(result, summary: dict, model_a: Path, model_b: Path, output: Path
         err.print(f"[yellow]warning:[/yellow] {escape(w)}")
     if result.selection:
         out.print(_selection_table(result.selection, result.params, result.stop_at))
+        out.print(f"chosen: {escape(result.selection['reason'])}", highlight=False)
     out.print(f"[bold]zipped[/bold] {escape(model_a.name)} + {escape(model_b.name)} -> {escape(str(output))}  "
               f"({result.method} {escape(json.dumps(result.params))}, shared layers {result.stop_at}/{result.num_layers})",
               highlight=False)

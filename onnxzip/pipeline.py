@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxzip.data import DataSet, InputSpec, data_files, open_data
+from onnxzip.data import DataSet, InputSpec, data_files, data_items, open_data
 from onnxzip.errors import ArchitectureMismatchError, CalibrationDataError, OptionError
 from onnxzip.graph.build import build_layer_graph, input_specs, require_depth
 from onnxzip.graph.compare import first_difference
@@ -197,7 +197,8 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     models, layout_notes = align_input_layouts(models, input_layout)
     models = [normalize(m) for m in models]
     if tasks is None:
-        tasks = default_tasks(sources)
+        keys = [k for k, _ in data_items(data) if k is not None]
+        tasks = keys if len(keys) == len(models) else default_tasks(sources)
     specs = [_specs(m) for m in models]
     if len(specs[0]) != len(specs[1]):
         raise ArchitectureMismatchError(f"A has {len(specs[0])} inputs, B has {len(specs[1])}; the models must take the same inputs")
@@ -284,7 +285,7 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     depth = resolve_stop_at(stop_at, m)
     for k, g in enumerate(graphs):
         require_depth(g, depth, pair.sources[k])
-    tasks = tasks or default_tasks(pair.sources)
+    tasks = tasks or pair.tasks or default_tasks(pair.sources)
     _check_tasks(tasks, len(graphs))
     timings = {}
     t = time.perf_counter()
@@ -370,7 +371,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                repair_heads: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
-               input_layout: str | None = None, repair_samples: int | None = None,
+               input_layout: str | None = None, repair_samples: int | None = None, allow_no_sharing: bool = False,
                all_positions: bool = True, seed: int = 0) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
@@ -381,8 +382,10 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         method: a registered matcher ("zipit", "permute", "average", ...).
         params: the matcher's parameters (zipit: alpha, beta); ``"auto"`` picks a value by
             fidelity on held-out calibration samples (:func:`onnxzip.select.search_alpha_beta`).
+            zipit's alpha and beta are "auto" unless given (the paper's values: 0.3, 0.125).
         stop_at: layers to share: None = all but the last (one head per task), "all", n, or
-            "auto" with ``min_fidelity`` or ``max_flops`` (:func:`onnxzip.select.choose_depth`).
+            "auto" with ``min_fidelity`` or ``max_flops`` (:func:`onnxzip.select.choose_depth`; a
+            zip sharing no layer only with ``allow_no_sharing``).
         tasks: task names (default: the file stems), used as output prefixes.
         do_repair: correct statistics after merging (REPAIR).
         progress: an object with ``start(stage, total)`` and ``advance(n)`` (e.g. a progress bar):
@@ -407,6 +410,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     if "num_models" in params and str(params["num_models"]).strip() != "2":
         raise OptionError(f"num_models={params['num_models']}: the number of models is the number of files "
                           "given (2); it is not a parameter to set")
+    if matcher.name == "zipit":  # the label-free choice unless the user sets a value
+        params = {"alpha": "auto", "beta": "auto", **params}
     auto = [k for k, v in params.items() if isinstance(v, str) and v.strip().lower() == "auto"]
     fixed = {k: v for k, v in params.items() if k not in auto}
     validate_params(matcher.name, fixed)
@@ -441,14 +446,18 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
             params = {**fixed, **best}
             selection["alpha_beta"] = best
             selection["candidates"] += [c.to_dict() for c in tried]
+            selection["reason"] = _chosen_because(best, tried, select_by, hold.size)
         if auto_depth:
             depth, tried = choose_depth(pair, hold, method, {k: v for k, v in params.items()}, tasks=pair.tasks,
                                         min_fidelity=min_fidelity, max_flops=max_flops, labeled=labeled,
                                         select_by=select_by, do_repair=do_repair, repair_heads=repair_heads,
-                                        progress=progress)
+                                        progress=progress, allow_no_sharing=allow_no_sharing)
             stop_at = depth
             selection["stop_at"] = depth
             selection["candidates"] += [c.to_dict() for c in tried]
+            target = f"{select_by} >= {min_fidelity}" if min_fidelity is not None else f"FLOPs <= {max_flops} of both models"
+            selection["reason"] = (selection.get("reason", "") + f"; depth {depth}: "
+                                   + ("the deepest" if min_fidelity is not None else "the best") + f" with {target}").lstrip("; ")
         selection["search_seconds"] = time.perf_counter() - t
         pair.timings["search"] = selection["search_seconds"]
     result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads, progress=progress,
@@ -462,6 +471,14 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         result.timings["save"] = time.perf_counter() - t
         result.output = str(output)
     return result
+
+
+def _chosen_because(best: dict, tried: list, select_by: str, held: int) -> str:
+    """Why the search chose ``best``, in words."""
+    score = max(c.score for c in tried)
+    what = "joint agreement with the ensemble" if select_by == "fidelity" else "joint accuracy"
+    values = ", ".join(f"{k} {v}" for k, v in best.items())
+    return f"{values}: the highest {what} ({score:.3f}) of {len(tried)} candidates on {held} held-out samples"
 
 
 def _check_search_options(stop_at, search, select_by, select_data, min_fidelity, max_flops) -> None:

@@ -250,11 +250,14 @@ def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=N
 
 def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, depths=None,
                  min_fidelity: float | None = None, max_flops: float | None = None, labeled=None,
-                 select_by: str = "fidelity", do_repair: bool = True, repair_heads: bool = True, progress=None):
+                 select_by: str = "fidelity", do_repair: bool = True, repair_heads: bool = True, progress=None,
+                 allow_no_sharing: bool = False):
     """``--stop-at auto``: the deepest zip whose fidelity meets ``min_fidelity``, or the best-scoring
     zip whose FLOPs stay under ``max_flops`` (relative to running both models).
 
-    Returns (chosen depth, every candidate tried). Raises OptionError when nothing meets the target.
+    A zip that shares no layer (the two models side by side in one file) is a candidate only with
+    ``allow_no_sharing``. Returns (chosen depth, every candidate tried). Raises OptionError when
+    nothing meets the target, naming the best that was reached.
     """
     from onnxzip.cost import count_flops
 
@@ -264,7 +267,9 @@ def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, 
     m = pair.graphs[0].num_layers
     limit = min(g.max_depth() for g in pair.graphs)
     depths = sorted(set(depths or range(0, m + 1)))
-    depths = [d for d in depths if d <= min(limit, m - 1)]
+    depths = [d for d in depths if d <= min(limit, m - 1) and (d >= 1 or allow_no_sharing)]
+    if not depths:
+        raise OptionError(f"no layer can be shared: the deepest possible zip is --stop-at {limit} (see `onnxzip inspect`)")
     both = sum(count_flops(g.model).total for g in pair.graphs)
     tried = []
     advance = stage(progress, "depth", len(depths))
@@ -282,8 +287,9 @@ def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, 
     if min_fidelity is not None:
         best = max(tried, key=lambda c: c.score)
         raise OptionError(
-            f"no zip depth reaches {select_by} {min_fidelity:.3f} (best: {best.score:.3f} at --stop-at {best.stop_at}); "
-            "lower --min-fidelity, or share fewer layers by hand"
+            f"no zip depth{'' if allow_no_sharing else ' that shares a layer'} reaches {select_by} {min_fidelity:.3f} "
+            f"(best: {best.score:.3f} at --stop-at {best.stop_at}); lower --min-fidelity"
+            + ("" if allow_no_sharing else ", or pass --allow-no-sharing to accept the two models side by side")
         )
     fits = [c for c in tried if c.extra["flops_rel"] <= max_flops + 1e-9]
     if not fits:

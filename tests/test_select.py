@@ -36,18 +36,46 @@ def test_fixed_beta_searches_alpha_only():
     assert len(r.selection["candidates"]) == 6
 
 
+PAPER = {"alpha": 0.3, "beta": 0.125}
+
+
 def test_stop_at_auto_meets_min_fidelity():
-    r = onnxzip.zip_models(A, B, CALIB, stop_at="auto", min_fidelity=0.9, tasks=["a", "b"])
+    r = onnxzip.zip_models(A, B, CALIB, params=PAPER, stop_at="auto", min_fidelity=0.8, tasks=["a", "b"])
     tried = {c["stop_at"]: c["score"] for c in r.selection["candidates"]}
-    assert tried[r.stop_at] >= 0.9
+    assert tried[r.stop_at] >= 0.8
     deeper = [d for d in tried if d > r.stop_at]
-    assert all(tried[d] < 0.9 for d in deeper)  # it is the deepest that meets the target
+    assert all(tried[d] < 0.8 for d in deeper)  # it is the deepest that meets the target
 
 
 def test_stop_at_auto_respects_max_flops():
     r = onnxzip.zip_models(A, B, CALIB, stop_at="auto", max_flops=0.7, tasks=["a", "b"])
     both = count_flops(str(A)).total + count_flops(str(B)).total
     assert count_flops(r.model).total <= 0.7 * both
+
+
+def test_the_default_zip_chooses_alpha_and_beta_without_labels_and_says_why():
+    r = onnxzip.zip_models(A, B, CALIB, tasks=["a", "b"])
+    assert r.selection is not None and set(r.selection["alpha_beta"]) == {"alpha", "beta"}
+    assert (r.params["alpha"], r.params["beta"]) == (r.selection["alpha_beta"]["alpha"], r.selection["alpha_beta"]["beta"])
+    assert "highest joint agreement with the ensemble" in r.selection["reason"]
+    paper = onnxzip.zip_models(A, B, CALIB, params=PAPER, tasks=["a", "b"])
+    assert paper.selection is None and (paper.params["alpha"], paper.params["beta"]) == (0.3, 0.125)
+
+
+def test_depth_search_never_settles_for_no_sharing_unless_allowed():
+    """Sharing nothing always agrees with the ensemble: it is not a zip, so it is not a success."""
+    with pytest.raises(OptionError, match="that shares a layer reaches fidelity 1.000.*--allow-no-sharing"):
+        onnxzip.zip_models(A, B, CALIB, params=PAPER, stop_at="auto", min_fidelity=1.0, tasks=["a", "b"])
+    r = onnxzip.zip_models(A, B, CALIB, params=PAPER, stop_at="auto", min_fidelity=1.0, tasks=["a", "b"],
+                           allow_no_sharing=True)
+    assert r.stop_at == 0
+    r = onnxzip.zip_models(A, B, CALIB, params=PAPER, stop_at="auto", max_flops=1.0, tasks=["a", "b"])
+    assert r.stop_at >= 1
+
+
+def test_task_names_come_from_the_per_task_data_keys():
+    r = onnxzip.zip_models(A, B, {"left": SAMPLES / "test_a.npz", "right": SAMPLES / "test_b.npz"}, params=PAPER)
+    assert r.tasks == ["left", "right"] and set(r.layout.outputs) == {"left", "right"}
 
 
 def test_unreachable_target_is_a_clear_error():
