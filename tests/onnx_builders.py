@@ -16,11 +16,13 @@ def graph_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onn
     return model
 
 
-def mlp(weights, spelling: str = "gemm_t1", opset: int = 17, hidden_act: str = "Relu") -> onnx.ModelProto:
+def mlp(weights, spelling: str = "gemm_t1", opset: int = 17, hidden_act: str = "Relu",
+        l2_normalize: bool = False) -> onnx.ModelProto:
     """x [N, in] -> dense -> act -> ... -> logits, from weights = [(W [out, in], b [out]), ...].
 
     spelling: "gemm_t1" (Gemm transB=1, torch), "gemm_t0" (Gemm transB=0, Keras/JAX),
-    "matmul" (MatMul + Add with an [in, out] kernel).
+    "matmul" (MatMul + Add with an [in, out] kernel). ``l2_normalize``: the last layer's output
+    divided by its L2 norm, as torch exports ``F.normalize`` (an embedding model's head).
     """
     nodes, inits = [], []
     x = "x"
@@ -42,6 +44,19 @@ def mlp(weights, spelling: str = "gemm_t1", opset: int = 17, hidden_act: str = "
         if k < len(weights) - 1:
             nodes.append(helper.make_node(hidden_act, [pre], [out], name=f"act{k}"))
         x = out
+    if l2_normalize:
+        nodes[-1].output[0] = "emb"  # the last dense layer's output, then divided by its norm
+        inits.append(numpy_helper.from_array(np.array(1e-12, np.float32), "eps"))
+        nodes += [
+            helper.make_node("ReduceL2", ["emb"], ["norm"], axes=[-1], keepdims=1, name="l2") if opset < 18 else
+            helper.make_node("ReduceL2", ["emb", "l2_axes"], ["norm"], keepdims=1, name="l2"),
+            helper.make_node("Clip", ["norm", "eps", ""], ["clipped"], name="clip"),
+            helper.make_node("Shape", ["emb"], ["emb_shape"], name="shape"),
+            helper.make_node("Expand", ["clipped", "emb_shape"], ["expanded"], name="expand"),
+            helper.make_node("Div", ["emb", "expanded"], ["logits"], name="out_norm"),
+        ]
+        if opset >= 18:
+            inits.append(numpy_helper.from_array(np.array([-1], np.int64), "l2_axes"))
     n_in = weights[0][0].shape[1]
     n_out = weights[-1][0].shape[0]
     graph = helper.make_graph(

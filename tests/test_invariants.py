@@ -134,3 +134,28 @@ def test_vit_with_decomposed_layernorm_and_erf_gelu_permutes(tiny):
     permuted = permute_model(graph, random_permutations(graph, seed=5))
     x = images(8, seed=2)
     np.testing.assert_allclose(run(permuted, x)[0], run(path, x)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_embedding_model_zips_end_to_end_and_a_permuted_self_zip_gives_it_back(tmp_path):
+    """After the final weight layer the models' outputs share one space: an L2 normalisation (or any
+    op) there needs no merge, so --stop-at all zips through it."""
+    from tests.onnx_builders import mlp, random_mlp_weights
+
+    model = mlp(random_mlp_weights([10, 16, 12, 8], 0), l2_normalize=True)
+    graph = load_layer_graph(model)
+    assert graph.max_depth() == graph.num_layers == 3
+    permuted = permute_model(graph, random_permutations(graph, seed=1))
+    x = np.random.default_rng(0).normal(size=(200, 10)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    want = run(model, x[:20])[0]
+    np.testing.assert_allclose(run(permuted, x[:20])[0], want, atol=1e-5)
+    for method, params in (("permute", {}), ("zipit", {"alpha": 0.3, "beta": 0.0})):
+        z = onnxzip.zip_models(model, permuted, tmp_path / "calib.npz", method=method, params=params, stop_at="all",
+                               tasks=["a", "b"], do_repair=False)
+        assert z.stop_at == 3
+        got = run(z.model, x[:20])
+        assert len(got) == 1  # one shared embedding output
+        np.testing.assert_allclose(got[0], want, atol=1e-5)
+    other = mlp(random_mlp_weights([10, 16, 12, 8], 5), l2_normalize=True)
+    z = onnxzip.zip_models(model, other, tmp_path / "calib.npz", stop_at="all", tasks=["a", "b"])
+    np.testing.assert_allclose(np.linalg.norm(run(z.model, x[:20])[0], axis=1), 1.0, rtol=1e-5)

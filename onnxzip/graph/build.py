@@ -389,6 +389,12 @@ def _finish(ctx: BuildContext) -> LayerGraph:
             new_groups[gid].head_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
 
     num_layers = max((l.number for l in order), default=0)
+    for g in new_groups.values():
+        # made only by final layers (no weight layer downstream: numbered m): the models' outputs
+        # share this space whatever ops follow (an L2 normalisation, a scale, a softmax)
+        if g.producers and all(order[i].number == num_layers for i in g.producers):
+            g.output = True
+            g.tensors = []
     unsupported = list(ctx.unsupported)
     for u in unsupported:
         u.max_depth = num_layers
