@@ -209,25 +209,32 @@ def _data_keys(spec) -> dict:
     return {k: v for k, v in data_items(spec) if k is not None}
 
 
-def _evaluate_models(named: dict, data: dict, sources: Optional[tuple] = None) -> dict:
+def _evaluate_models(named: dict, data: dict, sources: Optional[tuple] = None, classes: Optional[dict] = None) -> dict:
     """Accuracy of each model (and with ``sources``, of both sources and their ensemble) on
-    ``data`` ({task: (arrays, labels)}, as :func:`_task_data` reads it)."""
+    ``data`` ({task: (arrays, labels)}, as :func:`_task_data` reads it); with ``classes``
+    ({task: class embeddings}) the models' outputs are embeddings scored against them."""
     from onnxzip.errors import OptionError
-    from onnxzip.evaluate import EnsemblePredictor, ModelPredictor, evaluate_many, prepare_feed
+    from onnxzip.evaluate import EmbeddingScorer, EnsemblePredictor, ModelPredictor, evaluate_many, prepare_feed
+
+    runs = []  # the models themselves: the first one's inputs fit the data to every model
+
+    def scored(predictor):
+        runs.append(predictor)
+        return EmbeddingScorer(predictor, classes) if classes else predictor
 
     names = list(data)
     predictors = {}
     if sources is not None:
-        a, b = (ModelPredictor(p, task=t) for p, t in zip(sources, names))
+        a, b = (scored(ModelPredictor(p, task=t)) for p, t in zip(sources, names))
         predictors.update({"model A": a, "model B": b, "ensemble": EnsemblePredictor({names[0]: a, names[1]: b})})
     for label, model in named.items():
         predictor = ModelPredictor(model)
-        if predictor.tasks is None and len(data) > 1 and "onnxzip.tasks" not in predictor.metadata:
+        if predictor.tasks is None and len(data) > 1 and not classes and "onnxzip.tasks" not in predictor.metadata:
             raise OptionError(
                 f"{label} has one output and no task heads, so it serves one task: evaluate it with that task's "
                 f"data only (--task NAME=FILE), or with its partner as --ensemble A --ensemble B")
-        predictors[label] = predictor
-    specs = next(iter(predictors.values())).input_specs
+        predictors[label] = scored(predictor)
+    specs = runs[0].input_specs
     fitted = {t: (prepare_feed(x, specs, where=f"data of task '{t}'"), y) for t, (x, y) in data.items()}
     return evaluate_many(predictors, fitted)
 
@@ -238,6 +245,22 @@ def _data_reads(spec, **labeled: dict) -> list:
 
     reads = [("calibration data", f) for f in data_files(spec)]
     return reads + [(f"--{option} data of task '{t}'", Path(p)) for option, files in labeled.items() for t, p in files.items()]
+
+
+def _class_files(items: List[str], tasks: Optional[list]) -> dict:
+    """--classes TASK=FILE: each task's class embeddings, read before any work."""
+    from onnxzip.errors import OptionError
+    from onnxzip.predictions import load_class_embeddings
+
+    files = _parse_tasks_eval(items)
+    unknown = [t for t in files if tasks is not None and t not in tasks]
+    if unknown:
+        raise OptionError(f"--classes names task(s) {unknown}; the tasks are {tasks} (name them with --tasks)")
+    return {t: load_class_embeddings(p) for t, p in files.items()}
+
+
+CLASSES_HELP = ("Embedding models: a task's class embeddings [classes, D] (.npy, or .npz with 'class_embeddings'); "
+                "outputs are scored by cosine against them (repeatable, one per task).")
 
 
 def _data_spec(data: List[str]):
@@ -274,6 +297,7 @@ def zip_cmd(
     providers: Optional[str] = typer.Option(None, help="onnxruntime execution providers, comma-separated (default CPU)."),
     report: Optional[Path] = typer.Option(None, metavar="FILE", help="Write the summary as JSON here."),
     eval_: List[str] = typer.Option([], "--eval", metavar="TASK=FILE", help="Evaluate after zipping, on labeled data: a=test_a.npz,b=test_b.npz or repeated."),
+    classes: List[str] = typer.Option([], "--classes", metavar="TASK=FILE", help=CLASSES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Zip MODEL_A and MODEL_B into one model with a shared trunk and one head per task."""
@@ -291,9 +315,11 @@ def zip_cmd(
         task_names = _task_names(tasks, [model_a, model_b], _data_keys(spec), eval_files, select_files)
         params = _parse_params(method, alpha, beta, param)
         check_input_layout(input_layout)
-        reads = model_reads([model_a, model_b]) + _data_reads(spec, eval=eval_files, task=select_files)
+        reads = model_reads([model_a, model_b]) + _data_reads(spec, eval=eval_files, task=select_files,
+                                                              classes=_parse_tasks_eval(classes))
         writes = [("--output", p) for p in model_writes(output)] + ([("--report", report)] if report else [])
         check_paths(writes, reads)
+        class_embeddings = _class_files(classes, task_names) or None
         eval_data = _task_data(eval_files, task_names, "--eval")
         select_data = _task_data(select_files, task_names, "--task") or None
         prov = resolve_providers(providers, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {escape(m)}"))
@@ -305,14 +331,14 @@ def zip_cmd(
                 holdout=holdout, search=search, select_by=select_by, select_data=select_data,
                 min_fidelity=min_fidelity, max_flops=max_flops, input_layout=input_layout,
                 repair_samples=repair_samples, all_positions=all_positions, seed=seed,
-                allow_no_sharing=allow_no_sharing,
+                allow_no_sharing=allow_no_sharing, classes=class_embeddings,
             )
         summary = result.summary()
         summary["cost"] = _costs({"model A": str(model_a), "model B": str(model_b), "zipped": result.model})
         results = None
         if eval_data:
             # the sources as zipped (normalized, input layout aligned), so the same data fits every model
-            results = _evaluate_models({"zipped": result.model}, eval_data, tuple(result.sources))
+            results = _evaluate_models({"zipped": result.model}, eval_data, tuple(result.sources), class_embeddings)
             summary["eval"] = {k: v.to_dict() for k, v in results.items()}
         t = time.perf_counter()
         save_model(result.model, output)
@@ -387,6 +413,7 @@ def sweep_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", metavar="FILE", help="Write the rows as CSV here."),
     plot: Optional[Path] = typer.Option(None, metavar="FILE", help="Save joint accuracy (or fidelity) against relative FLOPs as an image, e.g. sweep.png (needs matplotlib: pip install 'onnxzip[plot]')."),
+    classes: List[str] = typer.Option([], "--classes", metavar="TASK=FILE", help=CLASSES_HELP),
 ):
     """Zip at every depth with every method: cost against accuracy, one row per (method, depth)."""
 
@@ -410,12 +437,14 @@ def sweep_cmd(
         validate_params("zipit", params)
         if plot:
             _check_plot_path(plot)
-        reads = model_reads([model_a, model_b]) + _data_reads(spec, task=test_files)
+        reads = model_reads([model_a, model_b]) + _data_reads(spec, task=test_files, classes=_parse_tasks_eval(classes))
         check_paths([(o, p) for o, p in (("--csv", csv_out), ("--plot", plot)) if p], reads)
+        class_embeddings = _class_files(classes, task_names) or None
         test_data = _task_data(test_files, task_names, "--task")
         with _bars() as bars:
             pair = prepare_pair(str(model_a), str(model_b), spec, batch_size, max_samples, tasks=task_names,
-                                holdout=holdout, progress=bars, all_positions=all_positions, seed=seed)
+                                holdout=holdout, progress=bars, all_positions=all_positions, seed=seed,
+                                classes=class_embeddings)
             hold = make_holdout(pair)
             labeled = labeled_data(test_data, pair) if test_data else None
             result = sweep(pair, hold, method_list, depth_list, params, pair.tasks, labeled, latency, progress=bars)
@@ -621,6 +650,7 @@ def eval_cmd(
     models: List[Path] = typer.Argument(None, help="Models to evaluate (zipped: outputs named <task>/...)."),
     task: List[str] = typer.Option(..., "--task", "-t", metavar="TASK=FILE", help="Labeled data: inputs plus labels in an .npz (repeatable)."),
     ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Source models A and B (give twice): adds model A, model B and their ensemble."),
+    classes: List[str] = typer.Option([], "--classes", metavar="TASK=FILE", help=CLASSES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Per-task, task-average and joint accuracy, the way the ZipIt! paper judges merges."""
@@ -636,8 +666,9 @@ def eval_cmd(
         if not models and not ensemble:
             raise OptionError("nothing to evaluate: give a model, or --ensemble A --ensemble B")
         data = _task_data(task_files, None, "--task")
+        class_embeddings = _class_files(classes, list(task_files)) or None
         named = {str(m): str(m) for m in (models or [])}
-        results = _evaluate_models(named, data, tuple(str(p) for p in ensemble) if ensemble else None)
+        results = _evaluate_models(named, data, tuple(str(p) for p in ensemble) if ensemble else None, class_embeddings)
         if as_json:
             print(json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2))
             return

@@ -35,12 +35,14 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import CalibrationDataError, ModelLoadError, OptionError
+from onnxzip.predictions import embedding_scores, softmax
 
 __all__ = [
     "SHARED_HEAD",
     "Predictor",
     "ModelPredictor",
     "EnsemblePredictor",
+    "EmbeddingScorer",
     "EvalResult",
     "TaskData",
     "load_task_data",
@@ -534,6 +536,41 @@ class EnsemblePredictor(Predictor):
         return f"EnsemblePredictor({self._members})"
 
 
+class EmbeddingScorer(Predictor):
+    """An embedding model's outputs as class scores: each task's head (or the one shared output)
+    scored against that task's class embeddings (cosine times the logit scale, see
+    :mod:`onnxzip.predictions`).
+
+    Args:
+        predictor: the predictor whose outputs are embeddings.
+        classes: task -> class embeddings ``[classes, D]``.
+    """
+
+    def __init__(self, predictor: Predictor, classes: Mapping[str, np.ndarray]) -> None:
+        if not classes:
+            raise OptionError("EmbeddingScorer needs class embeddings for at least one task")
+        if predictor.tasks is not None:
+            missing = [t for t in predictor.tasks if t not in classes]
+            if missing:
+                raise OptionError(f"no class embeddings for task(s) {missing}: give them for every task")
+        self._inner = predictor
+        self._classes = dict(classes)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self._inner.tasks if self._inner.tasks is not None else tuple(self._classes)
+
+    def predict(
+        self, inputs: Mapping[str, np.ndarray], batch_size: int = 256
+    ) -> dict[str, np.ndarray]:
+        out = self._inner.predict(inputs, batch_size)
+        return {t: embedding_scores(out[SHARED_HEAD] if SHARED_HEAD in out else out[t], self._classes[t])
+                for t in self.tasks}
+
+    def __repr__(self) -> str:
+        return f"EmbeddingScorer({self._inner!r}, tasks={list(self._classes)})"
+
+
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
@@ -704,14 +741,6 @@ def _check_batch_size(batch_size: int) -> None:
         raise OptionError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64, copy=False)
-    x = x - x.max(axis=1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=1, keepdims=True)
-    return x
-
-
 def _normalize_tasks(
     tasks: Mapping[str, tuple[Any, Any]],
 ) -> dict[str, tuple[Mapping[str, np.ndarray], np.ndarray]]:
@@ -797,7 +826,7 @@ def evaluate(
             per_task[t] = correct[t] / n
             # Joint: softmax each head over its own classes, concatenate in `order`, argmax; right
             # only when the argmax lands in this task's block and on the right class.
-            probs = np.concatenate([_softmax(logits[h]) for h in order], axis=1)
+            probs = np.concatenate([softmax(logits[h]) for h in order], axis=1)
             offset = int(sum(logits[h].shape[1] for h in order[: order.index(t)]))
             joint_correct[t] = int((probs.argmax(axis=1) == labels + offset).sum())
         else:

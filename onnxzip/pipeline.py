@@ -53,6 +53,7 @@ class PreparedPair:
     warnings: list = field(default_factory=list)
     holdout: float = 0.0  # share of calibration samples kept out of statistics, to score candidates
     tasks: list = field(default_factory=list)
+    classes: list | None = None  # per model: class embeddings its embedding output is scored against
 
     def _holdout_mask(self, start: int, rows: int) -> np.ndarray:
         if self.holdout <= 0:
@@ -164,7 +165,7 @@ def default_tasks(sources: list[str]) -> list[str]:
 def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int | None = None,
                  providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None,
                  holdout: float = 0.0, input_layout: str | None = None, all_positions: bool = True,
-                 repair_samples: int | None = None, seed: int = 0) -> PreparedPair:
+                 repair_samples: int | None = None, seed: int = 0, classes: dict | None = None) -> PreparedPair:
     """Load, normalize, parse and check two models; optionally collect their statistics.
 
     ``holdout``: share of the calibration samples kept out of the statistics and the repair, to
@@ -178,6 +179,8 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     ``repair_samples``: the most rows a later repair measures on (None or 0: all); the repair
     targets are taken on those rows.
     ``seed``: seeds the sampled positions (the result is otherwise deterministic).
+    ``classes``: {task: class-embedding matrix [C, D] or a .npy/.npz path} for models whose output
+    is an embedding: their outputs are scored against it (cosine) wherever predictions are needed.
     """
     if not 0.0 <= holdout < 1.0:
         raise OptionError(f"--holdout {holdout} must be in [0, 1)")
@@ -199,6 +202,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     if tasks is None:
         keys = [k for k, _ in data_items(data) if k is not None]
         tasks = keys if len(keys) == len(models) else default_tasks(sources)
+    class_list = _class_embeddings(classes, tasks)
     specs = [_specs(m) for m in models]
     if len(specs[0]) != len(specs[1]):
         raise ArchitectureMismatchError(f"A has {len(specs[0])} inputs, B has {len(specs[1])}; the models must take the same inputs")
@@ -235,7 +239,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
         warnings.append(f"only {n} calibration samples: statistics may be unreliable (use a few hundred)")
     timings = {"load_and_parse": time.perf_counter() - t0}
     pair = PreparedPair(graphs, sources, hashes, dataset, None, batch_size, max_samples, providers, timings, warnings,
-                        holdout, list(tasks))
+                        holdout, list(tasks), class_list)
     if holdout > 0 and n * holdout < 16:
         warnings.append(f"only about {int(n * holdout)} held-out samples to score candidates: use more calibration data")
     if collect:
@@ -243,9 +247,24 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
         held = int(pair._holdout_mask(0, n).sum())
         pair.stats = collect_stats(graphs, pair.batches(), providers, stage(progress, "statistics", n),
                                    items=n - held, rows_per_feature=None if all_positions else ROWS_PER_FEATURE,
-                                   preact_rows=_preact_rows(repair_samples), seed=seed)
+                                   preact_rows=_preact_rows(repair_samples), seed=seed, classes=class_list)
         timings["statistics"] = time.perf_counter() - t1
     return pair
+
+
+def _class_embeddings(classes: dict | None, tasks: list[str]) -> list | None:
+    """Per model (in task order): its task's class embeddings, or None."""
+    from onnxzip.predictions import load_class_embeddings
+
+    if not classes:
+        return None
+    unknown = [t for t in classes if t not in tasks]
+    if unknown:
+        raise OptionError(f"class embeddings for unknown task(s) {unknown}; the tasks are {tasks}")
+    missing = [t for t in tasks if t not in classes]
+    if missing:
+        raise OptionError(f"class embeddings for task(s) {missing} are missing: give them for every task, or for none")
+    return [c if isinstance(c, np.ndarray) else load_class_embeddings(c) for c in (classes[t] for t in tasks)]
 
 
 def _preact_rows(repair_samples: int | None) -> int | None:
@@ -372,6 +391,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
                input_layout: str | None = None, repair_samples: int | None = None, allow_no_sharing: bool = False,
+               classes: dict | None = None,
                all_positions: bool = True, seed: int = 0) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
@@ -402,6 +422,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
             feature, seeded by ``seed`` (faster; it costs accuracy, see bench/README.md).
         input_layout: "NCHW" or "NHWC": the zipped model's image input layout when the two
             models differ (default: model A's).
+        classes: for embedding models, {task: class embeddings [C, D] or a .npy/.npz path}: the
+            outputs are scored against them (cosine) to assign calibration rows and score candidates.
     """
     from onnxzip.select import choose_depth, make_holdout, search_alpha_beta
 
@@ -432,7 +454,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                           data_files(data))
     pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress,
                         holdout=holdout, input_layout=input_layout, all_positions=all_positions,
-                        repair_samples=repair_samples, seed=seed)
+                        repair_samples=repair_samples, seed=seed, classes=classes)
     selection = None
     if auto or auto_depth:
         t = time.perf_counter()

@@ -23,21 +23,17 @@ import onnx
 
 from onnxzip.errors import OnnxZipError, OptionError
 from onnxzip.progress import stage
-from onnxzip.stats.collect import make_session, owner_masks, softmax
+from onnxzip.predictions import class_scores, joint_predictions
+from onnxzip.stats.collect import make_session, owner_masks
 
 __all__ = [
     "ALPHA_GRID", "BETA_GRID", "Holdout", "Candidate", "make_holdout", "fidelity", "search_alpha_beta",
-    "choose_depth", "sweep", "joint_predictions",
+    "choose_depth", "sweep",
 ]
 
 # The paper's grid (Stoica et al., ICLR 2024, appendix: hyperparameter search).
 ALPHA_GRID = (1.0, 0.5, 0.3, 0.1, 0.01, 0.0001)
 BETA_GRID = (1.0, 0.25, 0.125, 0.075, 0.0375, 0.0)
-
-
-def joint_predictions(heads: list[np.ndarray]) -> np.ndarray:
-    """Argmax over the concatenation of each head's softmax (method.md, "How it is judged")."""
-    return np.concatenate([softmax(h) for h in heads], axis=1).argmax(axis=1)
 
 
 @dataclass
@@ -49,6 +45,7 @@ class Holdout:
     source_heads: list  # per model: its head's outputs [rows, classes]
     ensemble_joint: np.ndarray  # [rows]
     labels: np.ndarray | None = None  # joint label (task offset + class) when the data is labeled
+    classes: list | None = None  # per task: class embeddings its (embedding) head is scored against
 
     @property
     def size(self) -> int:
@@ -58,6 +55,7 @@ class Holdout:
 def make_holdout(pair, limit: int = 2048) -> Holdout:
     """Collect the held-out rows of ``pair`` and the source models' predictions on them."""
     graphs = pair.graphs
+    classes = pair.classes or [None] * len(graphs)
     sessions = [make_session(g.model, pair.providers) for g in graphs]
     feeds: dict[str, list] = {}
     heads: list[list] = [[] for _ in graphs]
@@ -67,7 +65,7 @@ def make_holdout(pair, limit: int = 2048) -> Holdout:
         outs = []
         for g, sess in zip(graphs, sessions):
             f = {name: batch.feeds[graphs[0].inputs[j]] for j, name in enumerate(g.inputs)}
-            outs.append(sess.run([g.outputs[0]], f)[0])
+            outs.append(class_scores(sess.run([g.outputs[0]], f)[0], classes[len(outs)]))
         keep = batch.valid
         owners.append(owner_masks(batch, outs)[:, keep])
         for k, o in enumerate(outs):
@@ -85,6 +83,7 @@ def make_holdout(pair, limit: int = 2048) -> Holdout:
         owner=np.concatenate(owners, axis=1),
         source_heads=source_heads,
         ensemble_joint=joint_predictions(source_heads),
+        classes=pair.classes,
     )
 
 
@@ -97,7 +96,9 @@ class Fidelity:
         return {"joint_agreement": self.joint, "task_agreement": self.per_task}
 
 
-def _model_heads(model: onnx.ModelProto, tasks: list[str], feeds: dict, providers, batch: int = 256) -> list[np.ndarray]:
+def _model_heads(model: onnx.ModelProto, tasks: list[str], feeds: dict, providers, batch: int = 256,
+                 classes: list | None = None) -> list[np.ndarray]:
+    """Each task's head output on ``feeds``, as class scores (``classes``: see :class:`Holdout`)."""
     sess = make_session(model, providers)
     names = [o.name for o in sess.get_outputs()]
     heads = []
@@ -121,12 +122,13 @@ def _model_heads(model: onnx.ModelProto, tasks: list[str], feeds: dict, provider
         rows = min(step, n - s)
         for h, v in zip(outs, sess.run(list(outs), f)):
             outs[h].append(v[:rows])
-    return [np.concatenate(outs[h]) for h in heads]
+    classes = classes or [None] * len(tasks)
+    return [class_scores(np.concatenate(outs[h]), c) for h, c in zip(heads, classes)]
 
 
 def fidelity(model: onnx.ModelProto, holdout: Holdout, tasks: list[str], providers=None) -> Fidelity:
     """How faithfully a zipped model reproduces its sources on held-out rows."""
-    heads = _model_heads(model, tasks, holdout.feeds, providers)
+    heads = _model_heads(model, tasks, holdout.feeds, providers, classes=holdout.classes)
     joint = float((joint_predictions(heads) == holdout.ensemble_joint).mean())
     per_task = {}
     for k, t in enumerate(tasks):

@@ -20,6 +20,7 @@ import onnx
 from onnx import helper
 
 from onnxzip.graph.layergraph import LayerGraph
+from onnxzip.predictions import class_scores, softmax
 from onnxzip.stats.accumulate import CovarianceAccumulator, SplitMoments, single_threaded_blas
 
 __all__ = ["PairStats", "collect_stats", "make_session", "fetch_model", "owner_masks"]
@@ -180,24 +181,19 @@ def make_session(model: onnx.ModelProto, providers=None, optimize: bool = False,
 TIE_TOLERANCE = 1e-5
 
 
-def owner_masks(batch, head_outputs: list[np.ndarray]) -> np.ndarray:
+def owner_masks(batch, head_outputs: list[np.ndarray], classes: list | None = None) -> np.ndarray:
     """[models, rows] bool: which model's target statistics each row informs.
 
     Rows labeled by task go to that task's model; unlabeled rows go to the model whose own
-    head is the most confident on them (method.md), ties to all tied models.
+    head is the most confident on them (method.md), ties to all tied models. ``classes``: per
+    model, the class embeddings its (embedding) output is scored against, or None for logits.
     """
     n = len(head_outputs)
     if (batch.task >= 0).all():
         return np.stack([batch.task == k for k in range(n)])
-    conf = np.stack([_softmax_confidence(o) for o in head_outputs])
+    classes = classes or [None] * n
+    conf = np.stack([_softmax_confidence(class_scores(o, c)) for o, c in zip(head_outputs, classes)])
     return conf >= conf.max(axis=0, keepdims=True) - TIE_TOLERANCE
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax (float64) of ``[rows, ...]`` head outputs, flattened per row."""
-    z = logits.reshape(logits.shape[0], -1).astype(np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
@@ -244,6 +240,7 @@ def collect_stats(
     rows_per_feature: int | None = ROWS_PER_FEATURE,
     preact_rows: int | None = None,
     seed: int = 0,
+    classes: list | None = None,
 ) -> PairStats:
     """Stream statistics of two models over ``batches`` (from :meth:`DataSet.batches`).
 
@@ -262,7 +259,9 @@ def collect_stats(
     ``graphs[k].layers[i]`` correspond across models, as do measurement points; the batches'
     feeds are keyed by the first model's input names and mapped by position to the others.
     Each batch runs every model once (in sub-batches when its activations would not fit
-    :data:`FETCH_BUDGET_BYTES`); activations go straight into the accumulators.
+    :data:`FETCH_BUDGET_BYTES`); activations go straight into the accumulators. ``classes``: per
+    model, the class embeddings an embedding output is scored against to tell which model an
+    unlabeled row belongs to (see :func:`owner_masks`).
     """
     n_models = len(graphs)
     base = graphs[0]
@@ -322,7 +321,7 @@ def collect_stats(
                 if sub_rows is None and not static:
                     # two runs' activations are alive at once (one accumulating, one running)
                     sub_rows = max(1, int(FETCH_BUDGET_BYTES // 2 // max(1.0, per_sample)))
-                owner = owner_masks(sub, [outs[k][g.outputs[0]] for k, g in enumerate(graphs)])
+                owner = owner_masks(sub, [outs[k][g.outputs[0]] for k, g in enumerate(graphs)], classes)
                 for k in range(n_models):
                     assigned[k] += int((owner[k] & sub.valid).sum())
                 parts.append(owner)
