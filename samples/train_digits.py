@@ -251,13 +251,15 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
-def train(arch: str, task: str, data, epochs: int | None) -> tuple[nn.Module, dict]:
-    seed = ARCH_SEEDS[arch] + (0 if task == "a" else 1)
+def train(arch: str, task: str, data, epochs: int | None, build=None, seed_base: int | None = None) -> tuple[nn.Module, dict]:
+    """Train one model with ``arch``'s recipe; ``build`` (default: ``BUILDERS[arch]``) makes the module
+    after seeding, ``seed_base`` (default: ``ARCH_SEEDS[arch]``) sets the seeds."""
+    seed = (ARCH_SEEDS[arch] if seed_base is None else seed_base) + (0 if task == "a" else 1)
     recipe = dict(RECIPES[arch])
     if epochs is not None:
         recipe["epochs"] = epochs
     torch.manual_seed(seed)
-    model = BUILDERS[arch]()
+    model = (build or BUILDERS[arch])()
     gen = torch.Generator().manual_seed(seed)
     x_train, y_train = (torch.from_numpy(a) for a in data[f"train_{task}"])
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["wd"])

@@ -27,3 +27,23 @@ def test_zipit_beats_permute_beats_average_and_repair_helps(arch):
     for method in ("average", "permute", "zipit"):
         assert joint[(method, True)] > joint[(method, False)] - 0.03
     assert joint[("zipit", True)] > joint[("zipit", False)] + 0.2
+
+
+@pytest.mark.slow
+def test_embedding_pair_zips_end_to_end_and_keeps_most_of_the_ensemble():
+    """The trained embedding pair at --stop-at all, scored against its class embeddings (exact
+    statistics: deterministic; bench/results/embedding_table.md has 86.0 joint against the ensemble's 81.3)."""
+    from onnxzip import zip_models
+    from onnxzip.evaluate import EmbeddingScorer
+    from onnxzip.predictions import load_class_embeddings
+
+    classes = {t: SAMPLES / f"classes_{t}.npy" for t in "ab"}
+    models = [SAMPLES / f"vgg_emb_{t}.onnx" for t in "ab"]
+    z = zip_models(*models, SAMPLES / "calib.npz", stop_at="all", tasks=["a", "b"], classes=classes)
+    loaded = {t: load_class_embeddings(p) for t, p in classes.items()}
+    tasks = {t: load_task_data(SAMPLES / f"test_{t}.npz") for t in "ab"}
+    zipped = evaluate(EmbeddingScorer(ModelPredictor(z.model), loaded), tasks)
+    average = zip_models(*models, SAMPLES / "calib.npz", method="average", stop_at="all", tasks=["a", "b"], classes=classes)
+    assert z.stop_at == z.num_layers
+    assert zipped.joint > 0.8 and zipped.task_average > 0.95
+    assert zipped.joint > evaluate(EmbeddingScorer(ModelPredictor(average.model), loaded), tasks).joint + 0.3
