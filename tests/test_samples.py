@@ -23,10 +23,13 @@ def test_zipit_beats_permute_beats_average_and_repair_helps(arch):
         for repair in (True, False):
             z = zip_prepared(pair, method, {}, None, ["a", "b"], do_repair=repair)
             joint[(method, repair)] = evaluate(ModelPredictor(z.model), tasks).joint
-    assert joint[("zipit", True)] > joint[("permute", True)] > joint[("average", True)]
+    # exact statistics (the default) are deterministic; the margins are about a third of the measured
+    # gaps (ResNet-20: zipit 68.0, permute 58.9, average 23.3; VGG 75.8, 72.2, 34.9; without repair
+    # every method is at 10-19), so floating-point differences between machines cannot flip them
+    assert joint[("zipit", True)] > joint[("permute", True)] + 0.01
+    assert joint[("permute", True)] > joint[("average", True)] + 0.1
     for method in ("average", "permute", "zipit"):
-        assert joint[(method, True)] > joint[(method, False)] - 0.03
-    assert joint[("zipit", True)] > joint[("zipit", False)] + 0.2
+        assert joint[(method, True)] > joint[(method, False)] + 0.05
 
 
 @pytest.mark.slow
