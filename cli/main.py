@@ -289,7 +289,7 @@ def zip_cmd(
     tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated (default: the task keys of --data or --eval, else the file stems). Outputs are named <task>/<output>."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Correct statistics after merging (REPAIR)."),
     repair_heads: bool = typer.Option(True, "--repair-heads/--no-repair-heads", help="Also correct layers inside each task's branch."),
-    repair_samples: Optional[int] = typer.Option(None, help="Calibration rows the repair measures (default: all that fit in memory; 0: all)."),
+    repair_samples: Optional[int] = typer.Option(None, help="Calibration rows the repair measures (default: all up to 512, an evenly spread subset of more, fewer if they would not fit in memory; 0: all)."),
     all_positions: bool = typer.Option(True, "--all-positions/--sample-positions", help="Covariances over every position of every feature map (exact, the default), or over sampled positions of large maps, at least 128 rows per feature (faster, less accurate)."),
     seed: int = typer.Option(0, help="Seed of the sampled positions with --sample-positions."),
     batch_size: int = typer.Option(64, help="Calibration batch size."),

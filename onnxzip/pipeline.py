@@ -26,7 +26,7 @@ from onnxzip.match import get_matcher, validate_params
 from onnxzip.merge import compute_merges
 from onnxzip.progress import stage
 from onnxzip.normalize import align_input_layouts, check_input_layout, convert_opset, normalize, opset_of
-from onnxzip.repair import RepairReport, repair
+from onnxzip.repair import REPAIR_SAMPLES, RepairReport, default_repair_samples, repair
 from onnxzip.split import ZipLayout, build_zipped_model
 from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats, make_session
 
@@ -176,8 +176,8 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     ``all_positions``: covariances over every position of every feature map (the default, exact);
     False samples positions of large maps (at least ``ROWS_PER_FEATURE`` rows per feature, see
     :func:`onnxzip.stats.collect.collect_stats`): faster, and it costs accuracy (bench/README.md).
-    ``repair_samples``: the most rows a later repair measures on (None or 0: all); the repair
-    targets are taken on those rows.
+    ``repair_samples``: the most rows a later repair measures on (None: every row up to
+    :data:`onnxzip.repair.REPAIR_SAMPLES`; 0: all); the repair targets are taken on those rows.
     ``seed``: seeds the sampled positions (the result is otherwise deterministic).
     ``classes``: {task: class-embedding matrix [C, D] or a .npy/.npz path} for models whose output
     is an embedding: their outputs are scored against it (cosine) wherever predictions are needed.
@@ -268,9 +268,11 @@ def _class_embeddings(classes: dict | None, tasks: list[str]) -> list | None:
 
 
 def _preact_rows(repair_samples: int | None) -> int | None:
-    """Rows the repair targets are taken on: all by default (a later repair may still measure on
-    a power-of-two subset of them, see :func:`onnxzip.repair.default_repair_samples`)."""
-    return None if repair_samples is None or repair_samples <= 0 else int(repair_samples)
+    """Rows the repair targets are taken on (a later repair may measure on a power-of-two subset
+    of them, see :func:`onnxzip.repair.default_repair_samples`)."""
+    if repair_samples is None:
+        return REPAIR_SAMPLES
+    return None if repair_samples <= 0 else int(repair_samples)
 
 
 def resolve_stop_at(stop_at, num_layers: int) -> int:
@@ -320,9 +322,9 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
                         heads=repair_heads, progress=stage(progress, "repair", None), max_samples=repair_samples)
         timings["repair"] = time.perf_counter() - t
     warnings = list(pair.warnings)
-    if report is not None and repair_samples is None and report.samples < pair.stats.samples:
+    if report is not None and repair_samples is None and default_repair_samples(pair.stats) < min(pair.stats.samples, REPAIR_SAMPLES):
         warnings.append(f"the statistics correction measured {report.samples} of {pair.stats.samples} calibration rows "
-                        "(all of them would not fit in memory); --repair-samples N chooses")
+                        "(more would not fit in memory); --repair-samples N chooses")
     t = time.perf_counter()
     _set_metadata(model, pair, method, params, depth, m, tasks)
     validate(model, pair)
@@ -414,9 +416,10 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
             something is "auto", else 0).
         search: "coordinate" or "grid" over the paper's alpha/beta grid.
         select_by: "fidelity" (no labels) or "accuracy" (needs ``select_data``: {task: npz with labels}).
-        repair_samples: calibration rows the repair measures (None: all rows whose activations fit
-            :data:`onnxzip.repair.FRONTIER_BUDGET_BYTES`, an evenly spread subset otherwise, with a
-            warning; 0: all; N: at most N).
+        repair_samples: calibration rows the repair measures (None: all up to
+            :data:`onnxzip.repair.REPAIR_SAMPLES`, an evenly spread subset of larger sets, fewer
+            when their activations would not fit :data:`onnxzip.repair.FRONTIER_BUDGET_BYTES`, with
+            a warning; 0: all; N: at most N).
         all_positions: covariances over every position of every feature map (default, exact);
             False samples the positions of large maps, at least ``ROWS_PER_FEATURE`` rows per
             feature, seeded by ``seed`` (faster; it costs accuracy, see bench/README.md).

@@ -28,14 +28,17 @@ from onnxzip.stats.accumulate import SplitMoments
 from onnxzip.stats.collect import PairStats, _static_batch, make_session, subset_step
 
 __all__ = ["RepairReport", "repair", "target_statistics", "correct_layer", "default_repair_samples",
-           "FRONTIER_BUDGET_BYTES"]
+           "REPAIR_SAMPLES", "FRONTIER_BUDGET_BYTES"]
 
 _EPS = 1e-8
 _MAX_SCALE = 1e4
 
-# Calibration rows the statistics are measured on by default: all of them, unless the activations
-# kept between levels (about 3x the largest activation per row, measured in the statistics pass)
-# would not fit FRONTIER_BUDGET_BYTES; then an evenly spread subset that fits (a warning says so).
+# Calibration rows the statistics are measured on by default: all of them up to REPAIR_SAMPLES (an
+# evenly spread subset of larger sets, so that memory does not grow with the calibration data;
+# bench/results/defaults_table.md: even 128 rows lose nothing on average over the bundled pairs),
+# fewer if the activations kept between levels (about 3x the largest activation per row, measured
+# in the statistics pass) would not fit FRONTIER_BUDGET_BYTES (a warning says so).
+REPAIR_SAMPLES = 512
 FRONTIER_BUDGET_BYTES = 1536 << 20
 MIN_REPAIR_SAMPLES = 32
 
@@ -160,11 +163,11 @@ class _Chunk:
 
 
 def default_repair_samples(stats: PairStats) -> int:
-    """How many rows the correction measures on by default: 0 (all) when their kept activations
-    fit :data:`FRONTIER_BUDGET_BYTES`, else as many as fit (at least MIN_REPAIR_SAMPLES)."""
+    """How many rows the correction measures on by default: up to :data:`REPAIR_SAMPLES`, fewer
+    when their kept activations would not fit :data:`FRONTIER_BUDGET_BYTES` (at least MIN_REPAIR_SAMPLES)."""
     per_row = 3 * getattr(stats, "largest_activation_bytes", 0.0)
-    fit = int(FRONTIER_BUDGET_BYTES // per_row) if per_row else stats.samples
-    return 0 if fit >= stats.samples else max(MIN_REPAIR_SAMPLES, fit)
+    fit = int(FRONTIER_BUDGET_BYTES // per_row) if per_row else REPAIR_SAMPLES
+    return min(REPAIR_SAMPLES, max(MIN_REPAIR_SAMPLES, fit))
 
 
 def _subset(batches, owners, step: int, static: bool, max_chunk: int | None = None) -> tuple[list[_Chunk], dict, int]:
@@ -442,8 +445,8 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
     The merged model's statistics are measured on an evenly spread subset of at most
     ``max_samples`` calibration rows (``0`` or a negative value: all rows): every k-th valid
     row, k the smallest power of two that gives at most that many. By default
-    (:func:`default_repair_samples`) all rows, fewer for models whose activations would not fit
-    :data:`FRONTIER_BUDGET_BYTES`. The targets (the source models' statistics) are taken on
+    (:func:`default_repair_samples`) :data:`REPAIR_SAMPLES`, fewer for models whose activations would
+    not fit :data:`FRONTIER_BUDGET_BYTES`. The targets (the source models' statistics) are taken on
     the same rows (``stats.subset_preact``), so a model zipped with itself is left unchanged;
     hence never more rows than the statistics pass took targets on (``stats.preact_step``).
     """
