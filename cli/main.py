@@ -334,12 +334,16 @@ def zip_cmd(
                 allow_no_sharing=allow_no_sharing, classes=class_embeddings,
             )
         summary = result.summary()
+        t = time.perf_counter()
         summary["cost"] = _costs({"model A": str(model_a), "model B": str(model_b), "zipped": result.model})
+        result.timings["cost"] = time.perf_counter() - t
         results = None
         if eval_data:
+            t = time.perf_counter()
             # the sources as zipped (normalized, input layout aligned), so the same data fits every model
             results = _evaluate_models({"zipped": result.model}, eval_data, tuple(result.sources), class_embeddings)
             summary["eval"] = {k: v.to_dict() for k, v in results.items()}
+            result.timings["eval"] = time.perf_counter() - t
         t = time.perf_counter()
         save_model(result.model, output)
         result.timings["save"] = time.perf_counter() - t
@@ -368,7 +372,8 @@ def _print_zip(result, summary: dict, model_a: Path, model_b: Path, output: Path
         out.print(_selection_table(result.selection, result.params, result.stop_at))
         out.print(f"chosen: {escape(result.selection['reason'])}", highlight=False)
     out.print(f"[bold]zipped[/bold] {escape(model_a.name)} + {escape(model_b.name)} -> {escape(str(output))}  "
-              f"({result.method} {escape(json.dumps(result.params))}, shared layers {result.stop_at}/{result.num_layers})",
+              f"({result.method} {escape(json.dumps({k: v for k, v in result.params.items() if k != 'num_models'}))}, "
+              f"shared layers {result.stop_at}/{result.num_layers})",
               highlight=False)
     cost = summary["cost"]
     both = {k: cost["model A"][k] + cost["model B"][k] for k in ("params", "flops")}
