@@ -426,8 +426,8 @@ def sweep_cmd(
         from onnxzip.errors import OptionError
         from onnxzip.io import check_paths, model_reads, write_atomic
         from onnxzip.match import get_matcher, validate_params
-        from onnxzip.pipeline import labeled_data, prepare_pair
-        from onnxzip.select import make_holdout, sweep
+        from onnxzip.pipeline import collect_pair_stats, labeled_data, prepare_pair
+        from onnxzip.select import check_depths, make_holdout, sweep
 
         t0 = time.perf_counter()
         spec = _data_spec(data)
@@ -448,8 +448,9 @@ def sweep_cmd(
         test_data = _task_data(test_files, task_names, "--task")
         with _bars() as bars:
             pair = prepare_pair(str(model_a), str(model_b), spec, batch_size, max_samples, tasks=task_names,
-                                holdout=holdout, progress=bars, all_positions=all_positions, seed=seed,
-                                classes=class_embeddings)
+                                holdout=holdout, collect=False, classes=class_embeddings)
+            check_depths(depth_list, pair.graphs[0].num_layers)
+            collect_pair_stats(pair, bars, all_positions, seed=seed)
             hold = make_holdout(pair)
             labeled = labeled_data(test_data, pair) if test_data else None
             result = sweep(pair, hold, method_list, depth_list, params, pair.tasks, labeled, latency, progress=bars)

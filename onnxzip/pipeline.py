@@ -30,7 +30,7 @@ from onnxzip.repair import REPAIR_SAMPLES, RepairReport, default_repair_samples,
 from onnxzip.split import ZipLayout, build_zipped_model
 from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats, make_session
 
-__all__ = ["ZipResult", "PreparedPair", "prepare_pair", "zip_models", "load_layer_graph", "resolve_stop_at", "zip_prepared",
+__all__ = ["ZipResult", "PreparedPair", "prepare_pair", "collect_pair_stats", "zip_models", "load_layer_graph", "resolve_stop_at", "zip_prepared",
            "labeled_data", "default_tasks"]
 
 # Below this many calibration samples the statistics of wide layers are not trustworthy.
@@ -243,12 +243,20 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     if holdout > 0 and n * holdout < 16:
         warnings.append(f"only about {int(n * holdout)} held-out samples to score candidates: use more calibration data")
     if collect:
-        t1 = time.perf_counter()
-        held = int(pair._holdout_mask(0, n).sum())
-        pair.stats = collect_stats(graphs, pair.batches(), providers, stage(progress, "statistics", n),
-                                   items=n - held, rows_per_feature=None if all_positions else ROWS_PER_FEATURE,
-                                   preact_rows=_preact_rows(repair_samples), seed=seed, classes=class_list)
-        timings["statistics"] = time.perf_counter() - t1
+        collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
+    return pair
+
+
+def collect_pair_stats(pair: PreparedPair, progress=None, all_positions: bool = True, repair_samples: int | None = None,
+                       seed: int = 0) -> PreparedPair:
+    """The statistics pass of a pair prepared with ``collect=False`` (see :func:`prepare_pair`)."""
+    t = time.perf_counter()
+    n = pair.data.num_samples if pair.max_samples is None else min(pair.max_samples, pair.data.num_samples)
+    held = int(pair._holdout_mask(0, n).sum())
+    pair.stats = collect_stats(pair.graphs, pair.batches(), pair.providers, stage(progress, "statistics", n),
+                               items=n - held, rows_per_feature=None if all_positions else ROWS_PER_FEATURE,
+                               preact_rows=_preact_rows(repair_samples), seed=seed, classes=pair.classes)
+    pair.timings["statistics"] = time.perf_counter() - t
     return pair
 
 
@@ -455,9 +463,13 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     if output is not None:
         check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)],
                           data_files(data))
-    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, progress=progress,
-                        holdout=holdout, input_layout=input_layout, all_positions=all_positions,
-                        repair_samples=repair_samples, seed=seed, classes=classes)
+    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, collect=False,
+                        holdout=holdout, input_layout=input_layout, classes=classes)
+    if not auto_depth:  # a depth the models cannot reach is refused before the statistics pass
+        depth = resolve_stop_at(stop_at, pair.graphs[0].num_layers)
+        for k, g in enumerate(pair.graphs):
+            require_depth(g, depth, pair.sources[k])
+    collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
     selection = None
     if auto or auto_depth:
         t = time.perf_counter()

@@ -28,7 +28,7 @@ from onnxzip.stats.collect import make_session, owner_masks
 
 __all__ = [
     "ALPHA_GRID", "BETA_GRID", "Holdout", "Candidate", "make_holdout", "fidelity", "search_alpha_beta",
-    "choose_depth", "sweep",
+    "choose_depth", "sweep", "check_depths",
 ]
 
 # The paper's grid (Stoica et al., ICLR 2024, appendix: hyperparameter search).
@@ -304,6 +304,18 @@ def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, 
     return best.stop_at, tried
 
 
+def check_depths(depths, num_layers: int) -> list[int]:
+    """Sorted sweep depths (default: every depth up to the heads); OptionError for one out of range.
+
+    Merging the final layer only makes sense for models whose outputs share one space, so depth
+    ``num_layers`` is swept only when asked for."""
+    depths = sorted(set(depths if depths is not None else range(0, num_layers)))
+    bad = [d for d in depths if not 0 <= d <= num_layers]
+    if bad:
+        raise OptionError(f"--depths {bad} out of range: the models have {num_layers} layers (0..{num_layers})")
+    return depths
+
+
 def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depths=None, params: dict | None = None,
           tasks=None, labeled=None, latency: bool = False, do_repair: bool = True, repair_heads: bool = True,
           progress=None) -> dict:
@@ -319,13 +331,7 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
     tasks = tasks or pair.tasks
     m = pair.graphs[0].num_layers
     limit = min(g.max_depth() for g in pair.graphs)
-    # by default every depth up to the heads: merging the final layer only makes sense for models
-    # whose outputs share one label space (ask for depth m explicitly)
-    depths = sorted(set(depths if depths is not None else range(0, m)))
-    bad = [d for d in depths if not 0 <= d <= m]
-    if bad:
-        raise OptionError(f"--depths {bad} out of range: the models have {m} layers (0..{m})")
-    depths = [d for d in depths if d <= limit]
+    depths = [d for d in check_depths(depths, m) if d <= limit]
     sources = [g.model for g in pair.graphs]
     n_lat = min(32, holdout.size)
     lat_feeds = {k: v[:n_lat] for k, v in holdout.feeds.items()}

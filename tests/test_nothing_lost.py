@@ -122,6 +122,7 @@ def test_eval_data_that_does_not_fit_the_model_leaves_no_output(files, tmp_path)
     (["--alpha", "7"], ["alpha=7", "[0, 1]"]),
     (["--beta", "-1"], ["beta=-1", "[0, 1]"]),
     (["--stop-at", "deep"], ["--stop-at", "layer number"]),
+    (["--stop-at", "9"], ["--stop-at 9", "out of range"]),
     (["--search", "random"], ["--search"]),
     (["--select-by", "accuracy", "--alpha", "auto"], ["--select-by accuracy", "labeled data"]),
     (["--stop-at", "auto", "--min-fidelity", "2"], ["--min-fidelity", "[0, 1]"]),
@@ -192,3 +193,15 @@ def test_task_names_come_from_the_data_keys(files, tmp_path):
     assert r.exit_code == 0, r.output
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert meta["onnxzip.tasks"] == "first,second"
+
+
+def test_sweep_depths_out_of_range_are_refused_before_the_statistics_pass(files, tmp_path, monkeypatch):
+    import onnxzip.pipeline
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("the statistics pass ran before the options were checked")
+
+    monkeypatch.setattr(onnxzip.pipeline, "collect_stats", no_statistics)
+    before = snapshot(tmp_path)
+    refused(cli("sweep", files["a"], files["b"], "-d", files["calib"], "--depths", "1,7"), tmp_path, before,
+            "--depths [7] out of range")
