@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from onnxzip.cost import count_flops, count_params  # noqa: E402
 from onnxzip.evaluate import EnsemblePredictor, ModelPredictor, evaluate, load_task_data  # noqa: E402
-from onnxzip.pipeline import prepare_pair, zip_models, zip_prepared  # noqa: E402
+from onnxzip import zip_models  # noqa: E402
+from onnxzip.pipeline import prepare_pair, zip_prepared  # noqa: E402
 
 SAMPLES = ROOT / "samples" / "digits"
 

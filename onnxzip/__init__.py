@@ -6,7 +6,8 @@ __version__ = "0.1.0"
 from onnxzip.errors import InternalError, OnnxZipError  # noqa: E402
 from onnxzip import match  # noqa: E402  (callable: onnxzip.match(correlation, method, **params))
 from onnxzip.match import list_matchers  # noqa: E402
-from onnxzip.pipeline import ZipResult, prepare_pair, zip_models, zip_prepared  # noqa: E402
+from onnxzip.pipeline import ZipResult, prepare_pair, zip_prepared  # noqa: E402
+from onnxzip.workflow import zip_models  # noqa: E402
 from onnxzip.describe import check, inspect  # noqa: E402
 
 __all__ = [

@@ -1,8 +1,8 @@
-"""zip_models(): the whole pipeline, the one function the CLI calls.
-
-load -> normalize -> build layer graphs -> check they match -> collect statistics (one
-lockstep pass) -> match every feature group -> merged weights, trunk and branches -> statistics
-correction -> validate -> save.
+"""The stages of one zip: prepare_pair() loads, normalizes and parses two models, checks they
+match and collects their statistics (one lockstep pass); zip_prepared() matches every feature
+group, rewrites the weights into a trunk and per-task branches, corrects the statistics and
+validates the result. The searches (onnxzip.select) call these stages; onnxzip.workflow.zip_models
+puts it all together.
 """
 
 from __future__ import annotations
@@ -16,22 +16,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxzip.data import DataSet, InputSpec, data_files, data_items, open_data
+from onnxzip.data import DataSet, InputSpec, data_items, open_data
 from onnxzip.errors import ArchitectureMismatchError, CalibrationDataError, OptionError
 from onnxzip.graph.build import build_layer_graph, input_specs, require_depth
 from onnxzip.graph.compare import first_difference
 from onnxzip.graph.layergraph import LayerGraph
-from onnxzip.io import check_output_path, file_sha256, load_model, save_model
+from onnxzip.io import file_sha256, load_model
 from onnxzip.match import get_matcher, validate_params
 from onnxzip.merge import compute_merges
 from onnxzip.progress import stage
-from onnxzip.normalize import align_input_layouts, check_input_layout, convert_opset, normalize, opset_of
+from onnxzip.normalize import align_input_layouts, convert_opset, normalize, opset_of
 from onnxzip.repair import REPAIR_SAMPLES, RepairReport, default_repair_samples, repair
 from onnxzip.split import ZipLayout, build_zipped_model
 from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats, make_session
 
-__all__ = ["ZipResult", "PreparedPair", "prepare_pair", "collect_pair_stats", "zip_models", "load_layer_graph", "resolve_stop_at", "zip_prepared",
-           "labeled_data", "default_tasks"]
+__all__ = ["ZipResult", "PreparedPair", "prepare_pair", "collect_pair_stats", "load_layer_graph", "resolve_stop_at",
+           "zip_prepared", "labeled_data", "default_tasks", "validate"]
 
 # Below this many calibration samples the statistics of wide layers are not trustworthy.
 MIN_TRUSTED_SAMPLES = 64
@@ -393,148 +393,6 @@ def validate(model: onnx.ModelProto, pair: PreparedPair) -> None:
     for n, o in zip(names, outs):
         if np.issubdtype(o.dtype, np.floating) and not np.isfinite(o).all():
             raise InternalError(f"the zipped model's output '{n}' is not finite on calibration data")
-
-
-def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, method: str = "zipit",
-               params: dict | None = None, stop_at=None, tasks: list[str] | None = None, do_repair: bool = True,
-               repair_heads: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
-               progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
-               select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
-               input_layout: str | None = None, repair_samples: int | None = None, allow_no_sharing: bool = False,
-               classes: dict | None = None,
-               all_positions: bool = True, seed: int = 0) -> ZipResult:
-    """Zip two models of the same architecture into one multi-task model.
-
-    Args:
-        model_a, model_b: paths to ONNX files (or ModelProtos).
-        data: calibration data: an .npz path or folder, or {task: path} per task.
-        output: where to save the zipped model (atomically); None to only return it.
-        method: a registered matcher ("zipit", "permute", "average", ...).
-        params: the matcher's parameters (zipit: alpha, beta); ``"auto"`` picks a value by
-            fidelity on held-out calibration samples (:func:`onnxzip.select.search_alpha_beta`).
-            zipit's alpha and beta are "auto" unless given (the paper's values: 0.3, 0.125).
-        stop_at: layers to share: None = all but the last (one head per task), "all", n, or
-            "auto" with ``min_fidelity`` or ``max_flops`` (:func:`onnxzip.select.choose_depth`; a
-            zip sharing no layer only with ``allow_no_sharing``).
-        tasks: task names (default: the file stems), used as output prefixes.
-        do_repair: correct statistics after merging (REPAIR).
-        progress: an object with ``start(stage, total)`` and ``advance(n)`` (e.g. a progress bar):
-            the statistics pass, each search and the repair are stages.
-        holdout: share of calibration samples held out to score candidates (default 0.2 when
-            something is "auto", else 0).
-        search: "coordinate" or "grid" over the paper's alpha/beta grid.
-        select_by: "fidelity" (no labels) or "accuracy" (needs ``select_data``: {task: npz with labels}).
-        repair_samples: calibration rows the repair measures (None: all up to
-            :data:`onnxzip.repair.REPAIR_SAMPLES`, an evenly spread subset of larger sets, fewer
-            when their activations would not fit :data:`onnxzip.repair.FRONTIER_BUDGET_BYTES`, with
-            a warning; 0: all; N: at most N).
-        all_positions: covariances over every position of every feature map (default, exact);
-            False samples the positions of large maps, at least ``ROWS_PER_FEATURE`` rows per
-            feature, seeded by ``seed`` (faster; it costs accuracy, see bench/README.md).
-        input_layout: "NCHW" or "NHWC": the zipped model's image input layout when the two
-            models differ (default: model A's).
-        classes: for embedding models, {task: class embeddings [C, D] or a .npy/.npz path}: the
-            outputs are scored against them (cosine) to assign calibration rows and score candidates.
-    """
-    from onnxzip.select import choose_depth, make_holdout, search_alpha_beta
-
-    matcher = get_matcher(method)
-    params = dict(params or {})
-    if "num_models" in params and str(params["num_models"]).strip() != "2":
-        raise OptionError(f"num_models={params['num_models']}: the number of models is the number of files "
-                          "given (2); it is not a parameter to set")
-    if matcher.name == "zipit":  # the label-free choice unless the user sets a value
-        params = {"alpha": "auto", "beta": "auto", **params}
-    auto = [k for k, v in params.items() if isinstance(v, str) and v.strip().lower() == "auto"]
-    fixed = {k: v for k, v in params.items() if k not in auto}
-    validate_params(matcher.name, fixed)
-    if auto and matcher.name != "zipit":
-        raise OptionError(f"'auto' parameters are searched for zipit only, not {matcher.name}")
-    bad = [k for k in auto if k not in ("alpha", "beta")]
-    if bad:
-        raise OptionError(f"cannot search {bad} automatically: only alpha and beta")
-    auto_depth = isinstance(stop_at, str) and stop_at == "auto"
-    if not auto_depth and (min_fidelity is not None or max_flops is not None):
-        raise OptionError("--min-fidelity and --max-flops go with --stop-at auto")
-    if holdout is None:
-        holdout = 0.2 if (auto or auto_depth) else 0.0
-    _check_search_options(stop_at, search, select_by, select_data, min_fidelity, max_flops)
-    check_input_layout(input_layout)
-    if output is not None:
-        check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)],
-                          data_files(data))
-    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, collect=False,
-                        holdout=holdout, input_layout=input_layout, classes=classes)
-    if not auto_depth:  # a depth the models cannot reach is refused before the statistics pass
-        depth = resolve_stop_at(stop_at, pair.graphs[0].num_layers)
-        for k, g in enumerate(pair.graphs):
-            require_depth(g, depth, pair.sources[k])
-    collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
-    selection = None
-    if auto or auto_depth:
-        t = time.perf_counter()
-        hold = make_holdout(pair)
-        labeled = labeled_data(select_data, pair) if select_data else None
-        selection = {"holdout_samples": hold.size, "select_by": select_by, "candidates": []}
-        if auto:
-            best, tried = search_alpha_beta(pair, hold, stop_at=None if auto_depth else stop_at, tasks=pair.tasks,
-                                            search=search, labeled=labeled, select_by=select_by, do_repair=do_repair,
-                                            repair_heads=repair_heads, fixed=fixed, progress=progress)
-            params = {**fixed, **best}
-            selection["alpha_beta"] = best
-            selection["candidates"] += [c.to_dict() for c in tried]
-            selection["reason"] = _chosen_because(best, tried, select_by, hold.size)
-        if auto_depth:
-            depth, tried = choose_depth(pair, hold, method, {k: v for k, v in params.items()}, tasks=pair.tasks,
-                                        min_fidelity=min_fidelity, max_flops=max_flops, labeled=labeled,
-                                        select_by=select_by, do_repair=do_repair, repair_heads=repair_heads,
-                                        progress=progress, allow_no_sharing=allow_no_sharing)
-            stop_at = depth
-            selection["stop_at"] = depth
-            selection["candidates"] += [c.to_dict() for c in tried]
-            target = f"{select_by} >= {min_fidelity}" if min_fidelity is not None else f"FLOPs <= {max_flops} of both models"
-            selection["reason"] = (selection.get("reason", "") + f"; depth {depth}: "
-                                   + ("the deepest" if min_fidelity is not None else "the best") + f" with {target}").lstrip("; ")
-        selection["search_seconds"] = time.perf_counter() - t
-        pair.timings["search"] = selection["search_seconds"]
-    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads, progress=progress,
-                          repair_samples=repair_samples)
-    result.timings = {**pair.timings, **result.timings}
-    result.selection = selection
-    result.sources = [g.model for g in pair.graphs]  # normalized, inputs aligned to the zipped model's layout
-    if output is not None:
-        t = time.perf_counter()
-        save_model(result.model, output)
-        result.timings["save"] = time.perf_counter() - t
-        result.output = str(output)
-    return result
-
-
-def _chosen_because(best: dict, tried: list, select_by: str, held: int) -> str:
-    """Why the search chose ``best``, in words."""
-    score = max(c.score for c in tried)
-    what = "joint agreement with the ensemble" if select_by == "fidelity" else "joint accuracy"
-    values = ", ".join(f"{k} {v}" for k, v in best.items())
-    return f"{values}: the highest {what} ({score:.3f}) of {len(tried)} candidates on {held} held-out samples"
-
-
-def _check_search_options(stop_at, search, select_by, select_data, min_fidelity, max_flops) -> None:
-    """The options of the automatic choices, checked before any work."""
-    if isinstance(stop_at, str) and stop_at not in ("all", "auto", "heads"):
-        try:
-            int(stop_at)
-        except ValueError:
-            raise OptionError(f"--stop-at {stop_at!r}: give a layer number, 'all' or 'auto'") from None
-    if search not in ("coordinate", "grid"):
-        raise OptionError(f"--search {search!r}: choose coordinate or grid")
-    if select_by not in ("fidelity", "accuracy"):
-        raise OptionError(f"--select-by {select_by!r}: choose fidelity or accuracy")
-    if select_by == "accuracy" and not select_data:
-        raise OptionError("--select-by accuracy needs labeled data: --task a=test_a.npz --task b=test_b.npz")
-    if min_fidelity is not None and not 0.0 <= min_fidelity <= 1.0:
-        raise OptionError(f"--min-fidelity {min_fidelity} must be in [0, 1] (a share of held-out samples)")
-    if max_flops is not None and not max_flops > 0.0:
-        raise OptionError(f"--max-flops {max_flops} must be above 0 (a share of the FLOPs of both models)")
 
 
 def labeled_data(select_data: dict, pair: PreparedPair) -> dict:

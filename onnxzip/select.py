@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import OnnxZipError, OptionError
+from onnxzip.pipeline import zip_prepared
 from onnxzip.progress import stage
 from onnxzip.predictions import class_scores, joint_predictions
 from onnxzip.stats.collect import make_session, owner_masks
@@ -167,8 +168,6 @@ def _merges_key(merges) -> str:
 
 
 def _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, do_repair, repair_heads):
-    from onnxzip.pipeline import zip_prepared
-
     z = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads)
     fid = fidelity(z.model, holdout, tasks, pair.providers)
     acc = None
