@@ -1,7 +1,7 @@
 """onnxzip: merge ONNX models of the same architecture, trained on different tasks, into one
 multi-task model without training (ZipIt!, Stoica et al., ICLR 2024)."""
 
-__version__ = "0.1.0"
+from onnxzip.version import __version__  # noqa: E402
 
 from onnxzip.errors import InternalError, OnnxZipError  # noqa: E402
 from onnxzip import match  # noqa: E402  (callable: onnxzip.match(correlation, method, **params))

@@ -25,6 +25,7 @@ from onnxzip.io import file_sha256, load_model
 from onnxzip.match import get_matcher, validate_params
 from onnxzip.merge import compute_merges
 from onnxzip.progress import stage
+from onnxzip.version import __version__
 from onnxzip.normalize import align_input_layouts, convert_opset, normalize, opset_of
 from onnxzip.repair import REPAIR_SAMPLES, RepairReport, default_repair_samples, repair
 from onnxzip.split import ZipLayout, build_zipped_model
@@ -55,7 +56,8 @@ class PreparedPair:
     tasks: list = field(default_factory=list)
     classes: list | None = None  # per model: class embeddings its embedding output is scored against
 
-    def _holdout_mask(self, start: int, rows: int) -> np.ndarray:
+    def holdout_mask(self, start: int, rows: int) -> np.ndarray:
+        """Which of ``rows`` valid rows, counted from ``start``, are held out (every k-th row)."""
         if self.holdout <= 0:
             return np.zeros(rows, dtype=bool)
         every = max(2, int(round(1.0 / self.holdout)))
@@ -68,7 +70,7 @@ class PreparedPair:
             rows = int(batch.valid.sum())
             if self.holdout > 0:
                 hold = np.zeros(len(batch.valid), dtype=bool)
-                hold[:rows] = self._holdout_mask(start, rows)
+                hold[:rows] = self.holdout_mask(start, rows)
                 batch.valid = batch.valid & ~hold
             start += rows
             yield batch
@@ -79,7 +81,7 @@ class PreparedPair:
         for batch in self.data.batches(self.batch_size, self.max_samples):
             rows = int(batch.valid.sum())
             hold = np.zeros(len(batch.valid), dtype=bool)
-            hold[:rows] = self._holdout_mask(start, rows)
+            hold[:rows] = self.holdout_mask(start, rows)
             start += rows
             if hold.any():
                 batch.valid = hold
@@ -252,7 +254,7 @@ def collect_pair_stats(pair: PreparedPair, progress=None, all_positions: bool = 
     """The statistics pass of a pair prepared with ``collect=False`` (see :func:`prepare_pair`)."""
     t = time.perf_counter()
     n = pair.data.num_samples if pair.max_samples is None else min(pair.max_samples, pair.data.num_samples)
-    held = int(pair._holdout_mask(0, n).sum())
+    held = int(pair.holdout_mask(0, n).sum())
     pair.stats = collect_stats(pair.graphs, pair.batches(), pair.providers, stage(progress, "statistics", n),
                                items=n - held, rows_per_feature=None if all_positions else ROWS_PER_FEATURE,
                                preact_rows=_preact_rows(repair_samples), seed=seed, classes=pair.classes)
@@ -352,8 +354,6 @@ def _check_tasks(tasks: list[str], n: int) -> None:
 
 def _set_metadata(model, pair, method, params, depth, m, tasks) -> None:
     import json
-
-    from onnxzip import __version__
 
     meta = {
         "onnxzip.version": __version__,

@@ -25,7 +25,7 @@ from onnxzip.errors import InternalError
 from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.accumulate import SplitMoments
-from onnxzip.stats.collect import PairStats, _static_batch, make_session, subset_step
+from onnxzip.stats.collect import PairStats, has_static_batch, make_session, subset_step
 
 __all__ = ["RepairReport", "repair", "target_statistics", "correct_layer", "default_repair_samples",
            "REPAIR_SAMPLES", "FRONTIER_BUDGET_BYTES"]
@@ -469,7 +469,7 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
     step = max(subset_step(stats.samples, limit), getattr(stats, "preact_step", 1))
     if step > 1 and not getattr(stats, "preact_parts", None):
         step = 1  # no per-subset targets to compare with: measure on all rows
-    chunks, feeds, rows = _subset(batches, stats.owners, step, _static_batch(model), per_run)
+    chunks, feeds, rows = _subset(batches, stats.owners, step, has_static_batch(model), per_run)
     # targets on the same rows as the measurements: identical models get identical statistics
     stats = replace(stats, preact=stats.subset_preact(step)) if step > 1 else stats
     frontier = _Frontier(model, weights, chunks, feeds, providers)

@@ -74,14 +74,7 @@ _fmt = format_signature
 # Geometry and the ops after each layer, with exporter spellings resolved
 # ------------------------------------------------------------------------------------------------
 def _node(graph: LayerGraph, name: str):
-    nodes = getattr(graph, "_nodes_by_name", None)
-    if nodes is None:
-        nodes = {n.name: n for n in graph.model.graph.node}
-        try:
-            graph._nodes_by_name = nodes
-        except AttributeError:
-            pass
-    return nodes.get(name)
+    return graph.nodes_by_name.get(name)
 
 
 def _attr(node, name, default=None):
@@ -223,17 +216,7 @@ def layer_ops(graph: LayerGraph, layer: Layer) -> tuple[str, ...]:
     tuple of distinct names, so the exporters' node order does not matter.
     """
     layer_nodes = {l.node for l in graph.layers}
-    consumers: dict[str, list] = getattr(graph, "_consumers_cache", None)
-    if consumers is None:
-        consumers = {}
-        for n in graph.model.graph.node:
-            for i in n.input:
-                if i:
-                    consumers.setdefault(i, []).append(n)
-        try:
-            graph._consumers_cache = consumers
-        except AttributeError:
-            pass
+    consumers = graph.consumers
     start = layer.preact or layer.output
     seen, found = set(), set()
     frontier = [start]

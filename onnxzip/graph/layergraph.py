@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import onnx
@@ -117,6 +119,21 @@ class LayerGraph:
         if isinstance(space, GroupSpace):
             return space.axis
         return self.axes.get(tensor)
+
+    @functools.cached_property
+    def nodes_by_name(self) -> dict[str, onnx.NodeProto]:
+        """The model's nodes by name (the model is not edited once parsed)."""
+        return {n.name: n for n in self.model.graph.node}
+
+    @functools.cached_property
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        """Tensor name -> the nodes that read it."""
+        found: dict[str, list] = {}
+        for n in self.model.graph.node:
+            for i in n.input:
+                if i:
+                    found.setdefault(i, []).append(n)
+        return found
 
     def max_depth(self) -> int:
         """The deepest ``stop_at`` the zip can reach, given unsupported ops."""

@@ -23,7 +23,7 @@ from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.predictions import class_scores, softmax
 from onnxzip.stats.accumulate import CovarianceAccumulator, SplitMoments, single_threaded_blas
 
-__all__ = ["PairStats", "collect_stats", "make_session", "fetch_model", "owner_masks"]
+__all__ = ["PairStats", "collect_stats", "make_session", "fetch_model", "owner_masks", "has_static_batch"]
 
 
 @dataclass
@@ -205,7 +205,7 @@ def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
 FETCH_BUDGET_BYTES = 768 << 20
 
 
-def _static_batch(model: onnx.ModelProto) -> bool:
+def has_static_batch(model: onnx.ModelProto) -> bool:
     for i in model.graph.input:
         dims = i.type.tensor_type.shape.dim
         if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
@@ -276,7 +276,7 @@ def collect_stats(
         fetch.append(list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1])))
         where.append(w)
         sessions.append(make_session(model, providers, optimize=True, threads=threads))
-    static = any(_static_batch(g.model) for g in graphs)
+    static = any(has_static_batch(g.model) for g in graphs)
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
         dim = n_models * base.groups[p.gid].size
