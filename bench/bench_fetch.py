@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxzip.pipeline import prepare_pair  # noqa: E402
-from onnxzip.stats.collect import _channel_axis, channels_last_model, fetch_model, make_session  # noqa: E402
+from onnxzip.runtime import session  # noqa: E402
+from onnxzip.stats.collect import _channel_axis, channels_last_model, fetch_model  # noqa: E402
 
 SAMPLES = ROOT / "samples" / "digits"
 
@@ -33,7 +34,7 @@ def sessions(graphs, mode: str):
     out = []
     for g in graphs:
         if mode == "plain":
-            out.append((make_session(g.model, optimize=True), None))
+            out.append((session(g.model, optimization="all", spinning=False), None))
             continue
         wanted = [(p.tensor, p.axis) for p in g.measure_points()] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
         if mode == "channel-last":
@@ -42,7 +43,7 @@ def sessions(graphs, mode: str):
         else:
             names = list(dict.fromkeys([t for t, _ in wanted] + g.outputs[:1]))
             model = fetch_model(g.model, names)
-        out.append((make_session(model, optimize=True), names))
+        out.append((session(model, optimization="all", spinning=False), names))
     return out
 
 

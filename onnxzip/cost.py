@@ -58,7 +58,8 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import CalibrationDataError, ModelLoadError, OptionError
-from onnxzip.evaluate import input_specs, open_session, prepare_feed
+from onnxzip.evaluate import input_specs, prepare_feed
+from onnxzip.runtime import session as runtime_session
 
 __all__ = ["FlopReport", "count_params", "count_flops", "measure_latency"]
 
@@ -500,7 +501,7 @@ def measure_latency(
         raise OptionError(f"warmup must be a non-negative integer, got {warmup!r}")
     if not isinstance(repeats, int) or repeats < 1:
         raise OptionError(f"repeats must be a positive integer, got {repeats!r}")
-    session = open_session(model, providers, intra_op_threads=intra_op_threads, optimization="all")
+    session = runtime_session(model, providers, threads=intra_op_threads, optimization="all")
     specs = input_specs(session)
     feed = prepare_feed(inputs, specs, where="latency inputs")
     batch = int(next(iter(feed.values())).shape[0])

@@ -36,6 +36,7 @@ import onnx
 
 from onnxzip.errors import CalibrationDataError, ModelLoadError, OptionError
 from onnxzip.predictions import embedding_scores, softmax
+from onnxzip.runtime import session
 
 __all__ = [
     "SHARED_HEAD",
@@ -48,7 +49,6 @@ __all__ = [
     "load_task_data",
     "evaluate",
     "evaluate_many",
-    "open_session",
     "input_specs",
     "prepare_feed",
 ]
@@ -86,85 +86,6 @@ def _describe(model: ModelLike) -> str:
         name = model.graph.name or "<unnamed graph>"
         return f"in-memory model '{name}'"
     return f"'{os.fspath(model)}'"
-
-
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer
-    )
-
-
-def open_session(
-    model: ModelLike,
-    providers: Sequence[str] | None = None,
-    *,
-    intra_op_threads: int | None = None,
-    optimization: str = "basic",
-):
-    """Creates an onnxruntime session.
-
-    A path is handed to onnxruntime as a path, so external data resolves next to the model file.
-
-    Args:
-        model: path to an .onnx file, or a loaded ModelProto (with its weights loaded).
-        providers: execution providers; default ``["CPUExecutionProvider"]``.
-        intra_op_threads: onnxruntime intra-op thread count; ``None`` keeps onnxruntime's default.
-        optimization: ``"disable"``, ``"basic"``, ``"extended"`` or ``"all"`` (graph optimization level).
-
-    Raises:
-        ModelLoadError: the file is missing or onnxruntime cannot load the model.
-        OptionError: an unknown optimization level or a bad thread count.
-    """
-    import onnxruntime as ort
-
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    if optimization not in levels:
-        raise OptionError(
-            f"unknown graph optimization level '{optimization}'; use one of {sorted(levels)}"
-        )
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[optimization]
-    options.log_severity_level = 3
-    if intra_op_threads is not None:
-        if not isinstance(intra_op_threads, int) or intra_op_threads < 0:
-            raise OptionError(
-                f"intra_op_threads must be a non-negative integer (0 = onnxruntime's default), "
-                f"got {intra_op_threads!r}"
-            )
-        options.intra_op_num_threads = intra_op_threads
-    providers = list(providers) if providers else ["CPUExecutionProvider"]
-
-    if isinstance(model, onnx.ModelProto):
-        if _has_external_data(model):
-            raise ModelLoadError(
-                f"{_describe(model)} references external data that is not loaded; pass the model's "
-                f"file path instead so the data is found next to it"
-            )
-        try:
-            source: Any = model.SerializeToString()
-        except ValueError as exc:  # protobuf refuses messages over 2 GB
-            raise ModelLoadError(
-                f"{_describe(model)} is too large to pass in memory ({exc}); save it with external "
-                f"data and pass the file path"
-            ) from None
-    else:
-        path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise ModelLoadError(f"model file '{path}' does not exist; check the path")
-        source = path
-    try:
-        return ort.InferenceSession(source, sess_options=options, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"onnxruntime cannot load {_describe(model)}: {first_line}; check that the file is a "
-            f"valid ONNX model and that its external data lies next to it"
-        ) from None
 
 
 def input_specs(session) -> dict[str, tuple[type, tuple[int | None, ...]]]:
@@ -347,7 +268,7 @@ class ModelPredictor(Predictor):
         intra_op_threads: int | None = None,
     ) -> None:
         self._where = _describe(model)
-        self._session = open_session(model, providers, intra_op_threads=intra_op_threads)
+        self._session = session(model, providers, threads=intra_op_threads)
         self._specs = input_specs(self._session)
         outputs = [o.name for o in self._session.get_outputs()]
         self._heads = self._resolve_heads(outputs, heads, task)
@@ -675,7 +596,7 @@ def load_task_data(
         if isinstance(model, ModelPredictor):
             specs = model.input_specs
         else:
-            specs = input_specs(open_session(model))
+            specs = input_specs(session(model))
         inputs = prepare_feed(arrays, specs, where=where)
         n = _n_samples(inputs)
     labels = _check_labels(labels, n, where)

@@ -29,6 +29,7 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxzip.errors import ModelLoadError, OptionError
+from onnxzip.runtime import session
 
 __all__ = [
     "normalize", "normalize_notes", "opset_of", "convert_opset", "guess_layout", "permute_input",
@@ -649,8 +650,6 @@ def _static_shapes(m: onnx.ModelProto) -> dict[str, list]:
 
 def _run_subgraph(m: onnx.ModelProto, nodes: list, source: str, value: np.ndarray, target: str) -> np.ndarray | None:
     """Evaluate ``target`` from ``source = value`` through ``nodes`` (onnxruntime, CPU)."""
-    import onnxruntime as ort
-
     needed = {i for n in nodes for i in n.input if i}
     inits = [t for t in m.graph.initializer if t.name in needed]
     graph = helper.make_graph(
@@ -660,11 +659,8 @@ def _run_subgraph(m: onnx.ModelProto, nodes: list, source: str, value: np.ndarra
     )
     probe = helper.make_model(graph, opset_imports=[o for o in m.opset_import if o.domain in ("", "ai.onnx")],
                               ir_version=m.ir_version)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return sess.run([target], {source: value})[0]
+        return session(probe).run([target], {source: value})[0]
     except Exception:
         return None
 

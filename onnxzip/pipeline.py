@@ -29,7 +29,8 @@ from onnxzip.version import __version__
 from onnxzip.normalize import align_input_layouts, convert_opset, normalize, opset_of
 from onnxzip.repair import REPAIR_SAMPLES, RepairReport, default_repair_samples, repair
 from onnxzip.split import ZipLayout, build_zipped_model
-from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats, make_session
+from onnxzip.runtime import session
+from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats
 
 __all__ = ["ZipResult", "PreparedPair", "prepare_pair", "collect_pair_stats", "load_layer_graph", "resolve_stop_at",
            "zip_prepared", "labeled_data", "default_tasks", "validate"]
@@ -382,7 +383,7 @@ def validate(model: onnx.ModelProto, pair: PreparedPair) -> None:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise InternalError(f"the zipped model fails onnx.checker: {str(e).splitlines()[0]}") from e
-    sess = make_session(model, pair.providers)
+    sess = session(model, pair.providers, spinning=False)
     batch = next(pair.batches())
     names = [o.name for o in sess.get_outputs()]
     feeds = {}
@@ -399,13 +400,13 @@ def labeled_data(select_data: dict, pair: PreparedPair) -> dict:
     """{task: (inputs, labels)} fitted to the zipped model's inputs; ``select_data`` maps tasks to
     .npz paths or to ``(arrays, labels)`` as :func:`onnxzip.evaluate.load_task_data` reads them."""
     from onnxzip.evaluate import input_specs as session_specs
-    from onnxzip.evaluate import load_task_data, open_session, prepare_feed
+    from onnxzip.evaluate import load_task_data, prepare_feed
 
     unknown = [t for t in select_data if t not in pair.tasks]
     if unknown:
         raise OptionError(f"labeled data for unknown task(s) {unknown}; the tasks are {pair.tasks}")
     model = pair.graphs[0].model
-    specs = session_specs(open_session(model))
+    specs = session_specs(session(model))
     out = {}
     for t, item in select_data.items():
         arrays, labels = load_task_data(item) if isinstance(item, (str, os.PathLike)) else item

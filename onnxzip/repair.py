@@ -25,7 +25,8 @@ from onnxzip.errors import InternalError
 from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.accumulate import SplitMoments
-from onnxzip.stats.collect import PairStats, has_static_batch, make_session, subset_step
+from onnxzip.runtime import session
+from onnxzip.stats.collect import PairStats, has_static_batch, subset_step
 
 __all__ = ["RepairReport", "repair", "target_statistics", "correct_layer", "default_repair_samples",
            "REPAIR_SAMPLES", "FRONTIER_BUDGET_BYTES"]
@@ -355,7 +356,7 @@ class _Frontier:
         graph = helper.make_graph(plan.closure, "repair_level", graph_inputs,
                                   [helper.make_empty_tensor_value_info(o) for o in plan.fetch], initializer=inits)
         sub = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
-        return make_session(sub, self.providers, optimize=True, arena=False)
+        return session(sub, self.providers, optimization="all", arena=False, spinning=False)
 
     def execute(self, plan: _Plan, on_chunk) -> dict[str, list]:
         """Run the plan on every chunk; ``on_chunk(chunk, values)`` sees the targets' values."""

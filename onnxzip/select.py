@@ -25,7 +25,8 @@ from onnxzip.errors import OnnxZipError, OptionError
 from onnxzip.pipeline import zip_prepared
 from onnxzip.progress import stage
 from onnxzip.predictions import class_scores, joint_predictions
-from onnxzip.stats.collect import make_session, owner_masks
+from onnxzip.runtime import session
+from onnxzip.stats.collect import owner_masks
 
 __all__ = [
     "ALPHA_GRID", "BETA_GRID", "Holdout", "Candidate", "make_holdout", "fidelity", "search_alpha_beta",
@@ -57,7 +58,7 @@ def make_holdout(pair, limit: int = 2048) -> Holdout:
     """Collect the held-out rows of ``pair`` and the source models' predictions on them."""
     graphs = pair.graphs
     classes = pair.classes or [None] * len(graphs)
-    sessions = [make_session(g.model, pair.providers) for g in graphs]
+    sessions = [session(g.model, pair.providers, spinning=False) for g in graphs]
     feeds: dict[str, list] = {}
     heads: list[list] = [[] for _ in graphs]
     owners = []
@@ -100,7 +101,7 @@ class Fidelity:
 def _model_heads(model: onnx.ModelProto, tasks: list[str], feeds: dict, providers, batch: int = 256,
                  classes: list | None = None) -> list[np.ndarray]:
     """Each task's head output on ``feeds``, as class scores (``classes``: see :class:`Holdout`)."""
-    sess = make_session(model, providers)
+    sess = session(model, providers, spinning=False)
     names = [o.name for o in sess.get_outputs()]
     heads = []
     for t in tasks:

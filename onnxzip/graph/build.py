@@ -17,6 +17,7 @@ from onnxzip.graph.spaces import (
     Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, leaves,
 )
 from onnxzip.ops import get_handler
+from onnxzip.runtime import session
 
 __all__ = ["build_layer_graph", "probe_shapes", "example_inputs", "BuildContext"]
 
@@ -49,7 +50,6 @@ def example_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarr
 
 def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
     """Run the model once with every node output fetched; return every tensor's shape."""
-    import onnxruntime as ort
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -59,14 +59,8 @@ def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
             if o and o not in existing:
                 m.graph.output.append(helper.make_empty_tensor_value_info(o))
                 existing.add(o)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    from onnxzip.io import session_source
-
+    sess = session(m, optimization="disable")
     try:
-        source, _keep = session_source(m)
-        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         values = sess.run(names, feeds)
     except Exception as e:

@@ -21,9 +21,10 @@ from onnx import helper
 
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.predictions import class_scores, softmax
+from onnxzip.runtime import session
 from onnxzip.stats.accumulate import CovarianceAccumulator, SplitMoments, single_threaded_blas
 
-__all__ = ["PairStats", "collect_stats", "make_session", "fetch_model", "owner_masks", "has_static_batch"]
+__all__ = ["PairStats", "collect_stats", "fetch_model", "owner_masks", "has_static_batch"]
 
 
 @dataclass
@@ -151,31 +152,6 @@ def _add_outputs(m: onnx.ModelProto, names) -> None:
             have.add(n)
 
 
-def make_session(model: onnx.ModelProto, providers=None, optimize: bool = False, arena: bool = True,
-                 threads: int | None = None):
-    """An onnxruntime session; ``arena=False`` returns memory to the system after each run
-    (an arena keeps a run's peak for the session's life); ``threads``: intra-op threads
-    (default: onnxruntime's, one per core)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = arena
-    if threads:
-        opts.intra_op_num_threads = threads
-    # no busy-waiting between runs: numpy works on the results in between, on the same cores
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    )
-    opts.log_severity_level = 3
-    from onnxzip.io import session_source
-
-    source, holder = session_source(model)  # above the protobuf limit: a temporary external-data copy
-    sess = ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
-    sess._onnxzip_keep = holder  # the copy lives as long as the session
-    return sess
-
-
 # Confidences closer than this are a tie: the sample informs both models (identical models
 # then get identical targets, so correcting a model zipped with itself changes nothing).
 TIE_TOLERANCE = 1e-5
@@ -275,7 +251,7 @@ def collect_stats(
         model, w = channels_last_model(g.model, wanted, g.shapes, also=g.outputs[:1])
         fetch.append(list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1])))
         where.append(w)
-        sessions.append(make_session(model, providers, optimize=True, threads=threads))
+        sessions.append(session(model, providers, optimization="all", threads=threads, spinning=False))
     static = any(has_static_batch(g.model) for g in graphs)
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
