@@ -142,3 +142,14 @@ def test_every_search_reports_progress_to_its_end():
     progress = RecordingProgress()
     rows = sweep(pair, make_holdout(pair), ["zipit", "average"], [0, 1], tasks=["a", "b"], progress=progress)["rows"]
     assert progress.stages == [["sweep", 4, 4]] and sum(r["kind"] == "candidate" for r in rows) == 4
+
+
+def test_sweep_takes_task_names_from_the_task_keys(tmp_path):
+    """Without --tasks, the keys of --task name the tasks (the labeled data then fits the heads)."""
+    r = CliRunner().invoke(app, ["sweep", str(A), str(B), "-d", str(CALIB), "--methods", "zipit", "--depths", "1",
+                                 "--task", f"first={SAMPLES / 'test_a.npz'}", "--task", f"second={SAMPLES / 'test_b.npz'}",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["rows"]
+    zipped = next(x for x in rows if x["kind"] == "candidate")
+    assert set(zipped["accuracy"]["per_task"]) == {"first", "second"}
