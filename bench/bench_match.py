@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from onnxzip.match import correlation_from_covariance, match  # noqa: E402
+from onnxzip.matchers import correlation_from_covariance, match  # noqa: E402
 from test_match import reference_zipit  # noqa: E402
 
 

@@ -115,7 +115,7 @@ def _selection_table(sel: dict, params: dict, stop_at: int) -> Table:
 
 def _parse_params(method: str, alpha: Optional[str], beta: Optional[str], param: List[str]) -> dict:
     from onnxzip.errors import OptionError
-    from onnxzip.match import get_matcher
+    from onnxzip.matchers import get_matcher
 
     matcher = get_matcher(method)
     names = {p.name for p in matcher.params}
@@ -288,7 +288,7 @@ def zip_cmd(
     input_layout: Optional[str] = typer.Option(None, help="NCHW or NHWC: the zipped model's input layout when the models differ (default: model A's)."),
     tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated (default: the task keys of --data or --eval, else the file stems). Outputs are named <task>/<output>."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Correct statistics after merging (REPAIR)."),
-    repair_heads: bool = typer.Option(True, "--repair-heads/--no-repair-heads", help="Also correct layers inside each task's branch."),
+    repair_branches: bool = typer.Option(True, "--repair-branches/--no-repair-branches", help="Also correct layers inside each task's branch."),
     repair_samples: Optional[int] = typer.Option(None, help="Calibration rows the repair measures (default: all up to 512, an evenly spread subset of more, fewer if they would not fit in memory; 0: all)."),
     all_positions: bool = typer.Option(True, "--all-positions/--sample-positions", help="Covariances over every position of every feature map (exact, the default), or over sampled positions of large maps, at least 128 rows per feature (faster, less accurate)."),
     seed: int = typer.Option(0, help="Seed of the sampled positions with --sample-positions."),
@@ -326,7 +326,7 @@ def zip_cmd(
         with _bars() as bars:
             result = zip_models(
                 str(model_a), str(model_b), spec, output=None, method=method, params=params,
-                stop_at=stop_at, tasks=task_names, do_repair=repair, repair_heads=repair_heads,
+                stop_at=stop_at, tasks=task_names, do_repair=repair, repair_branches=repair_branches,
                 batch_size=batch_size, max_samples=max_samples, providers=prov, progress=bars,
                 holdout=holdout, search=search, select_by=select_by, select_data=select_data,
                 min_fidelity=min_fidelity, max_flops=max_flops, input_layout=input_layout,
@@ -425,7 +425,7 @@ def sweep_cmd(
     def run():
         from onnxzip.errors import OptionError
         from onnxzip.io import check_paths, model_reads, write_atomic
-        from onnxzip.match import get_matcher, validate_params
+        from onnxzip.matchers import get_matcher, validate_params
         from onnxzip.pipeline import collect_pair_stats, labeled_data, prepare_pair
         from onnxzip.select import check_depths, make_holdout, sweep
 
@@ -588,9 +588,9 @@ def inspect_cmd(
         for g in info["groups"]:
             prod = ", ".join(g["producers"][:3]) + (" ..." if len(g["producers"]) > 3 else "")
             where = "output (averaged, not matched)" if g["output"] else f"{len(g['measured_at'])} tensor(s)"
-            if g["heads"] > 1:
-                tied = g["head_tie"] is not None and g["head_tie"] != g["group"]
-                where += f"; {g['heads']} heads" + (f" (tied with g{g['head_tie']})" if tied else "")
+            if g["attention_heads"] > 1:
+                tied = g["attention_tie"] is not None and g["attention_tie"] != g["group"]
+                where += f"; {g['attention_heads']} attention heads" + (f" (tied with g{g['attention_tie']})" if tied else "")
             gt.add_row(f"g{g['group']}", str(g["channels"]), prod, where, ", ".join(g["passes_through"]))
         out.print(gt)
         if info["unsupported"]:
@@ -634,7 +634,7 @@ def check_cmd(
 @app.command("methods")
 def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """List the matching methods and their parameters."""
-    from onnxzip.match import list_matchers
+    from onnxzip.matchers import list_matchers
 
     ms = list_matchers()
     if as_json:

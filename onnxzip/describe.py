@@ -49,8 +49,8 @@ def graph_summary(graph: LayerGraph) -> dict:
             "producers": [graph.layers[i].node for i in g.producers],
             "measured_at": [t for t, _ in g.tensors],
             "output": g.output,
-            "heads": g.heads,
-            "head_tie": g.head_tie,
+            "attention_heads": g.attention_heads,
+            "attention_tie": g.attention_tie,
             "passes_through": sorted({p.op_type for p in graph.params if p.gid == gid}),
             "blocked_by": [n for n, _ in g.blocked_by] if not g.output else [],
         })

@@ -14,7 +14,7 @@ import numpy as np
 
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.graph.spaces import ConcatSpace, ExpandSpace, GroupSpace, InputSpace, Space
-from onnxzip.match import correlation_from_covariance, match
+from onnxzip.matchers import correlation_from_covariance, match
 from onnxzip.stats.collect import PairStats
 
 __all__ = ["GroupMerge", "Merges", "compute_merges"]
@@ -111,7 +111,7 @@ def head_merges(groups: list, stats: PairStats, method: str, params: dict) -> di
     heads the method matches the head's channels. Merged head i is A's head i with its partner;
     q and k of a head share one group, v and the output projection another (the builder ties them).
     """
-    heads = groups[0].heads
+    heads = groups[0].attention_heads
     corrs = {g.gid: similarity(stats.groups[g.gid]) for g in groups if g.gid in stats.groups}
     pairing = np.arange(heads) if method == "average" or not corrs else _head_pairing(list(corrs.values()), heads)
     out = {}
@@ -139,8 +139,8 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
     merges = Merges()
     ties: dict[int, list] = {}
     for gid, group in graph.groups.items():
-        if group.heads > 1 and not group.output and n_models == 2:
-            ties.setdefault(group.head_tie if group.head_tie is not None else gid, []).append(group)
+        if group.attention_heads > 1 and not group.output and n_models == 2:
+            ties.setdefault(group.attention_tie if group.attention_tie is not None else gid, []).append(group)
     for tied in ties.values():
         merges.update(head_merges(tied, stats, method, params))
     for gid, group in graph.groups.items():

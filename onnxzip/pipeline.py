@@ -22,7 +22,7 @@ from onnxzip.graph.build import build_layer_graph, input_specs, require_depth
 from onnxzip.graph.compare import first_difference
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.io import file_sha256, load_model
-from onnxzip.match import get_matcher, validate_params
+from onnxzip.matchers import get_matcher, validate_params
 from onnxzip.merge import compute_merges
 from onnxzip.progress import stage
 from onnxzip.version import __version__
@@ -303,7 +303,7 @@ def resolve_stop_at(stop_at, num_layers: int) -> int:
 
 
 def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None = None, stop_at=None,
-                 tasks: list[str] | None = None, do_repair: bool = True, repair_heads: bool = True,
+                 tasks: list[str] | None = None, do_repair: bool = True, repair_branches: bool = True,
                  progress=None, repair_samples: int | None = None) -> ZipResult:
     """One zip candidate from prepared statistics: match, rewrite, split, repair, validate.
 
@@ -330,7 +330,7 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     if do_repair:
         t = time.perf_counter()
         report = repair(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
-                        heads=repair_heads, progress=stage(progress, "repair", None), max_samples=repair_samples)
+                        heads=repair_branches, progress=stage(progress, "repair", None), max_samples=repair_samples)
         timings["repair"] = time.perf_counter() - t
     warnings = list(pair.warnings)
     if report is not None and repair_samples is None and default_repair_samples(pair.stats) < min(pair.stats.samples, REPAIR_SAMPLES):

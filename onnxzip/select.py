@@ -168,8 +168,8 @@ def _merges_key(merges) -> str:
     return h.hexdigest()
 
 
-def _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, do_repair, repair_heads):
-    z = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads)
+def _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, do_repair, repair_branches):
+    z = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches)
     fid = fidelity(z.model, holdout, tasks, pair.providers)
     acc = None
     if labeled is not None:
@@ -188,7 +188,7 @@ def _accuracy(predictor, labeled) -> dict:
 
 def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=None, betas=None,
                       search: str = "coordinate", labeled=None, select_by: str = "fidelity",
-                      do_repair: bool = True, repair_heads: bool = True, fixed: dict | None = None, progress=None):
+                      do_repair: bool = True, repair_branches: bool = True, fixed: dict | None = None, progress=None):
     """Pick zipit's alpha and beta; returns (best params, every candidate tried).
 
     ``search="grid"`` tries every (alpha, beta) of the grids; ``"coordinate"`` tries every beta at
@@ -226,7 +226,7 @@ def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=N
             c = Candidate("zipit", params, first.stop_at, first.score, first.fidelity, first.accuracy,
                           time.perf_counter() - t, duplicate_of=seen[key])
         else:
-            z, fid, acc = _evaluate_candidate(pair, "zipit", params, stop_at, tasks, holdout, labeled, do_repair, repair_heads)
+            z, fid, acc = _evaluate_candidate(pair, "zipit", params, stop_at, tasks, holdout, labeled, do_repair, repair_branches)
             value = acc["joint"] if select_by == "accuracy" else fid.joint
             c = Candidate("zipit", params, z.stop_at, value, fid.to_dict(), acc, time.perf_counter() - t)
             seen[key] = len(tried)
@@ -252,7 +252,7 @@ def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=N
 
 def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, depths=None,
                  min_fidelity: float | None = None, max_flops: float | None = None, labeled=None,
-                 select_by: str = "fidelity", do_repair: bool = True, repair_heads: bool = True, progress=None,
+                 select_by: str = "fidelity", do_repair: bool = True, repair_branches: bool = True, progress=None,
                  allow_no_sharing: bool = False):
     """``--stop-at auto``: the deepest zip whose fidelity meets ``min_fidelity``, or the best-scoring
     zip whose FLOPs stay under ``max_flops`` (relative to running both models).
@@ -277,7 +277,7 @@ def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, 
     advance = stage(progress, "depth", len(depths))
     for d in sorted(depths, reverse=min_fidelity is not None):
         t = time.perf_counter()
-        z, fid, acc = _evaluate_candidate(pair, method, params, d, tasks, holdout, labeled, do_repair, repair_heads)
+        z, fid, acc = _evaluate_candidate(pair, method, params, d, tasks, holdout, labeled, do_repair, repair_branches)
         rel = count_flops(z.model).total / both
         value = acc["joint"] if select_by == "accuracy" else fid.joint
         c = Candidate(method, dict(params), d, value, fid.to_dict(), acc, time.perf_counter() - t, extra={"flops_rel": rel})
@@ -317,7 +317,7 @@ def check_depths(depths, num_layers: int) -> list[int]:
 
 
 def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depths=None, params: dict | None = None,
-          tasks=None, labeled=None, latency: bool = False, do_repair: bool = True, repair_heads: bool = True,
+          tasks=None, labeled=None, latency: bool = False, do_repair: bool = True, repair_branches: bool = True,
           progress=None) -> dict:
     """Zip at every depth (or ``depths``) with every method; one row per (method, depth).
 
@@ -375,7 +375,7 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
         for d in depths:
             t = time.perf_counter()
             try:
-                z, fid, acc = _evaluate_candidate(pair, method, mp, d, tasks, holdout, labeled, do_repair, repair_heads)
+                z, fid, acc = _evaluate_candidate(pair, method, mp, d, tasks, holdout, labeled, do_repair, repair_branches)
             except OnnxZipError as e:
                 rows.append({"kind": "candidate", "method": method, "stop_at": d, "error": str(e)})
             else:

@@ -14,7 +14,7 @@ import onnx
 from onnxzip.data import data_files
 from onnxzip.errors import OptionError
 from onnxzip.io import check_output_path, save_model
-from onnxzip.match import get_matcher, validate_params
+from onnxzip.matchers import get_matcher, validate_params
 from onnxzip.normalize import check_input_layout
 from onnxzip.graph.build import require_depth
 from onnxzip.pipeline import ZipResult, collect_pair_stats, labeled_data, prepare_pair, resolve_stop_at, zip_prepared
@@ -25,7 +25,7 @@ __all__ = ["zip_models"]
 
 def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, method: str = "zipit",
                params: dict | None = None, stop_at=None, tasks: list[str] | None = None, do_repair: bool = True,
-               repair_heads: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
+               repair_branches: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
                input_layout: str | None = None, repair_samples: int | None = None, allow_no_sharing: bool = False,
@@ -105,7 +105,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         if auto:
             best, tried = search_alpha_beta(pair, hold, stop_at=None if auto_depth else stop_at, tasks=pair.tasks,
                                             search=search, labeled=labeled, select_by=select_by, do_repair=do_repair,
-                                            repair_heads=repair_heads, fixed=fixed, progress=progress)
+                                            repair_branches=repair_branches, fixed=fixed, progress=progress)
             params = {**fixed, **best}
             selection["alpha_beta"] = best
             selection["candidates"] += [c.to_dict() for c in tried]
@@ -113,7 +113,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         if auto_depth:
             depth, tried = choose_depth(pair, hold, method, {k: v for k, v in params.items()}, tasks=pair.tasks,
                                         min_fidelity=min_fidelity, max_flops=max_flops, labeled=labeled,
-                                        select_by=select_by, do_repair=do_repair, repair_heads=repair_heads,
+                                        select_by=select_by, do_repair=do_repair, repair_branches=repair_branches,
                                         progress=progress, allow_no_sharing=allow_no_sharing)
             stop_at = depth
             selection["stop_at"] = depth
@@ -123,7 +123,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                                    + ("the deepest" if min_fidelity is not None else "the best") + f" with {target}").lstrip("; ")
         selection["search_seconds"] = time.perf_counter() - t
         pair.timings["search"] = selection["search_seconds"]
-    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_heads, progress=progress,
+    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches, progress=progress,
                           repair_samples=repair_samples)
     result.timings = {**pair.timings, **result.timings}
     result.selection = selection

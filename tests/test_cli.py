@@ -198,6 +198,6 @@ def test_inspect_shows_declared_inputs_whole_names_and_head_ties_between_groups(
     assert info["inputs"] == {"input": ["batch", 1, 16, 16]}
     r = runner.invoke(app, ["inspect", str(SAMPLES / "vit_a.onnx")], terminal_width=80)
     assert r.exit_code == 0 and "…" not in r.output
-    ties = [g for g in info["groups"] if g["heads"] > 1 and g["head_tie"] not in (None, g["group"])]
+    ties = [g for g in info["groups"] if g["attention_heads"] > 1 and g["attention_tie"] not in (None, g["group"])]
     wide = runner.invoke(app, ["inspect", str(SAMPLES / "vit_a.onnx")], terminal_width=200).output
     assert ties and wide.count("(tied with") == len(ties)  # a group is never tied with itself

@@ -19,7 +19,7 @@ from onnxzip.graph.build import build_layer_graph
 from onnxzip.graph.compare import conv_geometry, equivalences, first_difference, layer_ops, layer_signature
 from onnxzip.graph.spaces import ExpandSpace
 from onnxzip.normalize import align_input_layouts, guess_layout, normalize, normalize_notes
-from onnxzip.permute import permute_model, random_permutations
+from onnxzip.permutation import permute_model, random_permutations
 from onnxzip.pipeline import load_layer_graph, prepare_pair, zip_prepared
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "digits"

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxzip
-from onnxzip.permute import permute_model, random_permutations
+from onnxzip.permutation import permute_model, random_permutations
 from onnxzip.pipeline import load_layer_graph
 from tests.tiny_models import images
 
@@ -130,7 +130,7 @@ def test_vit_with_decomposed_layernorm_and_erf_gelu_permutes(tiny):
     assert "LayerNormalization" not in ops and "ReduceMean" in ops and "Erf" in ops
     graph = load_layer_graph(path)
     assert not graph.unsupported
-    assert sorted(g.heads for g in graph.groups.values() if g.heads > 1) == [2, 2, 2, 2]
+    assert sorted(g.attention_heads for g in graph.groups.values() if g.attention_heads > 1) == [2, 2, 2, 2]
     permuted = permute_model(graph, random_permutations(graph, seed=5))
     x = images(8, seed=2)
     np.testing.assert_allclose(run(permuted, x)[0], run(path, x)[0], atol=1e-4, rtol=1e-4)

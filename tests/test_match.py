@@ -11,14 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnxzip.errors import OptionError
-from onnxzip.match import (
+from onnxzip.matchers import (
     correlation_from_covariance,
     get_matcher,
     list_matchers,
     match,
     validate_params,
 )
-from onnxzip.match.zipit import zipit
+from onnxzip.matchers.zipit import zipit
 
 ALPHAS = [1.0, 0.5, 0.3, 0.1, 0.01, 0.0001, 0.0, -0.5]
 BETAS = [1.0, 0.25, 0.125, 0.075, 0.0375, 0.0]
@@ -432,7 +432,7 @@ def test_three_models_through_facade():
 
 
 def test_register_rejects_duplicates():
-    from onnxzip.match.registry import register
+    from onnxzip.matchers.registry import register
 
     with pytest.raises(ValueError, match="already registered"):
         register("zipit", reference="x", description="y")(lambda c: None)

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import onnxzip
-from onnxzip.permute import permute_model, random_permutations
+from onnxzip.permutation import permute_model, random_permutations
 from onnxzip.pipeline import load_layer_graph
 from onnxzip.pipeline import prepare_pair, zip_prepared
 from tests.random_arch import random_model

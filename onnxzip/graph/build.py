@@ -379,8 +379,8 @@ def _finish(ctx: BuildContext) -> LayerGraph:
     for old_root, heads in ctx.group_heads.items():
         gid = remap.get(ctx.find(old_root))
         if gid in new_groups:
-            new_groups[gid].heads = heads
-            new_groups[gid].head_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
+            new_groups[gid].attention_heads = heads
+            new_groups[gid].attention_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
 
     num_layers = max((l.number for l in order), default=0)
     for g in new_groups.values():

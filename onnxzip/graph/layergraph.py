@@ -86,8 +86,8 @@ class FeatureGroup:
     tensors: list = field(default_factory=list)  # (tensor, axis) where the group's features are measured
     output: bool = False  # reaches a graph output: its channels mean the same in every model
     blocked_by: list = field(default_factory=list)  # nodes that cannot zip through it
-    heads: int = 1  # > 1: channels form heads of size // heads (attention); merges keep heads whole
-    head_tie: int | None = None  # groups with the same tie share one assignment of heads
+    attention_heads: int = 1  # > 1: channels form attention heads of size // heads (attention); merges keep heads whole
+    attention_tie: int | None = None  # groups with the same tie share one assignment of attention heads
 
 
 @dataclass

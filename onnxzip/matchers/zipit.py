@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.match.correlation import check_correlation
-from onnxzip.match.registry import Param, register
+from onnxzip.matchers.correlation import check_correlation
+from onnxzip.matchers.registry import Param, register
 
 __all__ = ["zipit", "merge_from_labels", "zip_budget"]
 

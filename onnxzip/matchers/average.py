@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.match.correlation import check_correlation
-from onnxzip.match.permute import pairs_to_merge
-from onnxzip.match.registry import register
+from onnxzip.matchers.correlation import check_correlation
+from onnxzip.matchers.permute import pairs_to_merge
+from onnxzip.matchers.registry import register
 
 __all__ = ["average"]
 

@@ -9,7 +9,7 @@ A matcher turns the 2F x 2F correlation matrix of the concatenated features of t
 
 Each matcher lives in its own module and registers itself with :func:`register`; it declares its
 parameters (:class:`Param`) so that user input can be checked with :func:`validate_params` and
-described in help texts. Importing :mod:`onnxzip.match` registers the built-in matchers.
+described in help texts. Importing :mod:`onnxzip.matchers` registers the built-in matchers.
 """
 
 from __future__ import annotations

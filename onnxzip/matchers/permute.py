@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from onnxzip.match.correlation import check_correlation
-from onnxzip.match.registry import register
+from onnxzip.matchers.correlation import check_correlation
+from onnxzip.matchers.registry import register
 
 __all__ = ["permute", "pairs_to_merge"]
 

@@ -1,4 +1,4 @@
-"""Matching features of two models at one merge point (ZipIt!, Stoica et al., ICLR 2024).
+"""The matchers: one module per method, found through a registry (ZipIt!, Stoica et al., ICLR 2024).
 
 ``match(correlation, method="zipit", **params) -> (merge, unmerge)`` turns the 2F x 2F
 correlation matrix of [features of A ; features of B] into a merge matrix M (F x 2F, each row
@@ -11,13 +11,10 @@ Built-in methods (see :func:`list_matchers`): "zipit" (greedy zip, the paper's m
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 
-from onnxzip.match.correlation import check_correlation, correlation_from_covariance
-from onnxzip.match.registry import (
+from onnxzip.matchers.correlation import check_correlation, correlation_from_covariance
+from onnxzip.matchers.registry import (
     Matcher,
     Param,
     get_matcher,
@@ -27,9 +24,9 @@ from onnxzip.match.registry import (
 )
 
 # Importing the modules registers the built-in matchers.
-from onnxzip.match import average as _average  # noqa: F401
-from onnxzip.match import permute as _permute  # noqa: F401
-from onnxzip.match import zipit as _zipit  # noqa: F401
+from onnxzip.matchers import average as _average  # noqa: F401
+from onnxzip.matchers import permute as _permute  # noqa: F401
+from onnxzip.matchers import zipit as _zipit  # noqa: F401
 
 __all__ = [
     "match",
@@ -54,13 +51,3 @@ def match(correlation, method: str = "zipit", **params) -> tuple[np.ndarray, np.
     params = validate_params(matcher.name, params)
     c = check_correlation(correlation, int(params.get("num_models", 2)))
     return matcher.function(c, **params)
-
-
-class _CallableModule(types.ModuleType):
-    """``onnxzip.match`` is both this package and the :func:`match` function."""
-
-    def __call__(self, correlation, method: str = "zipit", **params):
-        return match(correlation, method, **params)
-
-
-sys.modules[__name__].__class__ = _CallableModule

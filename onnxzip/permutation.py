@@ -25,10 +25,10 @@ def random_permutations(graph: LayerGraph, seed: int = 0) -> dict[int, np.ndarra
     for gid, g in graph.groups.items():
         if g.output:
             perms[gid] = np.arange(g.size)
-        elif g.heads > 1:  # whole heads move together (shared by tied groups), channels move within heads
-            d = g.size // g.heads
-            order = head_orders.setdefault(g.head_tie if g.head_tie is not None else gid, rng.permutation(g.heads))
-            perms[gid] = np.concatenate([order[h] * d + rng.permutation(d) for h in range(g.heads)])
+        elif g.attention_heads > 1:  # whole heads move together (shared by tied groups), channels move within heads
+            d = g.size // g.attention_heads
+            order = head_orders.setdefault(g.attention_tie if g.attention_tie is not None else gid, rng.permutation(g.attention_heads))
+            perms[gid] = np.concatenate([order[h] * d + rng.permutation(d) for h in range(g.attention_heads)])
         else:
             perms[gid] = rng.permutation(g.size)
     return perms
