@@ -59,6 +59,7 @@ import onnx
 
 from onnxzip.errors import CalibrationDataError, ModelLoadError, OptionError
 from onnxzip.evaluate import input_specs, prepare_feed
+from onnxzip.onnx_nodes import attr
 from onnxzip.runtime import session as runtime_session
 
 __all__ = ["FlopReport", "count_params", "count_flops", "measure_latency"]
@@ -106,11 +107,11 @@ def _load_structure(model: ModelLike) -> onnx.ModelProto:
 def _used_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
     for node in graph.node:
         into.update(i for i in node.input if i)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _used_names(attr.g, into)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _used_names(a.g, into)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
                     _used_names(g, into)
     return into
 
@@ -196,13 +197,6 @@ class _Shapes:
 
     def get(self, name: str) -> Shape | None:
         return self._shapes.get(name) if name else None
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _has_input(node: onnx.NodeProto, i: int) -> bool:
@@ -310,8 +304,8 @@ def _gemm(node: onnx.NodeProto, shapes: _Shapes) -> int | None:
     b = shapes.get(node.input[1])
     if a is None or b is None or len(a) != 2 or len(b) != 2:
         return None
-    m, k = (a[1], a[0]) if _attr(node, "transA", 0) else a
-    n = b[0] if _attr(node, "transB", 0) else b[1]
+    m, k = (a[1], a[0]) if attr(node, "transA", 0) else a
+    n = b[0] if attr(node, "transB", 0) else b[1]
     flops = 2 * m * k * n
     if _has_input(node, 2):
         flops += m * n
@@ -329,8 +323,7 @@ def _matmul(node: onnx.NodeProto, shapes: _Shapes) -> int | None:
 
 @_register("Einsum")
 def _einsum(node: onnx.NodeProto, shapes: _Shapes) -> int | None:
-    equation = _attr(node, "equation", b"")
-    equation = equation.decode() if isinstance(equation, bytes) else str(equation)
+    equation = str(attr(node, "equation", ""))
     lhs = equation.replace(" ", "").split("->")[0]
     if "..." in lhs:
         return None
@@ -349,7 +342,7 @@ def _einsum(node: onnx.NodeProto, shapes: _Shapes) -> int | None:
 @_register("MaxPool", "AveragePool", "LpPool")
 def _pool(node: onnx.NodeProto, shapes: _Shapes) -> int | None:
     out = _numel(shapes.get(node.output[0]))
-    kernel = _attr(node, "kernel_shape")
+    kernel = attr(node, "kernel_shape")
     if out is None or not kernel:
         return None
     return out * math.prod(kernel)

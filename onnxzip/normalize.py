@@ -29,6 +29,7 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxzip.errors import ModelLoadError, OptionError
+from onnxzip.onnx_nodes import attr
 from onnxzip.runtime import session
 
 __all__ = [
@@ -128,7 +129,7 @@ def _dense_spelling_notes(m: onnx.ModelProto) -> list[str]:
     kinds: dict[str, int] = {}
     for n in m.graph.node:
         if n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] in inits:
-            key = "Gemm transB=1 (kernel [out, in])" if _attr(n, "transB", 0) else "Gemm transB=0 (kernel [in, out])"
+            key = "Gemm transB=1 (kernel [out, in])" if attr(n, "transB", 0) else "Gemm transB=0 (kernel [in, out])"
         elif n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits:
             key = "MatMul (+ Add) (kernel [in, out])"
         else:
@@ -142,8 +143,7 @@ def _conv_spelling_notes(m: onnx.ModelProto) -> list[str]:
     for n in m.graph.node:
         if n.op_type != "Conv":
             continue
-        ap = _attr(n, "auto_pad", b"NOTSET")
-        ap = ap.decode() if isinstance(ap, bytes) else str(ap)
+        ap = str(attr(n, "auto_pad", "NOTSET"))
         if ap not in ("NOTSET", ""):
             pads[ap] = pads.get(ap, 0) + 1
     return [f"Conv padding as auto_pad={k}: {v}" for k, v in sorted(pads.items())]
@@ -265,13 +265,6 @@ def remove_aliases(m: onnx.ModelProto) -> None:
     _drop_unused_initializers(m)
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
     for k, a in enumerate(node.attribute):
         if a.name == name:
@@ -298,7 +291,7 @@ def normalize_gemm(m: onnx.ModelProto) -> None:
     for node in m.graph.node:
         if node.op_type != "Gemm":
             continue
-        alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
+        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         if alpha != 1.0 and len(node.input) > 1 and node.input[1] in inits:
             _replace_init(m, node.input[1], numpy_helper.to_array(inits[node.input[1]]) * alpha)
             _set_attr(node, "alpha", 1.0)
@@ -330,14 +323,14 @@ def fold_batchnorm(m: onnx.ModelProto) -> dict[str, int]:
             continue
         if layer.op_type == "Conv":
             w_axis = 0
-        elif layer.op_type == "Gemm" and not _attr(layer, "transA", 0):
-            w_axis = 0 if _attr(layer, "transB", 0) else 1
+        elif layer.op_type == "Gemm" and not attr(layer, "transA", 0):
+            w_axis = 0 if attr(layer, "transB", 0) else 1
         else:
             continue
         if len(layer.input) < 2 or layer.input[1] not in inits:
             continue
         scale, bias, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
-        eps = _attr(bn, "epsilon", 1e-5)
+        eps = attr(bn, "epsilon", 1e-5)
         s = scale / np.sqrt(var + eps)
         w = numpy_helper.to_array(inits[layer.input[1]])
         shape = [1] * w.ndim
@@ -472,8 +465,8 @@ def simplify_transposes(m: onnx.ModelProto) -> tuple[int, int]:
                 continue
             u = users[0]
             if u.op_type == "Transpose" and u.input[0] == t.output[0]:
-                p1 = list(_attr(t, "perm", []))
-                p2 = list(_attr(u, "perm", []))
+                p1 = list(attr(t, "perm", []))
+                p2 = list(attr(u, "perm", []))
                 if not p1 or not p2 or len(p1) != len(p2):
                     continue
                 _set_attr(u, "perm", [p1[k] for k in p2])
@@ -505,7 +498,7 @@ def simplify_transposes(m: onnx.ModelProto) -> tuple[int, int]:
     # identity permutations become aliases (removed by remove_aliases)
     for t in g.node:
         if t.op_type == "Transpose":
-            perm = list(_attr(t, "perm", []))
+            perm = list(attr(t, "perm", []))
             if perm and perm == sorted(perm):
                 t.op_type = "Identity"
                 del t.attribute[:]
@@ -517,7 +510,7 @@ _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "Red
 
 
 def _reduce_axes(m: onnx.ModelProto, node: onnx.NodeProto) -> list[int] | None:
-    axes = _attr(node, "axes", None)
+    axes = attr(node, "axes", None)
     if axes is None and len(node.input) > 1 and node.input[1]:
         t = _init_map(m).get(node.input[1])
         if t is None:
@@ -527,7 +520,7 @@ def _reduce_axes(m: onnx.ModelProto, node: onnx.NodeProto) -> list[int] | None:
 
 
 def _set_reduce_axes(m: onnx.ModelProto, node: onnx.NodeProto, axes: list[int]) -> None:
-    if _attr(node, "axes", None) is not None:
+    if attr(node, "axes", None) is not None:
         _set_attr(node, "axes", axes)
         return
     name = (node.name or node.output[0]) + "/axes"
@@ -544,14 +537,14 @@ def _absorb_into_reduce(m: onnx.ModelProto, t: onnx.NodeProto, u: onnx.NodeProto
     keepdims=0 with the kept axes still in order (NHWC -> mean over H, W -> [N, C]): the Transpose
     goes away. keepdims=1: the Transpose moves below the Reduce.
     """
-    perm = list(_attr(t, "perm", []))
+    perm = list(attr(t, "perm", []))
     axes = _reduce_axes(m, u)
     if not perm or not axes:
         return False
     rank = len(perm)
     axes = sorted(a % rank for a in axes)
     mapped = sorted(perm[a] for a in axes)
-    keep = _attr(u, "keepdims", 1)
+    keep = attr(u, "keepdims", 1)
     if not keep:
         kept = [perm[a] for a in range(rank) if a not in axes]
         if kept != sorted(kept):
@@ -599,7 +592,7 @@ def sum_to_mean(m: onnx.ModelProto) -> int:
         c = float(numpy_helper.to_array(inits[d.input[1]]).reshape(-1)[0])
         if not (np.isclose(c, n, rtol=1e-6) if d.op_type == "Div" else np.isclose(c * n, 1.0, rtol=1e-6)):
             continue
-        keep = _attr(r, "keepdims", 1)
+        keep = attr(r, "keepdims", 1)
         if opset_of(m) >= 18:
             mean = helper.make_node("ReduceMean", [r.input[0], r.input[1] if len(r.input) > 1 and r.input[1] else ""],
                                     [d.output[0]], keepdims=keep, name=r.name)
@@ -683,9 +676,9 @@ def canonical_flatten(m: onnx.ModelProto) -> list[str]:
     notes = []
     for layer in list(g.node):
         if layer.op_type == "Gemm":
-            if _attr(layer, "transA", 0) or len(layer.input) < 2 or layer.input[1] not in inits:
+            if attr(layer, "transA", 0) or len(layer.input) < 2 or layer.input[1] not in inits:
                 continue
-            in_axis = 1 if _attr(layer, "transB", 0) else 0
+            in_axis = 1 if attr(layer, "transB", 0) else 0
         elif layer.op_type == "MatMul":
             if len(layer.input) < 2 or layer.input[1] not in inits or len(inits[layer.input[1]].dims) != 2:
                 continue
@@ -702,7 +695,7 @@ def canonical_flatten(m: onnx.ModelProto) -> list[str]:
                 break
             chain.append(n)
             t = n.input[0]
-        if not chain or (len(chain) == 1 and chain[0].op_type == "Flatten" and _attr(chain[0], "axis", 1) == 1):
+        if not chain or (len(chain) == 1 and chain[0].op_type == "Flatten" and attr(chain[0], "axis", 1) == 1):
             continue
         src = t
         if shapes is None:
@@ -812,7 +805,7 @@ def guess_layout(model: onnx.ModelProto, name: str) -> str | None:
             seen.add(id(n))
             if n.op_type == "Conv" and n.input[0] == t and len(n.input) > 1 and n.input[1] in inits:
                 w = inits[n.input[1]].dims
-                channels = int(w[1]) * int(_attr(n, "group", 1))
+                channels = int(w[1]) * int(attr(n, "group", 1))
                 break
             if n.op_type in _LAYOUT | {"Cast"} and n.input[0] == t:
                 frontier.append(n.output[0])

@@ -20,6 +20,7 @@ from onnxzip.errors import ArchitectureMismatchError, InternalError
 from onnxzip.graph.layergraph import Layer, LayerGraph
 from onnxzip.graph.spaces import GroupSpace, InputSpace, NoFeatures, leaves
 from onnxzip.merge import Merges
+from onnxzip.onnx_nodes import attrs
 
 __all__ = ["ZipLayout", "LayerSite", "build_zipped_model", "branch_nodes"]
 
@@ -146,7 +147,7 @@ def _tensor_map(graphs: list[LayerGraph], trunk: list[set[str]]) -> list[dict[st
                     continue
                 cins = [i for i in cand.input if i and i not in a_consts]
                 same = cins == want or (n.op_type in ("Add", "Mul", "Sum", "Max", "Min") and sorted(cins) == sorted(want))
-                if same and _attrs(cand) == _attrs(n) and _same_int_consts(n, cand, consts, a_init):
+                if same and attrs(cand) == attrs(n) and _same_int_consts(n, cand, consts, a_init):
                     for ob, oa in zip(n.output, cand.output):
                         if ob:
                             mp.setdefault(ob, oa)
@@ -169,10 +170,6 @@ def _same_int_consts(n: onnx.NodeProto, cand: onnx.NodeProto, consts: dict, a_co
 
 
 _INT_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL)
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def build_zipped_model(graphs: list[LayerGraph], merges: Merges, stop_at: int, tasks: list[str]) -> tuple[onnx.ModelProto, ZipLayout]:

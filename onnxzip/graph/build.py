@@ -17,6 +17,7 @@ from onnxzip.graph.spaces import (
     Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, leaves,
 )
 from onnxzip.ops import get_handler
+from onnxzip.onnx_nodes import attr
 from onnxzip.runtime import session
 
 __all__ = ["build_layer_graph", "probe_shapes", "example_inputs", "BuildContext"]
@@ -126,12 +127,7 @@ class BuildContext:
         s = self.shapes.get(name)
         return None if s is None else len(s)
 
-    @staticmethod
-    def attr(node: onnx.NodeProto, name: str, default=None):
-        for a in node.attribute:
-            if a.name == name:
-                return helper.get_attribute_value(a)
-        return default
+    attr = staticmethod(attr)  # handlers read attributes through the context
 
     # ---- groups
     def find(self, gid: int) -> int:

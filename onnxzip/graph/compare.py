@@ -11,8 +11,8 @@ kernel stored [in, out] or [out, in], padding by ``auto_pad`` or by ``pads``) ar
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
 
+from onnxzip.onnx_nodes import attr
 from onnxzip.graph.layergraph import Layer, LayerGraph
 from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, Space
 
@@ -77,18 +77,10 @@ def _node(graph: LayerGraph, name: str):
     return graph.nodes_by_name.get(name)
 
 
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            v = helper.get_attribute_value(a)
-            return v.decode() if isinstance(v, bytes) else v
-    return default
-
-
 def _resolve_pads(node, in_shape, kernel, strides, dilations) -> list[int]:
     """Explicit begin/end pads, whatever the spelling (``pads`` or ``auto_pad``)."""
     nd = len(kernel)
-    auto = _attr(node, "auto_pad", "NOTSET") or "NOTSET"
+    auto = attr(node, "auto_pad", "NOTSET") or "NOTSET"
     if auto == "VALID":
         return [0] * (2 * nd)
     if auto in ("SAME_UPPER", "SAME_LOWER") and in_shape is not None and len(in_shape) == nd + 2:
@@ -101,17 +93,17 @@ def _resolve_pads(node, in_shape, kernel, strides, dilations) -> list[int]:
             begins.append(small if auto == "SAME_UPPER" else big)
             ends.append(big if auto == "SAME_UPPER" else small)
         return begins + ends
-    return [int(p) for p in (_attr(node, "pads", None) or [0] * (2 * nd))]
+    return [int(p) for p in (attr(node, "pads", None) or [0] * (2 * nd))]
 
 
 def _geometry(node, in_shape, kernel) -> dict:
     nd = len(kernel)
-    strides = [int(s) for s in (_attr(node, "strides", None) or [1] * nd)]
-    dilations = [int(d) for d in (_attr(node, "dilations", None) or [1] * nd)]
+    strides = [int(s) for s in (attr(node, "strides", None) or [1] * nd)]
+    dilations = [int(d) for d in (attr(node, "dilations", None) or [1] * nd)]
     return {
         "kernel": [int(k) for k in kernel], "strides": strides, "dilations": dilations,
         "pads": _resolve_pads(node, in_shape, kernel, strides, dilations),
-        "auto_pad": _attr(node, "auto_pad", "NOTSET") or "NOTSET",
+        "auto_pad": attr(node, "auto_pad", "NOTSET") or "NOTSET",
     }
 
 
@@ -153,13 +145,13 @@ def _canonical_op(graph: LayerGraph, node) -> str | None:
     if op in _ACTIVATIONS:
         name = _ACTIVATIONS[op]
         if op == "LeakyRelu":
-            name += f"({_attr(node, 'alpha', 0.01):.4g})"
+            name += f"({attr(node, 'alpha', 0.01):.4g})"
         return name
     if op == "Clip":
         from onnx import numpy_helper
 
-        lo = _attr(node, "min", None)
-        hi = _attr(node, "max", None)
+        lo = attr(node, "min", None)
+        hi = attr(node, "max", None)
         if len(node.input) > 1 and node.input[1] in consts:
             lo = float(numpy_helper.to_array(consts[node.input[1]]).reshape(-1)[0])
         if len(node.input) > 2 and node.input[2] in consts:
@@ -171,16 +163,16 @@ def _canonical_op(graph: LayerGraph, node) -> str | None:
         return f"clip({lo:g},{hi:g})" if lo is not None and hi is not None else "clip"
     if op in ("MaxPool", "AveragePool", "LpPool"):
         in_shape = graph.shapes.get(node.input[0])
-        kernel = list(_attr(node, "kernel_shape", []))
+        kernel = list(attr(node, "kernel_shape", []))
         g = _geometry(node, in_shape, kernel)
         text = {"MaxPool": "maxpool", "AveragePool": "avgpool", "LpPool": "lppool"}[op]
         text += " " + "x".join(map(str, g["kernel"]))
         text += "/" + "x".join(map(str, g["strides"]))
         if any(g["pads"]):
             text += f" pads {g['pads']}"
-        if _attr(node, "ceil_mode", 0):
+        if attr(node, "ceil_mode", 0):
             text += " ceil"
-        if op == "AveragePool" and any(g["pads"]) and _attr(node, "count_include_pad", 0):
+        if op == "AveragePool" and any(g["pads"]) and attr(node, "count_include_pad", 0):
             text += " count_include_pad"
         return text
     if op in ("GlobalAveragePool", "GlobalMaxPool"):
@@ -189,7 +181,7 @@ def _canonical_op(graph: LayerGraph, node) -> str | None:
         x = node.input[0]
         shape = graph.shapes.get(x)
         axis = graph.channel_axis(x)
-        axes = _attr(node, "axes", None)
+        axes = attr(node, "axes", None)
         if axes is None and len(node.input) > 1 and node.input[1] in consts:
             from onnx import numpy_helper
 
