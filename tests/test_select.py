@@ -133,7 +133,7 @@ class RecordingProgress:
 def test_every_search_reports_progress_to_its_end():
     progress = RecordingProgress()
     onnxzip.zip_models(A, B, CALIB, params={"alpha": "auto", "beta": "auto"}, tasks=["a", "b"], stop_at="auto",
-                           min_fidelity=0.0, progress=progress)
+                       min_fidelity=0.0, progress=progress)
     names = [s[0] for s in progress.stages]
     assert names[0] == "statistics" and "alpha, beta" in names and "depth" in names and names[-1] == "repair"
     search = progress.stages[names.index("alpha, beta")]
