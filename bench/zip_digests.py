@@ -1,0 +1,61 @@
+"""SHA-256 of the zipped file of every bundled pair, for refactors that must not change results.
+
+    python bench/zip_digests.py > before.txt     # on the old code
+    python bench/zip_digests.py | diff before.txt -   # on the new code: no output when nothing changed
+
+Per pair of samples/digits/manifest.json (and the embedding pairs): zipit at alpha 0.5, beta 1,
+permute and average, all but the heads shared, plus zipit at a partial depth and zipit with the
+correction off, saved through `onnxzip.zip_models` (so normalization, parsing, statistics,
+matching, rewrite, correction, validation and saving all take part). Also the label-free default
+on two pairs. Deterministic: exact statistics, fixed hash seed not needed (outputs are byte-identical
+across runs, tests/test_faults.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxzip import zip_models  # noqa: E402
+
+SAMPLES = ROOT / "samples" / "digits"
+CONFIGS = [
+    ("zipit", {"alpha": 0.5, "beta": 1.0}, None, True),
+    ("permute", {}, None, True),
+    ("average", {}, None, True),
+    ("zipit", {"alpha": 0.5, "beta": 1.0}, 1, True),
+    ("zipit", {"alpha": 0.3, "beta": 0.125}, None, False),
+]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def main() -> None:
+    manifest = json.loads((SAMPLES / "manifest.json").read_text())
+    pairs = {name: (SAMPLES / e["a"], SAMPLES / e["b"], {}) for name, e in manifest.items()}
+    classes = {t: SAMPLES / f"classes_{t}.npy" for t in "ab"}
+    pairs.update({f"{arch}-emb": (SAMPLES / f"{arch}_emb_a.onnx", SAMPLES / f"{arch}_emb_b.onnx", classes)
+                  for arch in ("mlp", "vgg")})
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "z.onnx"
+        for name, (a, b, cls) in pairs.items():
+            runs = [(m, p, d, r) for m, p, d, r in CONFIGS] + ([("zipit", {}, None, True)] if name in ("vgg", "mlp") else [])
+            if cls:
+                runs = [(m, p, "all", r) for m, p, d, r in CONFIGS[:3]]
+            for method, params, depth, repair in runs:
+                zip_models(a, b, SAMPLES / "calib.npz", output=out, method=method, params=params, stop_at=depth,
+                           tasks=["a", "b"], do_repair=repair, classes=cls or None)
+                label = f"{method} {json.dumps(params, sort_keys=True)} stop_at={depth} repair={repair}"
+                print(f"{name} | {label} | {digest(out)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
