@@ -174,223 +174,254 @@ _INT_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.I
 
 def build_zipped_model(graphs: list[LayerGraph], merges: Merges, stop_at: int, tasks: list[str]) -> tuple[onnx.ModelProto, ZipLayout]:
     """Assemble the zipped model; ``graphs[k].layers[i]`` correspond across models."""
-    a = graphs[0]
-    trunk_idx = [i for i, l in enumerate(a.layers) if l.number <= stop_at]
-    trunk_sets = [{g.layers[i].node for i in trunk_idx} for g in graphs]
-    branches = [branch_nodes(g, trunk_sets[k]) for k, g in enumerate(graphs)]
-    inits = [{t.name: t for t in g.model.graph.initializer} for g in graphs]
-    values = [dict() for _ in graphs]
-
-    def value(k: int, name: str) -> np.ndarray:
-        if name not in values[k]:
-            values[k][name] = numpy_helper.to_array(inits[k][name])
-        return values[k][name]
-
-    new_inits: dict[str, np.ndarray] = {}
-    nodes: list[onnx.NodeProto] = []
-    sites: list[LayerSite] = []
-    param_by_site = {}
-    for k, g in enumerate(graphs):
-        for p in g.params:
-            param_by_site[(k, p.node, p.input_index)] = p
-
-    # ---- trunk: the first model's nodes, merged weights
-    trunk_nodes = [n for n in a.model.graph.node if n.name not in branches[0]]
-    used = list(dict.fromkeys(i for n in trunk_nodes for i in n.input))  # ordered: byte-identical output
-    for name in used:
-        if name in inits[0]:
-            new_inits[name] = value(0, name)
-    for i in trunk_idx:
-        layers = [g.layers[i] for g in graphs]
-        ws = [value(k, l.weight) for k, l in enumerate(layers)]
-        bs = [value(k, l.bias) if l.bias else None for k, l in enumerate(layers)]
-        w, b = merged_layer(layers, ws, bs, merges)
-        la = layers[0]
-        new_inits[la.weight] = w.astype(ws[0].dtype)
-        bias_name = la.bias
-        if b is not None:
-            if bias_name is None:
-                bias_name = _fresh(la.weight + "_bias", new_inits)
-                node = next(n for n in trunk_nodes if n.name == la.node)
-                if la.op_type in ("Conv", "Gemm"):
-                    while len(node.input) < 3:
-                        node.input.append("")
-                    node.input[2] = bias_name
-                else:
-                    raise InternalError(f"layer {la.node}: bias on a MatMul without a bias Add")
-            new_inits[bias_name] = b.astype(ws[0].dtype)
-    # per-channel parameters, paired across models by their canonical order
-    trunk_names = {n.name for n in trunk_nodes}
-    for j, pa in enumerate(a.params):
-        if pa.node not in trunk_names:
-            continue
-        total = None
-        for k, g in enumerate(graphs):
-            p = g.params[j]
-            v = np.moveaxis(value(k, p.initializer).astype(np.float64), p.axis, 0)
-            mk = merges[pa.gid].merge_of(k)
-            part = np.tensordot(mk, v, axes=(1, 0))
-            total = part if total is None else total + part
-        new_inits[pa.initializer] = np.moveaxis(total, 0, pa.axis).astype(value(0, pa.initializer).dtype)
-    nodes.extend(_copy(n) for n in trunk_nodes)
-    norm_sites = []
-    for n in trunk_nodes:
-        if n.op_type == "BatchNormalization":
-            level = next((p.depth for p in a.params if p.node == n.name), 0) + 0.5
-            norm_sites.append(NormSite(n.name, n.input[0], n.input[3], n.input[4], level))
-    for i in trunk_idx:
-        la = a.layers[i]
-        node = next(n for n in nodes if n.name == la.node)
-        bias = node.input[2] if la.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] else la.bias
-        sites.append(_site(a, la, i, -1, la.node, la.weight, bias, la.preact, "", param_by_site, 0))
-
-    # ---- branches
+    builder = _Builder(graphs, merges, stop_at)
+    builder.add_trunk()
     maps = _tensor_map(graphs, [set() for _ in graphs])
+    any_branch = any(builder.branches)
     outputs: dict[str, list[str]] = {}
-    gathers: dict[tuple[int, str], str] = {}
-    n_gather = n_fold = 0
-    graph_inputs = list(a.model.graph.input)
-    any_branch = any(branches)
-    for k, g in enumerate(graphs):
-        t = tasks[k]
-        prefix = f"{t}/"
-        produced_in_branch: set[str] = set()
-        layer_by_node = {l.node: (idx, l) for idx, l in enumerate(g.layers)}
-        copied_trunk: dict[str, str] = {}
-
-        def trunk_tensor(name: str, consumer: str) -> str:
-            """The zipped model's name for model k's trunk tensor ``name`` (no unmerge)."""
-            if k == 0:
-                return name
-            if name in maps[k]:
-                return maps[k][name]
-            space = g.spaces.get(name, NoFeatures())
-            if isinstance(space, (NoFeatures, InputSpace)):
-                return copy_trunk_node(name)
-            raise ArchitectureMismatchError(
-                f"cannot route tensor '{name}' of model {t} from the trunk into its branch (read by '{consumer}'): "
-                "the two graphs differ around it; zip at another depth (--stop-at)"
-            )
-
-        def copy_trunk_node(name: str) -> str:
-            """Recompute a shape-only trunk tensor of model k inside its branch."""
-            if name in copied_trunk:
-                return copied_trunk[name]
-            producer = next((n for n in g.model.graph.node if name in n.output), None)
-            if producer is None:
-                raise ArchitectureMismatchError(f"tensor '{name}' of model {t} has no producer; re-export the model")
-            c = _copy(producer)
-            c.name = prefix + producer.name
-            for q, inp in enumerate(producer.input):
-                if not inp:
-                    continue
-                if inp in inits[k]:
-                    c.input[q] = _add_init(new_inits, prefix + inp, value(k, inp))
-                else:
-                    c.input[q] = trunk_tensor(inp, producer.name)
-            for q, o in enumerate(producer.output):
-                if o:
-                    c.output[q] = prefix + o
-                    copied_trunk[o] = prefix + o
-            nodes.append(c)
-            return copied_trunk[name]
-
-        def unmerged(name: str, consumer: str) -> str:
-            """Model k's features of trunk tensor ``name``: a Gather through its unmerge."""
-            key = (k, name)
-            if key in gathers:
-                return gathers[key]
-            space = g.spaces.get(name)
-            axis = g.channel_axis(name)
-            u = merges.unmerge(space, k)
-            src = trunk_tensor(name, consumer)
-            if u is None:
-                return src
-            rows = u.sum(axis=1)
-            if not np.allclose(rows, 1) or not np.isin(u, (0.0, 1.0)).all():
-                raise InternalError("an explicit unmerge needs a 0/1 match")
-            idx = u.argmax(axis=1).astype(np.int64)
-            nonlocal n_gather
-            if np.array_equal(idx, np.arange(len(idx))) and u.shape[0] == u.shape[1]:
-                gathers[key] = src
-                return src
-            idx_name = _add_init(new_inits, f"{prefix}unmerge/{name}/indices", idx)
-            out = f"{prefix}unmerge/{name}"
-            nodes.append(helper.make_node("Gather", [src, idx_name], [out], name=f"{prefix}unmerge/{name}", axis=int(axis)))
-            n_gather += 1
-            gathers[key] = out
-            return out
-
-        for n in g.model.graph.node:
-            if n.name not in branches[k]:
-                continue
-            c = _copy(n)
-            c.name = prefix + n.name
-            layer = layer_by_node.get(n.name)
-            for q, inp in enumerate(n.input):
-                if not inp:
-                    continue
-                if inp in inits[k]:
-                    if prefix + inp not in new_inits:  # a folded unmerge may have written it already
-                        new_inits[prefix + inp] = value(k, inp)
-                    c.input[q] = prefix + inp
-                elif inp in produced_in_branch:
-                    c.input[q] = prefix + inp
-                else:
-                    space = g.spaces.get(inp, NoFeatures())
-                    is_feature = not isinstance(space, (NoFeatures, InputSpace))
-                    if not is_feature:
-                        c.input[q] = trunk_tensor(inp, n.name)
-                    elif layer is not None and q == 0 and not layer[1].per_channel:
-                        u = merges.unmerge(layer[1].in_space, k)
-                        c.input[q] = trunk_tensor(inp, n.name)
-                        if u is not None:
-                            w = fold_unmerge(layer[1], value(k, layer[1].weight), u)
-                            new_inits[prefix + layer[1].weight] = w.astype(value(k, layer[1].weight).dtype)
-                            n_fold += 1
-                    else:
-                        c.input[q] = unmerged(inp, n.name)
-            for q, o in enumerate(n.output):
-                if o:
-                    c.output[q] = prefix + o
-                    produced_in_branch.add(o)
-            nodes.append(c)
-            if layer is not None:
-                idx, l = layer
-                bias = prefix + l.bias if l.bias else None
-                sites.append(_site(g, l, idx, k, prefix + l.node, prefix + l.weight, bias, prefix + l.preact, prefix, param_by_site, k))
+    for k in range(len(graphs)):
+        branch = _Branch(builder, k, tasks[k], maps[k])
+        branch.add_nodes()
         if any_branch:
-            outs = []
-            for o in g.outputs:
-                if o in produced_in_branch:
-                    outs.append(prefix + o)
-                else:
-                    src = unmerged(o, "graph output")
-                    alias = prefix + o
-                    nodes.append(helper.make_node("Identity", [src], [alias], name=f"{prefix}output/{o}"))
-                    outs.append(alias)
-            outputs[t] = outs
+            outputs[tasks[k]] = branch.outputs()
     if not any_branch:
-        outputs = {"*": list(a.outputs)}
-
-    graph_outputs = []
-    a_out = {o.name: o for o in a.model.graph.output}
-    for k, g in enumerate(graphs):
-        t = tasks[k]
-        if "*" in outputs:
-            graph_outputs = [_copy_vi(a_out[o], o) for o in a.outputs]
-            break
-        b_out = {o.name: o for o in g.model.graph.output}
-        for o, new in zip(g.outputs, outputs[t]):
-            graph_outputs.append(_copy_vi(b_out[o], new))
-    graph = helper.make_graph(
-        nodes, a.model.graph.name or "zipped", graph_inputs, graph_outputs,
-        initializer=[numpy_helper.from_array(np.asarray(v), name) for name, v in new_inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=list(a.model.opset_import), ir_version=a.model.ir_version)
-    _prune(model)
-    layout = ZipLayout(stop_at, list(tasks), trunk_idx, sites, outputs, n_gather, n_fold, norm_sites)
+        outputs = {"*": list(graphs[0].outputs)}
+    model = builder.model(_graph_outputs(graphs, tasks, outputs))
+    layout = ZipLayout(stop_at, list(tasks), builder.trunk_idx, builder.sites, outputs, builder.n_gather,
+                       builder.n_fold, builder.norm_sites)
     return model, layout
+
+
+class _Builder:
+    """The zipped graph under construction: nodes, initializers and correction sites."""
+
+    def __init__(self, graphs: list[LayerGraph], merges: Merges, stop_at: int):
+        self.graphs, self.merges = graphs, merges
+        a = graphs[0]
+        self.trunk_idx = [i for i, l in enumerate(a.layers) if l.number <= stop_at]
+        trunk_sets = [{g.layers[i].node for i in self.trunk_idx} for g in graphs]
+        self.branches = [branch_nodes(g, trunk_sets[k]) for k, g in enumerate(graphs)]
+        self.inits = [{t.name: t for t in g.model.graph.initializer} for g in graphs]
+        self._values: list[dict] = [dict() for _ in graphs]
+        self.new_inits: dict[str, np.ndarray] = {}
+        self.nodes: list[onnx.NodeProto] = []
+        self.sites: list[LayerSite] = []
+        self.norm_sites: list[NormSite] = []
+        self.n_gather = self.n_fold = 0
+        self.param_by_site = {(k, p.node, p.input_index): p for k, g in enumerate(graphs) for p in g.params}
+
+    def value(self, k: int, name: str) -> np.ndarray:
+        """Initializer ``name`` of model k as an array (converted once)."""
+        if name not in self._values[k]:
+            self._values[k][name] = numpy_helper.to_array(self.inits[k][name])
+        return self._values[k][name]
+
+    def add_trunk(self) -> None:
+        """The first model's nodes up to the depth, with merged weights and per-channel parameters."""
+        a = self.graphs[0]
+        trunk = [_copy(n) for n in a.model.graph.node if n.name not in self.branches[0]]
+        used = list(dict.fromkeys(i for n in trunk for i in n.input))  # ordered: byte-identical output
+        for name in used:
+            if name in self.inits[0]:
+                self.new_inits[name] = self.value(0, name)
+        for i in self.trunk_idx:
+            self._merge_layer(i, trunk)
+        self._merge_channel_params({n.name for n in trunk})
+        self.nodes.extend(trunk)
+        for n in trunk:
+            if n.op_type == "BatchNormalization":
+                level = next((p.depth for p in a.params if p.node == n.name), 0) + 0.5
+                self.norm_sites.append(NormSite(n.name, n.input[0], n.input[3], n.input[4], level))
+        for i in self.trunk_idx:
+            la = a.layers[i]
+            node = next(n for n in self.nodes if n.name == la.node)
+            bias = node.input[2] if la.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] else la.bias
+            self.sites.append(_site(a, la, i, -1, la.node, la.weight, bias, la.preact, "", self.param_by_site, 0))
+
+    def _merge_layer(self, i: int, trunk: list[onnx.NodeProto]) -> None:
+        layers = [g.layers[i] for g in self.graphs]
+        ws = [self.value(k, l.weight) for k, l in enumerate(layers)]
+        bs = [self.value(k, l.bias) if l.bias else None for k, l in enumerate(layers)]
+        w, b = merged_layer(layers, ws, bs, self.merges)
+        la = layers[0]
+        self.new_inits[la.weight] = w.astype(ws[0].dtype)
+        if b is None:
+            return
+        bias_name = la.bias
+        if bias_name is None:  # another model has a bias where model A has none
+            bias_name = _fresh(la.weight + "_bias", self.new_inits)
+            node = next(n for n in trunk if n.name == la.node)
+            if la.op_type not in ("Conv", "Gemm"):
+                raise InternalError(f"layer {la.node}: bias on a MatMul without a bias Add")
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = bias_name
+        self.new_inits[bias_name] = b.astype(ws[0].dtype)
+
+    def _merge_channel_params(self, trunk_names: set[str]) -> None:
+        """Per-channel parameters, paired across models by their canonical order: p* = sum_k M_k p_k."""
+        for j, pa in enumerate(self.graphs[0].params):
+            if pa.node not in trunk_names:
+                continue
+            total = None
+            for k, g in enumerate(self.graphs):
+                p = g.params[j]
+                v = np.moveaxis(self.value(k, p.initializer).astype(np.float64), p.axis, 0)
+                part = np.tensordot(self.merges[pa.gid].merge_of(k), v, axes=(1, 0))
+                total = part if total is None else total + part
+            self.new_inits[pa.initializer] = np.moveaxis(total, 0, pa.axis).astype(self.value(0, pa.initializer).dtype)
+
+    def model(self, graph_outputs: list) -> onnx.ModelProto:
+        a = self.graphs[0].model
+        graph = helper.make_graph(
+            self.nodes, a.graph.name or "zipped", list(a.graph.input), graph_outputs,
+            initializer=[numpy_helper.from_array(np.asarray(v), name) for name, v in self.new_inits.items()],
+        )
+        model = helper.make_model(graph, opset_imports=list(a.opset_import), ir_version=a.ir_version)
+        _prune(model)
+        return model
+
+
+class _Branch:
+    """Model k's nodes after the depth, renamed ``<task>/...``, reading the trunk through its unmerge."""
+
+    def __init__(self, builder: _Builder, k: int, task: str, tensor_map: dict[str, str]):
+        self.b, self.k, self.task, self.map = builder, k, task, tensor_map
+        self.g = builder.graphs[k]
+        self.prefix = f"{task}/"
+        self.produced: set[str] = set()
+        self.copied_trunk: dict[str, str] = {}
+        self.gathers: dict[str, str] = {}
+        self.layer_by_node = {l.node: (idx, l) for idx, l in enumerate(self.g.layers)}
+
+    def add_nodes(self) -> None:
+        for n in self.g.model.graph.node:
+            if n.name in self.b.branches[self.k]:
+                self._add_node(n)
+
+    def _add_node(self, n: onnx.NodeProto) -> None:
+        c = _copy(n)
+        c.name = self.prefix + n.name
+        layer = self.layer_by_node.get(n.name)
+        for q, inp in enumerate(n.input):
+            if inp:
+                c.input[q] = self._input(inp, q, n.name, layer)
+        for q, o in enumerate(n.output):
+            if o:
+                c.output[q] = self.prefix + o
+                self.produced.add(o)
+        self.b.nodes.append(c)
+        if layer is not None:
+            idx, l = layer
+            p = self.prefix
+            bias = p + l.bias if l.bias else None
+            self.b.sites.append(_site(self.g, l, idx, self.k, p + l.node, p + l.weight, bias, p + l.preact, p,
+                                      self.b.param_by_site, self.k))
+
+    def _input(self, inp: str, q: int, consumer: str, layer) -> str:
+        """The zipped model's name for input ``q`` (tensor ``inp``) of a branch node."""
+        k, b = self.k, self.b
+        if inp in b.inits[k]:
+            if self.prefix + inp not in b.new_inits:  # a folded unmerge may have written it already
+                b.new_inits[self.prefix + inp] = b.value(k, inp)
+            return self.prefix + inp
+        if inp in self.produced:
+            return self.prefix + inp
+        if isinstance(self.g.spaces.get(inp, NoFeatures()), (NoFeatures, InputSpace)):
+            return self.trunk_tensor(inp, consumer)
+        if layer is not None and q == 0 and not layer[1].per_channel:
+            l = layer[1]
+            u = b.merges.unmerge(l.in_space, k)
+            src = self.trunk_tensor(inp, consumer)
+            if u is not None:  # a weight layer reads merged features: fold its unmerge into the weight
+                b.new_inits[self.prefix + l.weight] = fold_unmerge(l, b.value(k, l.weight), u).astype(b.value(k, l.weight).dtype)
+                b.n_fold += 1
+            return src
+        return self.unmerged(inp, consumer)
+
+    def trunk_tensor(self, name: str, consumer: str) -> str:
+        """The zipped model's name for model k's trunk tensor ``name`` (no unmerge)."""
+        if self.k == 0:
+            return name
+        if name in self.map:
+            return self.map[name]
+        if isinstance(self.g.spaces.get(name, NoFeatures()), (NoFeatures, InputSpace)):
+            return self._copy_trunk_node(name)
+        raise ArchitectureMismatchError(
+            f"cannot route tensor '{name}' of model {self.task} from the trunk into its branch (read by '{consumer}'): "
+            "the two graphs differ around it; zip at another depth (--stop-at)"
+        )
+
+    def _copy_trunk_node(self, name: str) -> str:
+        """Recompute a shape-only trunk tensor of model k inside its branch."""
+        if name in self.copied_trunk:
+            return self.copied_trunk[name]
+        producer = next((n for n in self.g.model.graph.node if name in n.output), None)
+        if producer is None:
+            raise ArchitectureMismatchError(f"tensor '{name}' of model {self.task} has no producer; re-export the model")
+        c = _copy(producer)
+        c.name = self.prefix + producer.name
+        for q, inp in enumerate(producer.input):
+            if not inp:
+                continue
+            if inp in self.b.inits[self.k]:
+                c.input[q] = _add_init(self.b.new_inits, self.prefix + inp, self.b.value(self.k, inp))
+            else:
+                c.input[q] = self.trunk_tensor(inp, producer.name)
+        for q, o in enumerate(producer.output):
+            if o:
+                c.output[q] = self.prefix + o
+                self.copied_trunk[o] = self.prefix + o
+        self.b.nodes.append(c)
+        return self.copied_trunk[name]
+
+    def unmerged(self, name: str, consumer: str) -> str:
+        """Model k's features of trunk tensor ``name``: a Gather through its unmerge."""
+        if name in self.gathers:
+            return self.gathers[name]
+        u = self.b.merges.unmerge(self.g.spaces.get(name), self.k)
+        src = self.trunk_tensor(name, consumer)
+        if u is None:
+            return src
+        if not np.allclose(u.sum(axis=1), 1) or not np.isin(u, (0.0, 1.0)).all():
+            raise InternalError("an explicit unmerge needs a 0/1 match")
+        idx = u.argmax(axis=1).astype(np.int64)
+        if np.array_equal(idx, np.arange(len(idx))) and u.shape[0] == u.shape[1]:
+            self.gathers[name] = src
+            return src
+        p = self.prefix
+        idx_name = _add_init(self.b.new_inits, f"{p}unmerge/{name}/indices", idx)
+        out = f"{p}unmerge/{name}"
+        self.b.nodes.append(helper.make_node("Gather", [src, idx_name], [out], name=f"{p}unmerge/{name}",
+                                             axis=int(self.g.channel_axis(name))))
+        self.b.n_gather += 1
+        self.gathers[name] = out
+        return out
+
+    def outputs(self) -> list[str]:
+        """The branch's outputs ``<task>/<name>`` (an Identity where the trunk computes one)."""
+        outs = []
+        for o in self.g.outputs:
+            if o in self.produced:
+                outs.append(self.prefix + o)
+                continue
+            alias = self.prefix + o
+            self.b.nodes.append(helper.make_node("Identity", [self.unmerged(o, "graph output")], [alias],
+                                                 name=f"{self.prefix}output/{o}"))
+            outs.append(alias)
+        return outs
+
+
+def _graph_outputs(graphs: list[LayerGraph], tasks: list[str], outputs: dict[str, list[str]]) -> list:
+    a = graphs[0]
+    if "*" in outputs:
+        a_out = {o.name: o for o in a.model.graph.output}
+        return [_copy_vi(a_out[o], o) for o in a.outputs]
+    found = []
+    for k, g in enumerate(graphs):
+        g_out = {o.name: o for o in g.model.graph.output}
+        found += [_copy_vi(g_out[o], new) for o, new in zip(g.outputs, outputs[tasks[k]])]
+    return found
 
 
 def _site(g: LayerGraph, l: Layer, idx: int, k: int, node: str, weight: str, bias: str | None, preact: str,
