@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import onnx
 
@@ -64,6 +65,47 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         classes: for embedding models, {task: class embeddings [C, D] or a .npy/.npz path}: the
             outputs are scored against them (cosine) to assign calibration rows and score candidates.
     """
+    fixed, auto = _matcher_params(method, params)
+    auto_depth = isinstance(stop_at, str) and stop_at == "auto"
+    if not auto_depth and (min_fidelity is not None or max_flops is not None):
+        raise OptionError("--min-fidelity and --max-flops go with --stop-at auto")
+    if auto_depth and (min_fidelity is None) == (max_flops is None):
+        raise OptionError("--stop-at auto needs exactly one target: --min-fidelity F or --max-flops R")
+    _check_search_options(stop_at, search, select_by, select_data, min_fidelity, max_flops)
+    check_input_layout(input_layout)
+    if holdout is None:
+        holdout = 0.2 if (auto or auto_depth) else 0.0
+    if output is not None:
+        check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)],
+                          data_files(data))
+    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, collect=False,
+                        holdout=holdout, input_layout=input_layout, classes=classes)
+    if not auto_depth:  # a depth the models cannot reach is refused before the statistics pass
+        depth = resolve_stop_at(stop_at, pair.graphs[0].num_layers)
+        for k, g in enumerate(pair.graphs):
+            require_depth(g, depth, pair.sources[k])
+    collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
+    params, selection = fixed, None
+    if auto or auto_depth:
+        choice = _Choice(method, fixed, auto, search, select_by, select_data, min_fidelity, max_flops,
+                         allow_no_sharing, do_repair, repair_branches, progress)
+        params, stop_at, selection = choice.run(pair, stop_at)
+    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches, progress=progress,
+                          repair_samples=repair_samples)
+    result.timings = {**pair.timings, **result.timings}
+    result.selection = selection
+    result.sources = [g.model for g in pair.graphs]  # normalized, inputs aligned to the zipped model's layout
+    if output is not None:
+        t = time.perf_counter()
+        save_model(result.model, output)
+        result.timings["save"] = time.perf_counter() - t
+        result.output = str(output)
+    return result
+
+
+def _matcher_params(method: str, params: dict | None) -> tuple[dict, list[str]]:
+    """The parameters the user fixed (checked) and those to search; zipit's alpha and beta are
+    searched unless given."""
     matcher = get_matcher(method)
     params = dict(params or {})
     if "num_models" in params and str(params["num_models"]).strip() != "2":
@@ -79,61 +121,58 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     bad = [k for k in auto if k not in ("alpha", "beta")]
     if bad:
         raise OptionError(f"cannot search {bad} automatically: only alpha and beta")
-    auto_depth = isinstance(stop_at, str) and stop_at == "auto"
-    if not auto_depth and (min_fidelity is not None or max_flops is not None):
-        raise OptionError("--min-fidelity and --max-flops go with --stop-at auto")
-    if holdout is None:
-        holdout = 0.2 if (auto or auto_depth) else 0.0
-    _check_search_options(stop_at, search, select_by, select_data, min_fidelity, max_flops)
-    check_input_layout(input_layout)
-    if output is not None:
-        check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)],
-                          data_files(data))
-    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, collect=False,
-                        holdout=holdout, input_layout=input_layout, classes=classes)
-    if not auto_depth:  # a depth the models cannot reach is refused before the statistics pass
-        depth = resolve_stop_at(stop_at, pair.graphs[0].num_layers)
-        for k, g in enumerate(pair.graphs):
-            require_depth(g, depth, pair.sources[k])
-    collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
-    selection = None
-    if auto or auto_depth:
+    return fixed, auto
+
+
+@dataclass
+class _Choice:
+    """The label-free choices of a zip: alpha and beta (``auto``), then the depth (``stop_at="auto"``)."""
+
+    method: str
+    fixed: dict
+    auto: list
+    search: str
+    select_by: str
+    select_data: dict | None
+    min_fidelity: float | None
+    max_flops: float | None
+    allow_no_sharing: bool
+    do_repair: bool
+    repair_branches: bool
+    progress: object
+
+    def run(self, pair, stop_at) -> tuple[dict, int | str | None, dict]:
+        """(parameters, depth, the selection record) chosen on held-out calibration samples;
+        ``stop_at`` "auto" is chosen after alpha and beta (which are scored at the default depth)."""
+        auto_depth = stop_at == "auto"
+        if auto_depth:
+            stop_at = None
         t = time.perf_counter()
         hold = make_holdout(pair)
-        labeled = labeled_data(select_data, pair) if select_data else None
-        selection = {"holdout_samples": hold.size, "select_by": select_by, "candidates": []}
-        if auto:
-            best, tried = search_alpha_beta(pair, hold, stop_at=None if auto_depth else stop_at, tasks=pair.tasks,
-                                            search=search, labeled=labeled, select_by=select_by, do_repair=do_repair,
-                                            repair_branches=repair_branches, fixed=fixed, progress=progress)
-            params = {**fixed, **best}
+        labeled = labeled_data(self.select_data, pair) if self.select_data else None
+        selection = {"holdout_samples": hold.size, "select_by": self.select_by, "candidates": []}
+        params, reasons = dict(self.fixed), []
+        common = dict(tasks=pair.tasks, labeled=labeled, select_by=self.select_by, do_repair=self.do_repair,
+                      repair_branches=self.repair_branches, progress=self.progress)
+        if self.auto:
+            best, tried = search_alpha_beta(pair, hold, stop_at=stop_at, search=self.search, fixed=self.fixed, **common)
+            params.update(best)
             selection["alpha_beta"] = best
             selection["candidates"] += [c.to_dict() for c in tried]
-            selection["reason"] = _chosen_because(best, tried, select_by, hold.size)
+            reasons.append(_chosen_because(best, tried, self.select_by, hold.size))
         if auto_depth:
-            depth, tried = choose_depth(pair, hold, method, {k: v for k, v in params.items()}, tasks=pair.tasks,
-                                        min_fidelity=min_fidelity, max_flops=max_flops, labeled=labeled,
-                                        select_by=select_by, do_repair=do_repair, repair_branches=repair_branches,
-                                        progress=progress, allow_no_sharing=allow_no_sharing)
-            stop_at = depth
-            selection["stop_at"] = depth
+            stop_at, tried = choose_depth(pair, hold, self.method, dict(params), min_fidelity=self.min_fidelity,
+                                          max_flops=self.max_flops, allow_no_sharing=self.allow_no_sharing, **common)
+            selection["stop_at"] = stop_at
             selection["candidates"] += [c.to_dict() for c in tried]
-            target = f"{select_by} >= {min_fidelity}" if min_fidelity is not None else f"FLOPs <= {max_flops} of both models"
-            selection["reason"] = (selection.get("reason", "") + f"; depth {depth}: "
-                                   + ("the deepest" if min_fidelity is not None else "the best") + f" with {target}").lstrip("; ")
+            target = (f"{self.select_by} >= {self.min_fidelity}" if self.min_fidelity is not None
+                      else f"FLOPs <= {self.max_flops} of both models")
+            reasons.append(f"depth {stop_at}: " + ("the deepest" if self.min_fidelity is not None else "the best")
+                           + f" with {target}")
+        selection["reason"] = "; ".join(reasons)
         selection["search_seconds"] = time.perf_counter() - t
         pair.timings["search"] = selection["search_seconds"]
-    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches, progress=progress,
-                          repair_samples=repair_samples)
-    result.timings = {**pair.timings, **result.timings}
-    result.selection = selection
-    result.sources = [g.model for g in pair.graphs]  # normalized, inputs aligned to the zipped model's layout
-    if output is not None:
-        t = time.perf_counter()
-        save_model(result.model, output)
-        result.timings["save"] = time.perf_counter() - t
-        result.output = str(output)
-    return result
+        return params, stop_at, selection
 
 
 def _chosen_because(best: dict, tried: list, select_by: str, held: int) -> str:
