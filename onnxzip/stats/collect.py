@@ -242,17 +242,6 @@ def collect_stats(
     n_models = len(graphs)
     base = graphs[0]
     points = [g.measure_points() for g in graphs]
-    # the models run side by side, each on its share of the cores (no straggler waits inside an
-    # op while the accumulator threads hold a core)
-    threads = max(1, _worker_count(cap=64) // n_models)
-    fetch, where, sessions = [], [], []
-    for k, g in enumerate(graphs):
-        wanted = [(p.tensor, p.axis) for p in points[k]] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
-        model, w = channels_last_model(g.model, wanted, g.shapes, also=g.outputs[:1])
-        fetch.append(list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1])))
-        where.append(w)
-        sessions.append(session(model, providers, optimization="all", threads=threads, spinning=False))
-    static = any(has_static_batch(g.model) for g in graphs)
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
         dim = n_models * base.groups[p.gid].size
@@ -261,63 +250,21 @@ def collect_stats(
     # per layer and model: the samples it owns (its targets) and the rest (fallback: all samples),
     # each split by row level (so the correction can take targets on its own subset of rows)
     preact_acc = {i: [SplitMoments(l.out_channels, 2 * (SUBSET_LEVELS + 1)) for _ in graphs] for i, l in enumerate(base.layers)}
-    seen = 0  # valid rows so far
-    samples, assigned, n_batches = 0, [0] * n_models, 0
-    owners: list[np.ndarray] = []
+    preact_step = subset_step(items, preact_rows) if items else 1
+    stream = _Stream(graphs, points, providers, classes)
     # one task per accumulator, each always on the same worker (so every accumulator sees its
     # updates in order: the result does not depend on the number of workers)
-    preact_step = subset_step(items, preact_rows) if items else 1
-    tasks = _tasks(graphs, points, group_acc, preact_acc, where, int(preact_step).bit_length() - 1)
-    workers = _worker_count()
-    plan = None
-
-    sub_rows = None  # rows per run, from the first run's activation size
-    per_sample = 0.0
-    largest = 0.0
-    with single_threaded_blas(), _Pool(workers, depth=2) as pool, ThreadPoolExecutor(n_models) as runner:
-        for batch in batches:
-            n = len(batch.valid)
-            parts = []
-            start = 0
-            while start < n:
-                if static:
-                    stop = n
-                elif sub_rows is None:
-                    stop = min(n, 1)
-                else:
-                    stop = min(n, start + sub_rows)
-                sub = batch if (start, stop) == (0, n) else _sub_batch(batch, start, stop)
-                pool.reserve()
-                outs = list(runner.map(lambda k: _run(sessions[k], graphs[k], base, fetch[k], sub), range(n_models)))
-                used = sum(r.nbytes for o in outs for r in o.values())
-                rows = max(1, stop - start)
-                if not per_sample:
-                    per_sample = used / rows
-                    largest = max(r.nbytes for o in outs for r in o.values()) / rows
-                if sub_rows is None and not static:
-                    # two runs' activations are alive at once (one accumulating, one running)
-                    sub_rows = max(1, int(FETCH_BUDGET_BYTES // 2 // max(1.0, per_sample)))
-                owner = owner_masks(sub, [outs[k][g.outputs[0]] for k, g in enumerate(graphs)], classes)
-                for k in range(n_models):
-                    assigned[k] += int((owner[k] & sub.valid).sum())
-                parts.append(owner)
-                level = np.full(len(sub.valid), -1, dtype=np.int64)
-                nvalid = int(sub.valid.sum())
-                level[sub.valid] = row_levels(np.arange(seen, seen + nvalid))
-                seen += nvalid
-                if plan is None:
-                    plan = _balance(tasks, outs, workers)
-                pool.submit([[(fn, outs, sub.valid, (owner, level)) for fn in plan[w]] for w in range(workers)])
-                del outs
-                start = stop
-            owners.append(np.concatenate(parts, axis=1))
-            samples += int(batch.valid.sum())
-            n_batches += 1
-            if progress is not None:
-                progress(int(batch.valid.sum()))
+    stream.run(batches, _tasks(graphs, points, group_acc, preact_acc, stream.where, int(preact_step).bit_length() - 1),
+               progress)
     for a in group_acc.values():
         a.release()
     groups = {gid: GroupStats(a.mean, a.covariance, a.count) for gid, a in group_acc.items()}
+    return PairStats(groups, _preact_moments(preact_acc), stream.samples, stream.assigned, stream.n_batches,
+                     stream.owners, stream.per_sample / max(1, n_models), stream.largest, preact_acc, preact_step)
+
+
+def _preact_moments(preact_acc: dict) -> dict:
+    """Per layer and model, (mean, var) on the rows it owns (all rows if it owns none)."""
     owned = [_part(True, lv) for lv in range(SUBSET_LEVELS + 1)]
     rest = [_part(False, lv) for lv in range(SUBSET_LEVELS + 1)]
     preact = {}
@@ -328,8 +275,73 @@ def collect_stats(
             if count == 0:  # a model assigned no samples at all: its statistics on all the data
                 mean, var, _ = acc.moments(owned + rest)
             preact[i].append((mean, var))
-    return PairStats(groups, preact, samples, assigned, n_batches, owners, per_sample / max(1, n_models), largest,
-                     preact_acc, preact_step)
+    return preact
+
+
+class _Stream:
+    """The models run in lockstep over the calibration batches; their activations go to the
+    accumulator tasks on worker threads while onnxruntime runs the next (sub-)batch."""
+
+    def __init__(self, graphs: list[LayerGraph], points: list, providers, classes):
+        self.graphs, self.classes = graphs, classes
+        # the models run side by side, each on its share of the cores (no straggler waits inside an
+        # op while the accumulator threads hold a core)
+        threads = max(1, _worker_count(cap=64) // len(graphs))
+        self.fetch, self.where, self.sessions = [], [], []
+        for k, g in enumerate(graphs):
+            wanted = [(p.tensor, p.axis) for p in points[k]] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
+            model, w = channels_last_model(g.model, wanted, g.shapes, also=g.outputs[:1])
+            self.fetch.append(list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1])))
+            self.where.append(w)
+            self.sessions.append(session(model, providers, optimization="all", threads=threads, spinning=False))
+        self.static = any(has_static_batch(g.model) for g in graphs)
+        self.sub_rows = None  # rows per run, from the first run's activation size
+        self.per_sample = self.largest = 0.0
+        self.seen = self.samples = self.n_batches = 0  # seen: valid rows so far
+        self.assigned = [0] * len(graphs)
+        self.owners: list[np.ndarray] = []
+        self.plan = None
+
+    def run(self, batches, tasks: list, progress) -> None:
+        workers = _worker_count()
+        with single_threaded_blas(), _Pool(workers, depth=2) as pool, ThreadPoolExecutor(len(self.graphs)) as runner:
+            for batch in batches:
+                n, parts, start = len(batch.valid), [], 0
+                while start < n:
+                    stop = n if self.static else min(n, start + self.sub_rows if self.sub_rows else 1)
+                    sub = batch if (start, stop) == (0, n) else _sub_batch(batch, start, stop)
+                    parts.append(self._step(sub, max(1, stop - start), tasks, workers, pool, runner))
+                    start = stop
+                self.owners.append(np.concatenate(parts, axis=1))
+                self.samples += int(batch.valid.sum())
+                self.n_batches += 1
+                if progress is not None:
+                    progress(int(batch.valid.sum()))
+
+    def _step(self, sub, rows: int, tasks: list, workers: int, pool, runner) -> np.ndarray:
+        """Run every model on one (sub-)batch and hand its activations to the workers; returns
+        the row owners."""
+        graphs = self.graphs
+        pool.reserve()
+        outs = list(runner.map(lambda k: _run(self.sessions[k], graphs[k], graphs[0], self.fetch[k], sub),
+                               range(len(graphs))))
+        if not self.per_sample:
+            self.per_sample = sum(r.nbytes for o in outs for r in o.values()) / rows
+            self.largest = max(r.nbytes for o in outs for r in o.values()) / rows
+        if self.sub_rows is None and not self.static:
+            # two runs' activations are alive at once (one accumulating, one running)
+            self.sub_rows = max(1, int(FETCH_BUDGET_BYTES // 2 // max(1.0, self.per_sample)))
+        owner = owner_masks(sub, [outs[k][g.outputs[0]] for k, g in enumerate(graphs)], self.classes)
+        for k in range(len(graphs)):
+            self.assigned[k] += int((owner[k] & sub.valid).sum())
+        level = np.full(len(sub.valid), -1, dtype=np.int64)
+        nvalid = int(sub.valid.sum())
+        level[sub.valid] = row_levels(np.arange(self.seen, self.seen + nvalid))
+        self.seen += nvalid
+        if self.plan is None:
+            self.plan = _balance(tasks, outs, workers)
+        pool.submit([[(fn, outs, sub.valid, (owner, level)) for fn in self.plan[w]] for w in range(workers)])
+        return owner
 
 
 def _run(sess, graph: LayerGraph, base: LayerGraph, names: list[str], batch) -> dict:
