@@ -304,8 +304,10 @@ def _resolve(ctx: BuildContext, space: Space) -> Space:
 
 
 def _finish(ctx: BuildContext) -> LayerGraph:
+    """The layer graph from a finished walk: layers numbered as in the paper, groups renumbered
+    canonically (by the first layer producing them) with their measure points, output groups,
+    attention heads and the depth each unsupported op allows."""
     model = ctx.model
-    spaces = {k: _resolve(ctx, v) for k, v in ctx.spaces.items()}
     for layer in ctx.layers:
         layer.in_space = _resolve(ctx, layer.in_space)
         layer.out_space = _resolve(ctx, layer.out_space)
@@ -313,60 +315,77 @@ def _finish(ctx: BuildContext) -> LayerGraph:
         p.gid = ctx.find(p.gid)
     _number_layers(model, ctx.layers)
     _bias_chains(model, ctx)
-
-    groups: dict[int, FeatureGroup] = {}
     order = sorted(ctx.layers, key=lambda l: (l.number, l.depth, l.topo))
-    for idx, layer in enumerate(order):
-        for leaf in leaves(layer.out_space):
-            g = groups.setdefault(leaf.gid, FeatureGroup(leaf.gid, leaf.size))
-            g.producers.append(idx)
-    # renumber groups canonically: by the first layer producing them
+    remap = _canonical_group_ids(ctx, order)
+    spaces = {k: _renumber(_resolve(ctx, v), remap) for k, v in ctx.spaces.items()}
+    for layer in order:
+        layer.in_space, layer.out_space = _renumber(layer.in_space, remap), _renumber(layer.out_space, remap)
+    for p in ctx.params:
+        p.gid = remap[p.gid]
+    groups = _groups(ctx, order, remap, spaces, [o.name for o in model.graph.output])
+    num_layers = max((l.number for l in order), default=0)
+    unsupported = _depth_limits(ctx, groups, order, num_layers)
+    # params: canonical order inside each group
+    depth_of_tensor = _tensor_depths(model, order)
+    node_by_name = {n.name: n for n in model.graph.node}
+    for p in ctx.params:
+        p.depth = depth_of_tensor.get(node_by_name[p.node].input[0], 0)
+    params = sorted(ctx.params, key=lambda p: (p.gid, p.depth, p.topo, p.input_index))
+    return LayerGraph(
+        model=model, layers=order, groups=dict(sorted(groups.items())), params=params,
+        spaces=spaces, shapes=ctx.shapes, unsupported=unsupported,
+        inputs=[i.name for i in model.graph.input], outputs=[o.name for o in model.graph.output],
+        num_layers=num_layers, axes=dict(ctx.axis_of),
+    )
+
+
+def _canonical_group_ids(ctx: BuildContext, order: list[Layer]) -> dict[int, int]:
+    """Group roots -> 0, 1, ... in the order of the first layer producing them (then the rest)."""
     remap: dict[int, int] = {}
     for layer in order:
         for leaf in leaves(layer.out_space):
             remap.setdefault(leaf.gid, len(remap))
     for gid in list(ctx.group_size):
-        root = ctx.find(gid)
-        remap.setdefault(root, len(remap))
+        remap.setdefault(ctx.find(gid), len(remap))
+    return remap
 
-    def rg(space: Space) -> Space:
-        if isinstance(space, GroupSpace):
-            return GroupSpace(remap[space.gid], space.size, space.tensor, space.axis)
-        if isinstance(space, ConcatSpace):
-            return ConcatSpace(tuple(rg(p) for p in space.parts), space.size)
-        if isinstance(space, ExpandSpace):
-            return ExpandSpace(rg(space.part), space.outer, space.inner, space.size)
-        if isinstance(space, HeadSpace):
-            return HeadSpace(remap[space.gid], space.size, space.heads)
-        if isinstance(space, HeadsOnly):
-            return HeadsOnly(remap[space.gid], space.heads)
-        return space
 
-    spaces = {k: rg(v) for k, v in spaces.items()}
-    for layer in order:
-        layer.in_space, layer.out_space = rg(layer.in_space), rg(layer.out_space)
-    new_groups: dict[int, FeatureGroup] = {}
-    for old, g in groups.items():
-        g.gid = remap[old]
-        new_groups[g.gid] = g
-    for p in ctx.params:
-        p.gid = remap[p.gid]
+def _renumber(space: Space, remap: dict[int, int]) -> Space:
+    if isinstance(space, GroupSpace):
+        return GroupSpace(remap[space.gid], space.size, space.tensor, space.axis)
+    if isinstance(space, ConcatSpace):
+        return ConcatSpace(tuple(_renumber(p, remap) for p in space.parts), space.size)
+    if isinstance(space, ExpandSpace):
+        return ExpandSpace(_renumber(space.part, remap), space.outer, space.inner, space.size)
+    if isinstance(space, HeadSpace):
+        return HeadSpace(remap[space.gid], space.size, space.heads)
+    if isinstance(space, HeadsOnly):
+        return HeadsOnly(remap[space.gid], space.heads)
+    return space
+
+
+def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces: dict, outputs: list[str]) -> dict:
+    """The feature groups (renumbered): producers, ops crossing them, output flag, where each is
+    measured, attention heads."""
+    groups: dict[int, FeatureGroup] = {}
+    for idx, layer in enumerate(order):
+        for leaf in leaves(layer.out_space):
+            groups.setdefault(leaf.gid, FeatureGroup(leaf.gid, leaf.size)).producers.append(idx)
     for old_root, crossers in ctx.crossed.items():
         gid = remap[ctx.find(old_root)]
-        if gid in new_groups:
-            new_groups[gid].blocked_by.extend(crossers)
-    outputs = [o.name for o in model.graph.output]
+        if gid in groups:
+            groups[gid].blocked_by.extend(crossers)
     for o in outputs:
         for leaf in leaves(spaces.get(o, NoFeatures())):
-            if leaf.gid in new_groups:
-                new_groups[leaf.gid].output = True
+            if leaf.gid in groups:
+                groups[leaf.gid].output = True
     seen = set()
     for layer in order:
         for leaf in leaves(layer.in_space):
-            if leaf.tensor not in seen and leaf.gid in new_groups:
+            if leaf.tensor not in seen and leaf.gid in groups:
                 seen.add(leaf.tensor)
-                new_groups[leaf.gid].tensors.append((leaf.tensor, leaf.axis))
-    for g in new_groups.values():
+                groups[leaf.gid].tensors.append((leaf.tensor, leaf.axis))
+    for g in groups.values():
         if not g.tensors and not g.output:  # no weight layer reads it (attention's q and k): measure where it is made
             for i in g.producers:
                 space = spaces.get(order[i].output)
@@ -374,21 +393,26 @@ def _finish(ctx: BuildContext) -> LayerGraph:
                     g.tensors.append((order[i].output, space.axis))
     for old_root, heads in ctx.group_heads.items():
         gid = remap.get(ctx.find(old_root))
-        if gid in new_groups:
-            new_groups[gid].attention_heads = heads
-            new_groups[gid].attention_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
-
+        if gid in groups:
+            groups[gid].attention_heads = heads
+            groups[gid].attention_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
     num_layers = max((l.number for l in order), default=0)
-    for g in new_groups.values():
+    for g in groups.values():
         # made only by final layers (no weight layer downstream: numbered m): the models' outputs
         # share this space whatever ops follow (an L2 normalisation, a scale, a softmax)
         if g.producers and all(order[i].number == num_layers for i in g.producers):
             g.output = True
             g.tensors = []
+    return groups
+
+
+def _depth_limits(ctx: BuildContext, groups: dict, order: list[Layer], num_layers: int) -> list[Unsupported]:
+    """Every unsupported op with the deepest zip it allows: an op crossing the channels of a
+    group (not an output group) stops the zip before the group's first producer."""
     unsupported = list(ctx.unsupported)
     for u in unsupported:
         u.max_depth = num_layers
-    for g in new_groups.values():
+    for g in groups.values():
         if g.blocked_by and not g.output:
             limit = min(order[i].number for i in g.producers) - 1
             for node, op in g.blocked_by:
@@ -397,18 +421,7 @@ def _finish(ctx: BuildContext) -> LayerGraph:
                     hit = Unsupported(node, op, f"{op} mixes the channels of a feature group", num_layers)
                     unsupported.append(hit)
                 hit.max_depth = min(hit.max_depth, limit)
-    # params: canonical order inside each group
-    depth_of_tensor = _tensor_depths(model, order)
-    node_by_name = {n.name: n for n in model.graph.node}
-    for p in ctx.params:
-        p.depth = depth_of_tensor.get(node_by_name[p.node].input[0], 0)
-    params = sorted(ctx.params, key=lambda p: (p.gid, p.depth, p.topo, p.input_index))
-    return LayerGraph(
-        model=model, layers=order, groups=dict(sorted(new_groups.items())), params=params,
-        spaces=spaces, shapes=ctx.shapes, unsupported=unsupported,
-        inputs=[i.name for i in model.graph.input], outputs=outputs, num_layers=num_layers,
-        axes=dict(ctx.axis_of),
-    )
+    return unsupported
 
 
 def _tensor_depths(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, int]:
