@@ -330,7 +330,7 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     if do_repair:
         t = time.perf_counter()
         report = repair(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
-                        heads=repair_branches, progress=stage(progress, "repair", None), max_samples=repair_samples)
+                        branches=repair_branches, progress=stage(progress, "repair", None), max_samples=repair_samples)
         timings["repair"] = time.perf_counter() - t
     warnings = list(pair.warnings)
     if report is not None and repair_samples is None and default_repair_samples(pair.stats) < min(pair.stats.samples, REPAIR_SAMPLES):

@@ -435,10 +435,10 @@ def _restorable(model: onnx.ModelProto, weights: _Weights, site: LayerSite, shar
 
 
 def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, stats: PairStats, batches,
-           providers=None, heads: bool = True, progress=None, max_samples: int | None = None) -> RepairReport:
+           providers=None, branches: bool = True, progress=None, max_samples: int | None = None) -> RepairReport:
     """Correct the zipped model in place; ``batches()`` yields calibration batches afresh.
 
-    With ``heads``, layers inside each task's branch are corrected too, toward their own
+    With ``branches``, layers inside each task's branch are corrected too, toward their own
     model's statistics on its own task's samples (a branch reads merged features through its
     unmerge, whose statistics are the cluster's average, not its model's own). Layers that
     write a task's outputs (logits) are left as they are.
@@ -453,12 +453,11 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
     """
     if max_samples is None:
         max_samples = default_repair_samples(stats)
-    limit = None if max_samples <= 0 else int(max_samples)
     weights = _Weights(model)
     norms = list(layout.norm_sites)
     sites = [
         s for s in layout.sites
-        if s.model == -1 or (heads and not graphs[s.model].groups[graphs[s.model].layers[s.index].out_space.gid].output)
+        if s.model == -1 or (branches and not graphs[s.model].groups[graphs[s.model].layers[s.index].out_space.gid].output)
     ]
     levels = sorted({(s.model >= 0, float(s.number)) for s in sites} | {(False, n.level) for n in norms})
     if not levels:
@@ -467,7 +466,7 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
     if getattr(stats, "activation_bytes", 0):
         per_run = max(1, int(RUN_BUDGET_BYTES // stats.activation_bytes))
     # no finer than the rows the targets were taken on
-    step = max(subset_step(stats.samples, limit), getattr(stats, "preact_step", 1))
+    step = max(subset_step(stats.samples, None if max_samples <= 0 else int(max_samples)), getattr(stats, "preact_step", 1))
     if step > 1 and not getattr(stats, "preact_parts", None):
         step = 1  # no per-subset targets to compare with: measure on all rows
     chunks, feeds, rows = _subset(batches, stats.owners, step, has_static_batch(model), per_run)
@@ -481,46 +480,62 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
             _reset_norms_on(frontier, weights, resets)
             passes += 1
         group = [s for s in sites if (s.model >= 0, float(s.number)) == level]
-        if not group:
-            continue
-        owned = level[0]
-        preacts = list(dict.fromkeys(s.preact for s in group))
-        counts = {}
-        for s in group:
-            counts[s.preact] = counts.get(s.preact, 0) + 1
-        shared = {p for p, c in counts.items() if c > 1}
-        restorable = {s.preact: s for s in group if _restorable(model, weights, s, shared)}
-        changed = set().union(*(_site_nodes(s) for s in group))
-        plan = frontier.plan(preacts, changed, {p: _site_nodes(s) for p, s in restorable.items()})
-        accs: dict[tuple, SplitMoments] = {}
-
-        def measure(chunk: _Chunk, values: dict, group=group, owned=owned, accs=accs) -> None:
-            for s in group:
-                mask = chunk.valid
-                if owned and s.model >= 0 and chunk.owner is not None:
-                    mask = mask & chunk.owner[s.model]
-                key = (s.preact, s.model if owned else -1)
-                x = values[s.preact]
-                if key not in accs:
-                    accs[key] = SplitMoments(x.shape[s.channel_axis], 1)
-                accs[key].update(x, s.channel_axis, mask[None])
-
-        fetched = frontier.execute(plan, measure)
-        passes += 1
-        restored = {}
-        for s in group:
-            acc = accs.get((s.preact, s.model if owned else -1))
-            sv = None
-            if acc is not None and acc.count[0] > 0:
-                mean_now, var_now, _ = acc.moments([0])
-                mean_t, std_t = target_statistics(s, graphs, merges, stats)
-                sv, off = correct_layer(model, weights, s, mean_now, np.sqrt(var_now), mean_t, std_t)
-            if s.preact in restorable:
-                restored[s.preact] = (_site_nodes(s), sv, None if sv is None else off, s.channel_axis)
-        frontier.commit(plan, fetched, restored)
-        if progress is not None:
-            progress(1)
+        if group:
+            _correct_level(model, weights, frontier, group, level[0], graphs, merges, stats)
+            passes += 1
+            if progress is not None:
+                progress(1)
     return RepairReport(layers=len(sites) + len(norms), passes=passes, samples=rows)
+
+
+def _correct_level(model, weights: _Weights, frontier: _Frontier, group: list, owned: bool, graphs, merges: Merges,
+                   stats: PairStats) -> None:
+    """Measure the layers of one level (one run from the kept activations) and correct them;
+    ``owned``: branch layers, measured on their own model's rows."""
+    preacts = list(dict.fromkeys(s.preact for s in group))
+    counts: dict[str, int] = {}
+    for s in group:
+        counts[s.preact] = counts.get(s.preact, 0) + 1
+    shared = {p for p, c in counts.items() if c > 1}
+    restorable = {s.preact: s for s in group if _restorable(model, weights, s, shared)}
+    changed = set().union(*(_site_nodes(s) for s in group))
+    plan = frontier.plan(preacts, changed, {p: _site_nodes(s) for p, s in restorable.items()})
+    measure = _LevelMoments(group, owned)
+    fetched = frontier.execute(plan, measure)
+    restored = {}
+    for s in group:
+        acc = measure.accs.get(measure.key(s))
+        sv = None
+        if acc is not None and acc.count[0] > 0:
+            mean_now, var_now, _ = acc.moments([0])
+            mean_t, std_t = target_statistics(s, graphs, merges, stats)
+            sv, off = correct_layer(model, weights, s, mean_now, np.sqrt(var_now), mean_t, std_t)
+        if s.preact in restorable:
+            restored[s.preact] = (_site_nodes(s), sv, None if sv is None else off, s.channel_axis)
+    frontier.commit(plan, fetched, restored)
+
+
+class _LevelMoments:
+    """Per-channel moments of one level's pre-activations, chunk by chunk (a branch layer on its
+    own model's rows)."""
+
+    def __init__(self, group: list, owned: bool):
+        self.group, self.owned = group, owned
+        self.accs: dict[tuple, SplitMoments] = {}
+
+    def key(self, s) -> tuple:
+        return (s.preact, s.model if self.owned else -1)
+
+    def __call__(self, chunk: _Chunk, values: dict) -> None:
+        for s in self.group:
+            mask = chunk.valid
+            if self.owned and s.model >= 0 and chunk.owner is not None:
+                mask = mask & chunk.owner[s.model]
+            x = values[s.preact]
+            key = self.key(s)
+            if key not in self.accs:
+                self.accs[key] = SplitMoments(x.shape[s.channel_axis], 1)
+            self.accs[key].update(x, s.channel_axis, mask[None])
 
 
 def _reset_norms_on(frontier: _Frontier, weights: _Weights, norms) -> None:
