@@ -193,33 +193,15 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     if max_samples is not None and max_samples < 1:
         raise OptionError(f"--max-samples {max_samples} must be at least 1")
     loaded = [_load(model_a, "A"), _load(model_b, "B")]
-    models = [m for m, _, _ in loaded]
     sources = [s for _, s, _ in loaded]
     hashes = [h for _, _, h in loaded]
-    opsets = [opset_of(m) for m in models]
-    if opsets[0] != opsets[1]:
-        target = max(opsets)
-        models = [convert_opset(m, target, s) for m, s in zip(models, sources)]
-    models, layout_notes = align_input_layouts(models, input_layout)
-    models = [normalize(m) for m in models]
+    models, layout_notes = _normalized([m for m, _, _ in loaded], sources, input_layout)
     if tasks is None:
         keys = [k for k, _ in data_items(data) if k is not None]
         tasks = keys if len(keys) == len(models) else default_tasks(sources)
     class_list = _class_embeddings(classes, tasks)
     specs = [_specs(m) for m in models]
-    if len(specs[0]) != len(specs[1]):
-        raise ArchitectureMismatchError(f"A has {len(specs[0])} inputs, B has {len(specs[1])}; the models must take the same inputs")
-    if len(specs[0]) > 1 and [s.name for s in specs[0]] != [s.name for s in specs[1]]:
-        raise ArchitectureMismatchError(
-            f"input names differ: A {[s.name for s in specs[0]]}, B {[s.name for s in specs[1]]}; re-export with the same input names"
-        )
-    for sa, sb in zip(*specs):
-        da = [d for d in sa.dims[1:]]
-        db = [d for d in sb.dims[1:]]
-        if len(da) != len(db) or any(x is not None and y is not None and x != y for x, y in zip(da, db)):
-            raise ArchitectureMismatchError(
-                f"input shapes differ: A '{sa.name}' {list(sa.dims)}, B '{sb.name}' {list(sb.dims)}; the models must take the same input"
-            )
+    _check_inputs(specs)
     dataset = open_data(data, specs[0], tasks)
     if dataset.per_task and len(dataset.task_names) != len(models):
         raise CalibrationDataError(f"got data for tasks {dataset.task_names}; give data for every task {tasks}, or one mixed set")
@@ -233,21 +215,54 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
         raise ArchitectureMismatchError(f"the models differ: {diff}; zip models of the same architecture")
     warnings = [f"input layout: {note}; the zipped model takes that layout" for note in layout_notes]
     n = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
+    warnings += _sample_count_warnings(n, holdout)
+    timings = {"load_and_parse": time.perf_counter() - t0}
+    pair = PreparedPair(graphs, sources, hashes, dataset, None, batch_size, max_samples, providers, timings, warnings,
+                        holdout, list(tasks), class_list)
+    if collect:
+        collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
+    return pair
+
+
+def _normalized(models: list[onnx.ModelProto], sources: list[str], input_layout: str | None) -> tuple[list, list]:
+    """The models at one opset (the higher), with one input layout, normalized; and what was aligned."""
+    opsets = [opset_of(m) for m in models]
+    if len(set(opsets)) > 1:
+        models = [convert_opset(m, max(opsets), s) for m, s in zip(models, sources)]
+    models, layout_notes = align_input_layouts(models, input_layout)
+    return [normalize(m) for m in models], layout_notes
+
+
+def _check_inputs(specs: list[list[InputSpec]]) -> None:
+    """The models take the same inputs: count, names (when several) and shapes past the batch."""
+    a, b = specs[0], specs[1]
+    if len(a) != len(b):
+        raise ArchitectureMismatchError(f"A has {len(a)} inputs, B has {len(b)}; the models must take the same inputs")
+    if len(a) > 1 and [s.name for s in a] != [s.name for s in b]:
+        raise ArchitectureMismatchError(
+            f"input names differ: A {[s.name for s in a]}, B {[s.name for s in b]}; re-export with the same input names"
+        )
+    for sa, sb in zip(a, b):
+        da, db = list(sa.dims[1:]), list(sb.dims[1:])
+        if len(da) != len(db) or any(x is not None and y is not None and x != y for x, y in zip(da, db)):
+            raise ArchitectureMismatchError(
+                f"input shapes differ: A '{sa.name}' {list(sa.dims)}, B '{sb.name}' {list(sb.dims)}; the models must take the same input"
+            )
+
+
+def _sample_count_warnings(n: int, holdout: float) -> list[str]:
+    """Too few calibration samples is an error; few is a warning (and few held out to score candidates)."""
     if n * (1 - holdout) < 2:
         raise CalibrationDataError(
             f"only {n} calibration sample(s){' before the hold-out' if holdout else ''}: statistics need at least 2 "
             "(a few hundred for reliable merges); pass more data"
         )
+    warnings = []
     if n < MIN_TRUSTED_SAMPLES:
         warnings.append(f"only {n} calibration samples: statistics may be unreliable (use a few hundred)")
-    timings = {"load_and_parse": time.perf_counter() - t0}
-    pair = PreparedPair(graphs, sources, hashes, dataset, None, batch_size, max_samples, providers, timings, warnings,
-                        holdout, list(tasks), class_list)
     if holdout > 0 and n * holdout < 16:
         warnings.append(f"only about {int(n * holdout)} held-out samples to score candidates: use more calibration data")
-    if collect:
-        collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
-    return pair
+    return warnings
 
 
 def collect_pair_stats(pair: PreparedPair, progress=None, all_positions: bool = True, repair_samples: int | None = None,
