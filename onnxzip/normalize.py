@@ -675,73 +675,90 @@ def canonical_flatten(m: onnx.ModelProto) -> list[str]:
     shapes = None
     notes = []
     for layer in list(g.node):
-        if layer.op_type == "Gemm":
-            if attr(layer, "transA", 0) or len(layer.input) < 2 or layer.input[1] not in inits:
-                continue
-            in_axis = 1 if attr(layer, "transB", 0) else 0
-        elif layer.op_type == "MatMul":
-            if len(layer.input) < 2 or layer.input[1] not in inits or len(inits[layer.input[1]].dims) != 2:
-                continue
-            in_axis = 0
-        else:
+        in_axis = _dense_input_axis(layer, inits)
+        if in_axis is None:
             continue
-        x = layer.input[0]
-        chain, t = [], x
-        while t in producer and producer[t].op_type in _LAYOUT and producer[t].domain in ("", "ai.onnx"):
-            n = producer[t]
-            # Shape/Size readers (a Reshape target computed at run time) only need the shape
-            users = [u for u in cons.get(t, []) if u.op_type not in ("Shape", "Size")]
-            if t in outputs or len(users) != 1:
-                break
-            chain.append(n)
-            t = n.input[0]
+        chain, src = _layout_chain(layer.input[0], producer, cons, outputs)
         if not chain or (len(chain) == 1 and chain[0].op_type == "Flatten" and attr(chain[0], "axis", 1) == 1):
             continue
-        src = t
-        if shapes is None:
-            shapes = _static_shapes(m)
-        shape = shapes.get(src)
-        if not shape or len(shape) < 3 or any(d is None or d <= 0 for d in shape[1:]):
+        shapes = shapes if shapes is not None else _static_shapes(m)
+        order = _element_order(m, layer.input[0], src, shapes.get(src))
+        if order is None:
             continue
-        per = int(np.prod(shape[1:], dtype=np.int64))
-        if per >= 1 << 24:  # float32 indices stay exact below 2^24
-            continue
-        # the chain's shape computations (Shape -> Gather -> Concat ...) come along
-        nodes = _ancestors(m, x, stop=src)
-        if nodes is None:
-            continue
-        probe = np.arange(2 * per, dtype=np.float32).reshape([2] + list(shape[1:]))
-        got = _run_subgraph(m, nodes, src, probe, x)
-        if got is None or got.ndim != 2 or got.shape != (2, per):
-            continue
-        idx = got.astype(np.int64)
-        if not np.array_equal(idx[1] - idx[0], np.full(per, per)) or not np.array_equal(np.sort(idx[0]), np.arange(per)):
-            continue  # mixes samples, or is not a permutation
-        if np.array_equal(idx[0], np.arange(per)):
-            continue  # already row-major order: nothing to permute
         w = numpy_helper.to_array(inits[layer.input[1]])
-        if w.shape[in_axis] != per:
+        if w.shape[in_axis] != len(order):
             continue
         new_w = np.empty_like(w)
-        sel_new = [slice(None)] * 2
-        sel_old = [slice(None)] * 2
-        sel_new[in_axis] = idx[0]
-        new_w[tuple(sel_new)] = w[tuple(sel_old)]
+        sel = [slice(None)] * 2
+        sel[in_axis] = order
+        new_w[tuple(sel)] = w
         _replace_init(m, layer.input[1], new_w)
-        flat = x + "__flatten"
+        flat = layer.input[0] + "__flatten"
         while flat in producer or flat in inits:
             flat += "_"
-        node = helper.make_node("Flatten", [src], [flat], axis=1, name=(layer.name or flat) + "/flatten")
-        g.node.insert(list(g.node).index(layer), node)
+        g.node.insert(list(g.node).index(layer),
+                      helper.make_node("Flatten", [src], [flat], axis=1, name=(layer.name or flat) + "/flatten"))
         layer.input[0] = flat
         ops = " -> ".join(n.op_type for n in reversed(chain))
-        notes.append(f"dense layer '{layer.name}' read {list(shape)} through {ops}: now Flatten with its "
+        notes.append(f"dense layer '{layer.name}' read {list(shapes.get(src))} through {ops}: now Flatten with its "
                      f"kernel rows permuted (element order of the source tensor, row-major)")
         cons = _consumers(m)
         producer = {o: n for n in g.node for o in n.output}
     if notes:
         _remove_dead_nodes(m)
     return notes
+
+
+def _dense_input_axis(layer: onnx.NodeProto, inits: dict) -> int | None:
+    """The input axis of a dense layer's constant kernel (Gemm or 2-D MatMul), else None."""
+    if layer.op_type == "Gemm":
+        if attr(layer, "transA", 0) or len(layer.input) < 2 or layer.input[1] not in inits:
+            return None
+        return 1 if attr(layer, "transB", 0) else 0
+    if layer.op_type == "MatMul":
+        if len(layer.input) < 2 or layer.input[1] not in inits or len(inits[layer.input[1]].dims) != 2:
+            return None
+        return 0
+    return None
+
+
+def _layout_chain(x: str, producer: dict, cons: dict, outputs: set) -> tuple[list, str]:
+    """The layout ops (each read by nothing else) that make ``x``, last first; and their source."""
+    chain, t = [], x
+    while t in producer and producer[t].op_type in _LAYOUT and producer[t].domain in ("", "ai.onnx"):
+        n = producer[t]
+        # Shape/Size readers (a Reshape target computed at run time) only need the shape
+        users = [u for u in cons.get(t, []) if u.op_type not in ("Shape", "Size")]
+        if t in outputs or len(users) != 1:
+            break
+        chain.append(n)
+        t = n.input[0]
+    return chain, t
+
+
+def _element_order(m: onnx.ModelProto, x: str, src: str, shape) -> np.ndarray | None:
+    """For ``x [N, F]`` computed from ``src`` by layout ops: which element of a row-major ``src``
+    row each of x's F features is (None when the ops mix samples, are not a permutation, or
+    already keep row-major order)."""
+    if not shape or len(shape) < 3 or any(d is None or d <= 0 for d in shape[1:]):
+        return None
+    per = int(np.prod(shape[1:], dtype=np.int64))
+    if per >= 1 << 24:  # float32 indices stay exact below 2^24
+        return None
+    # the chain's shape computations (Shape -> Gather -> Concat ...) come along
+    nodes = _ancestors(m, x, stop=src)
+    if nodes is None:
+        return None
+    probe = np.arange(2 * per, dtype=np.float32).reshape([2] + list(shape[1:]))
+    got = _run_subgraph(m, nodes, src, probe, x)
+    if got is None or got.ndim != 2 or got.shape != (2, per):
+        return None
+    idx = got.astype(np.int64)
+    if not np.array_equal(idx[1] - idx[0], np.full(per, per)) or not np.array_equal(np.sort(idx[0]), np.arange(per)):
+        return None  # mixes samples, or is not a permutation
+    if np.array_equal(idx[0], np.arange(per)):
+        return None  # already row-major order: nothing to permute
+    return idx[0]
 
 
 def _ancestors(m: onnx.ModelProto, target: str, stop: str) -> list | None:
