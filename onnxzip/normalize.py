@@ -10,16 +10,15 @@ Reshape, Squeeze, ...) reading ``Flatten`` of it instead with its kernel rows pe
 every float initializer used by exactly one node input, no unused opset domain, and nodes in
 topological order.
 
-What each pass changed is recorded in the normalized model (:func:`normalize_notes`), so that
-``onnxzip check`` can say which exporter spellings it treated as equivalent.
+:data:`PASSES` lists the passes in order, each by name; each edits the model in place and returns
+what it changed, in words, so that ``onnxzip check`` can say which exporter spellings it treated as
+equivalent.
 
 :func:`align_input_layouts` puts a Transpose in front of a model whose image input is NHWC where
 its partner's is NCHW (or the other way round), so that both take one layout.
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import onnx
@@ -33,11 +32,9 @@ from onnxzip.onnx_nodes import attr
 from onnxzip.runtime import session
 
 __all__ = [
-    "normalize", "normalize_notes", "opset_of", "convert_opset", "guess_layout", "permute_input",
+    "normalize", "PASSES", "opset_of", "convert_opset", "guess_layout", "permute_input",
     "align_input_layouts",
 ]
-
-_NOTES_KEY = "onnxzip.normalize"
 
 # Constant folding never materializes tensors bigger than this (elements).
 _FOLD_LIMIT = 1 << 26
@@ -66,62 +63,60 @@ def convert_opset(model: onnx.ModelProto, opset: int, label: str = "model") -> o
     return converted
 
 
-def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a normalized copy of ``model`` (see the module docstring)."""
+def normalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A normalized copy of ``model`` and what the passes changed, in words (see the module
+    docstring; ``onnxzip check`` reports the notes as the spellings it treated as equivalent)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     notes: list[str] = []
-    if len(m.functions):
-        notes.append(f"inlined {len(m.functions)} local function(s)")
-        m = onnx.inliner.inline_local_functions(m)
-    if len(m.graph.value_info):
-        # some exporters (jax2onnx) write value_info that disagrees with the real shapes
-        notes.append(f"discarded {len(m.graph.value_info)} value_info entries (shapes are probed with onnxruntime)")
-        del m.graph.value_info[:]
-    drop_initializer_inputs(m)
-    fold_constants(m)
-    n_sunk, n_cancelled = simplify_transposes(m)
-    if n_sunk:
-        notes.append(f"moved {n_sunk} Transpose(s) below element-wise ops or into reductions")
-    if n_cancelled:
-        notes.append(f"composed or removed {n_cancelled} consecutive Transpose pair(s)")
-    remove_aliases(m)
+    for _, run in PASSES:
+        notes += run(m)
+    return m, _dense_spelling_notes(m) + _conv_spelling_notes(m) + notes
+
+
+def _inline_functions(m: onnx.ModelProto) -> list[str]:
+    if not len(m.functions):
+        return []
+    count = len(m.functions)
+    m.CopyFrom(onnx.inliner.inline_local_functions(m))
+    return [f"inlined {count} local function(s)"]
+
+
+def _discard_value_info(m: onnx.ModelProto) -> list[str]:
+    # some exporters (jax2onnx) write value_info that disagrees with the real shapes
+    count = len(m.graph.value_info)
+    del m.graph.value_info[:]
+    return [f"discarded {count} value_info entries (shapes are probed with onnxruntime)"] if count else []
+
+
+def _transposes(m: onnx.ModelProto) -> list[str]:
+    sunk, cancelled = simplify_transposes(m)
+    return ([f"moved {sunk} Transpose(s) below element-wise ops or into reductions"] if sunk else []) + (
+        [f"composed or removed {cancelled} consecutive Transpose pair(s)"] if cancelled else [])
+
+
+def _sum_to_mean(m: onnx.ModelProto) -> list[str]:
     fused = sum_to_mean(m)
-    if fused:
-        notes.append(f"fused {fused} ReduceSum + Div (average pooling) into ReduceMean")
-    normalize_gemm(m)
+    return [f"fused {fused} ReduceSum + Div (average pooling) into ReduceMean"] if fused else []
+
+
+def _fold_batchnorm(m: onnx.ModelProto) -> list[str]:
     folded = fold_batchnorm(m)
-    if folded:
-        kinds = ", ".join(f"{n} into {op}" for op, n in sorted(folded.items()))
-        notes.append(f"folded BatchNormalization ({kinds})")
-    toposort(m)
-    for text in canonical_flatten(m):
-        notes.append(text)
-    unshare_initializers(m)
+    kinds = ", ".join(f"{n} into {op}" for op, n in sorted(folded.items()))
+    return [f"folded BatchNormalization ({kinds})"] if folded else []
+
+
+def _unused_domains(m: onnx.ModelProto) -> list[str]:
     dropped = drop_unused_domains(m)
-    if dropped:
-        notes.append(f"dropped unused opset domain(s) {', '.join(dropped)}")
-    toposort(m)
-    _set_notes(m, _dense_spelling_notes(m) + _conv_spelling_notes(m) + notes)
-    return m
+    return [f"dropped unused opset domain(s) {', '.join(dropped)}"] if dropped else []
 
 
-def _set_notes(m: onnx.ModelProto, notes: list[str]) -> None:
-    for k, p in enumerate(m.metadata_props):
-        if p.key == _NOTES_KEY:
-            del m.metadata_props[k]
-            break
-    if notes:
-        p = m.metadata_props.add()
-        p.key, p.value = _NOTES_KEY, json.dumps(notes)
-
-
-def normalize_notes(model: onnx.ModelProto) -> list[str]:
-    """What :func:`normalize` changed in ``model`` (a normalized model), in words."""
-    for p in model.metadata_props:
-        if p.key == _NOTES_KEY:
-            return list(json.loads(p.value))
-    return []
+def _silent(edit):
+    """A pass whose change needs no note."""
+    def run(m: onnx.ModelProto) -> list[str]:
+        edit(m)
+        return []
+    return run
 
 
 def _dense_spelling_notes(m: onnx.ModelProto) -> list[str]:
@@ -932,3 +927,22 @@ def align_input_layouts(models: list[onnx.ModelProto], layout: str | None = None
 
 def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
+# The normalization, in order: (name, pass); each pass edits the model in place and returns notes.
+PASSES = [
+    ("inline local functions", _inline_functions),
+    ("discard value_info", _discard_value_info),
+    ("drop initializers listed as inputs", _silent(drop_initializer_inputs)),
+    ("fold constants", _silent(fold_constants)),
+    ("sink and compose Transposes", _transposes),
+    ("remove Identity and Dropout aliases", _silent(remove_aliases)),
+    ("ReduceSum + Div as ReduceMean", _sum_to_mean),
+    ("Gemm with alpha = beta = 1", _silent(normalize_gemm)),
+    ("fold BatchNormalization", _fold_batchnorm),
+    ("topological order", _silent(toposort)),
+    ("dense layers read Flatten", canonical_flatten),
+    ("one use per initializer", _silent(unshare_initializers)),
+    ("drop unused opset domains", _unused_domains),
+    ("topological order, again", _silent(toposort)),
+]

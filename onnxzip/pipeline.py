@@ -146,11 +146,11 @@ def _example_feeds(data: DataSet, model: onnx.ModelProto) -> dict:
 def load_layer_graph(model, data=None) -> LayerGraph:
     """Load (path or proto), normalize and parse one model."""
     m, _, _ = _load(model, "model")
-    m = normalize(m)
+    m, notes = normalize(m)
     feeds = None
     if data is not None:
         feeds = _example_feeds(open_data(data, _specs(m)), m)
-    return build_layer_graph(m, feeds)
+    return build_layer_graph(m, feeds, notes)
 
 
 def default_tasks(sources: list[str]) -> list[str]:
@@ -195,7 +195,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     loaded = [_load(model_a, "A"), _load(model_b, "B")]
     sources = [s for _, s, _ in loaded]
     hashes = [h for _, _, h in loaded]
-    models, layout_notes = _normalized([m for m, _, _ in loaded], sources, input_layout)
+    models, notes, layout_notes = _normalized([m for m, _, _ in loaded], sources, input_layout)
     if tasks is None:
         keys = [k for k, _ in data_items(data) if k is not None]
         tasks = keys if len(keys) == len(models) else default_tasks(sources)
@@ -209,7 +209,7 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     graphs = []
     for k, m in enumerate(models):
         fk = {name: feeds[specs[0][j].name] for j, name in enumerate(s.name for s in specs[k])}
-        graphs.append(build_layer_graph(m, fk))
+        graphs.append(build_layer_graph(m, fk, notes[k]))
     diff = first_difference(graphs[0], graphs[1])
     if diff is not None:
         raise ArchitectureMismatchError(f"the models differ: {diff}; zip models of the same architecture")
@@ -224,13 +224,15 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     return pair
 
 
-def _normalized(models: list[onnx.ModelProto], sources: list[str], input_layout: str | None) -> tuple[list, list]:
-    """The models at one opset (the higher), with one input layout, normalized; and what was aligned."""
+def _normalized(models: list[onnx.ModelProto], sources: list[str], input_layout: str | None) -> tuple[list, list, list]:
+    """The models at one opset (the higher), with one input layout, normalized; what normalization
+    changed in each; and what was aligned."""
     opsets = [opset_of(m) for m in models]
     if len(set(opsets)) > 1:
         models = [convert_opset(m, max(opsets), s) for m, s in zip(models, sources)]
     models, layout_notes = align_input_layouts(models, input_layout)
-    return [normalize(m) for m in models], layout_notes
+    normalized = [normalize(m) for m in models]
+    return [m for m, _ in normalized], [n for _, n in normalized], layout_notes
 
 
 def _check_inputs(specs: list[list[InputSpec]]) -> None:

@@ -18,7 +18,7 @@ import onnxzip
 from onnxzip.graph.build import build_layer_graph
 from onnxzip.graph.compare import conv_geometry, equivalences, first_difference, layer_ops, layer_signature
 from onnxzip.graph.spaces import ExpandSpace
-from onnxzip.normalize import align_input_layouts, guess_layout, normalize, normalize_notes
+from onnxzip.normalize import align_input_layouts, guess_layout
 from onnxzip.permutation import permute_model, random_permutations
 from onnxzip.pipeline import load_layer_graph, prepare_pair, zip_prepared
 
@@ -91,7 +91,7 @@ def test_exporter_patterns_are_normalized_away(graphs):
     # jax2onnx: unfolded BatchNormalization, NHWC Transposes, ReduceSum + Div average pool
     assert "BatchNormalization" not in jops and "Transpose" not in jops and "ReduceSum" not in jops
     assert "ReduceMean" in jops
-    notes = " | ".join(normalize_notes(jax.model))
+    notes = " | ".join(jax.notes)
     assert "value_info" in notes and "BatchNormalization" in notes and "ReduceSum + Div" in notes
     # tf2onnx: MatMul + Add dense layers, an unused ai.onnx.ml domain
     assert [l.op_type for l in keras.layers][-2:] == ["MatMul", "MatMul"] and all(l.bias for l in keras.layers)
@@ -349,7 +349,7 @@ def test_normalized_spellings_give_the_torch_layer_graph(spelling):
     assert [layer_signature(l) for l in got.layers] == [layer_signature(l) for l in want.layers]
     assert first_difference(got, want) is None
     assert "Transpose" not in [n.op_type for n in got.model.graph.node]
-    assert any("Flatten with its kernel rows permuted" in n for n in normalize_notes(got.model))
+    assert any("Flatten with its kernel rows permuted" in n for n in got.notes)
 
 
 @pytest.mark.parametrize("spelling", ["jax", "keras"])

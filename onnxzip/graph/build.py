@@ -254,12 +254,14 @@ def _name_nodes(model: onnx.ModelProto) -> None:
         used.add(n.name)
 
 
-def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None) -> LayerGraph:
+def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None,
+                      notes: list[str] = ()) -> LayerGraph:
     """Parse a normalized model (see :func:`onnxzip.normalize.normalize`).
 
     Args:
         model: the normalized model; nodes without names get unique ones (in place).
         feeds: an example batch used to learn every tensor's shape (zeros if omitted).
+        notes: what normalization changed (kept on the graph for ``check``).
     """
     _name_nodes(model)
     shapes = probe_shapes(model, feeds if feeds is not None else example_inputs(model))
@@ -276,7 +278,9 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
                 ctx.spaces[name] = space
                 if isinstance(space, (HeadSpace, HeadsOnly)) and name not in ctx.head_axis_of:
                     _carry_head_axis(ctx, node, name, space)
-    return _finish(ctx)
+    graph = _finish(ctx)
+    graph.notes = list(notes)
+    return graph
 
 
 def _carry_head_axis(ctx: BuildContext, node, name: str, space: Space) -> None:

@@ -313,8 +313,6 @@ def equivalences(a: LayerGraph, b: LayerGraph) -> list[str]:
     normalization did to each model (BatchNormalization folded, Transposes removed, value_info
     discarded, ...), grouped over layers.
     """
-    from onnxzip.normalize import normalize_notes
-
     lines: list[str] = []
     grouped: dict[tuple, list] = {}
     for la, lb in zip(a.layers, b.layers):
@@ -331,7 +329,7 @@ def equivalences(a: LayerGraph, b: LayerGraph) -> list[str]:
         what = "dense kernel" if kind == "dense" else "padding"
         lines.append(f"layer{'s' if len(set(numbers)) > 1 else ''} {nums}: A {sa}, B {sb}: same {what}, equivalent")
     for label, g in (("A", a), ("B", b)):
-        for note in normalize_notes(g.model):
+        for note in g.notes:
             if note.startswith(("dense layers as", "Conv padding as")):
                 continue
             lines.append(f"{label}: {note}")

@@ -113,6 +113,7 @@ class LayerGraph:
     outputs: list[str]
     num_layers: int  # m: the paper's count of layers on the main path
     axes: dict = field(default_factory=dict)  # feature tensor -> its channel axis
+    notes: list = field(default_factory=list)  # what normalization changed, in words
 
     def channel_axis(self, tensor: str) -> int | None:
         space = self.spaces.get(tensor)
