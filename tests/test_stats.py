@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from onnxzip.data import open_data
 from onnxzip.pipeline import prepare_pair
-from onnxzip.stats.accumulate import CovarianceAccumulator, MomentAccumulator, as_samples
+from onnxzip.stats.accumulate import CovarianceAccumulator, SplitMoments, as_samples
 from onnxzip.stats.collect import fetch_model
 
 
@@ -19,14 +19,17 @@ from onnxzip.stats.collect import fetch_model
 def test_covariance_accumulator_equals_numpy(dim, rows, batches, seed):
     rng = np.random.default_rng(seed)
     blocks = [rng.normal(3.0, 2.0, size=(rng.integers(1, rows + 1), 3, dim)) for _ in range(batches)]
-    acc, mom = CovarianceAccumulator(dim), MomentAccumulator(dim)
+    acc, mom = CovarianceAccumulator(dim), SplitMoments(dim, 1)
     for b in blocks:
         acc.update(b)
-        mom.update(b)
+        mom.update(b, 2, np.ones((1, len(b))))
     x = np.concatenate([b.reshape(-1, dim) for b in blocks])
     np.testing.assert_allclose(acc.mean, x.mean(0), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(acc.covariance, np.cov(x.T, bias=True).reshape(dim, dim), rtol=1e-7, atol=1e-9)
-    np.testing.assert_allclose(mom.var, x.var(0), rtol=1e-7, atol=1e-9)
+    mean, var, count = mom.moments([0])
+    assert count == len(x)
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(var, x.var(0), rtol=1e-7, atol=1e-9)
 
 
 def test_weighted_updates_drop_and_weight_items():
@@ -37,12 +40,15 @@ def test_weighted_updates_drop_and_weight_items():
     acc.update(x, w)
     kept = x[w == 1].reshape(-1, 3)
     np.testing.assert_allclose(acc.covariance, np.cov(kept.T, bias=True), atol=1e-12)
-    soft = np.linspace(0.1, 1.0, 10)
-    acc2 = MomentAccumulator(3)
-    acc2.update(x, soft)
-    flat_w = np.repeat(soft, 4)
-    mean = np.average(x.reshape(-1, 3), axis=0, weights=flat_w)
-    np.testing.assert_allclose(acc2.mean, mean, atol=1e-12)
+    split = SplitMoments(3, 2)  # the kept items, and the others (channel-first: [items, C, positions])
+    split.update(x.transpose(0, 2, 1), 1, np.stack([w == 1, w == 0]))
+    mean, var, count = split.moments([0])
+    assert count == kept.shape[0]
+    np.testing.assert_allclose(mean, kept.mean(0), atol=1e-12)
+    np.testing.assert_allclose(var, kept.var(0), atol=1e-12)
+    both_mean, _, both = split.moments([0, 1])
+    assert both == x.shape[0] * x.shape[1]
+    np.testing.assert_allclose(both_mean, x.reshape(-1, 3).mean(0), atol=1e-12)
 
 
 def test_large_mean_keeps_precision():

@@ -14,7 +14,7 @@ import ctypes
 
 import numpy as np
 
-__all__ = ["CovarianceAccumulator", "MomentAccumulator", "SplitMoments", "as_samples", "CHUNK_ROWS", "single_threaded_blas"]
+__all__ = ["CovarianceAccumulator", "SplitMoments", "as_samples", "CHUNK_ROWS", "single_threaded_blas"]
 
 # Rows per matrix product in the activations' precision (float32), before summing in float64.
 CHUNK_ROWS = 2048
@@ -169,46 +169,6 @@ class CovarianceAccumulator:
         m = self.s1 / self.count
         lower = np.tril(self.s2)  # update_blocks may fill only the lower triangle
         return (lower + np.tril(lower, -1).T) / self.count - np.outer(m, m)
-
-
-class MomentAccumulator:
-    """Per-channel mean and variance of streamed ``[items, positions, C]`` blocks."""
-
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.count = 0.0
-        self.shift: np.ndarray | None = None
-        self.s1 = np.zeros(dim)
-        self.s2 = np.zeros(dim)
-
-    def update(self, rows: np.ndarray, weights: np.ndarray | None = None) -> None:
-        x, w = _select(rows, weights, self.dim)
-        if x.shape[0] == 0:
-            return
-        if self.shift is None:
-            self.shift = x.mean(axis=0)
-        x -= self.shift
-        if w is None:
-            self.count += x.shape[0]
-            self.s1 += x.sum(axis=0)
-            self.s2 += (x * x).sum(axis=0)
-        else:
-            self.count += w.sum()
-            self.s1 += w @ x
-            self.s2 += w @ (x * x)
-
-    @property
-    def mean(self) -> np.ndarray:
-        if self.count == 0:
-            return np.zeros(self.dim)
-        return self.shift + self.s1 / self.count
-
-    @property
-    def var(self) -> np.ndarray:
-        if self.count == 0:
-            return np.zeros(self.dim)
-        m = self.s1 / self.count
-        return np.maximum(self.s2 / self.count - m * m, 0.0)
 
 
 def _channels_last(x: np.ndarray, axis: int) -> np.ndarray:
