@@ -391,9 +391,9 @@ def _print_zip(result, summary: dict, model_a: Path, model_b: Path, output: Path
     rep = result.repair
     out.print(f"outputs: {', '.join(o for outs in result.layout.outputs.values() for o in outs)}", highlight=False)
     out.print(f"calibration: {result.samples} samples; repair: "
-              + (f"{rep.layers} layers in {rep.passes} passes over {rep.samples} samples" if rep else "off"))
+              + (f"{rep.layers} layers in {rep.passes} passes over {rep.samples} samples" if rep else "off"), highlight=False)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-    out.print(f"time: {summary['time_s']:.2f}s ({times})")
+    out.print(f"time: {summary['time_s']:.2f}s ({times})", highlight=False)
     if results:
         out.print(_eval_table(results, "accuracy (%)"))
 
