@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import CalibrationDataError, ModelLoadError, OptionError
-from onnxzip.predictions import embedding_scores, softmax
+from onnxzip.predictions import embedding_scores, joint_predictions
 from onnxzip.runtime import session
 
 __all__ = [
@@ -747,9 +747,8 @@ def evaluate(
             per_task[t] = correct[t] / n
             # Joint: softmax each head over its own classes, concatenate in `order`, argmax; right
             # only when the argmax lands in this task's block and on the right class.
-            probs = np.concatenate([softmax(logits[h]) for h in order], axis=1)
             offset = int(sum(logits[h].shape[1] for h in order[: order.index(t)]))
-            joint_correct[t] = int((probs.argmax(axis=1) == labels + offset).sum())
+            joint_correct[t] = int((joint_predictions([logits[h] for h in order]) == labels + offset).sum())
         else:
             per_task[t] = None
             correct[t] = 0

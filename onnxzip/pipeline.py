@@ -321,8 +321,11 @@ def resolve_stop_at(stop_at, num_layers: int) -> int:
 
 def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None = None, stop_at=None,
                  tasks: list[str] | None = None, do_repair: bool = True, repair_branches: bool = True,
-                 progress=None, repair_samples: int | None = None) -> ZipResult:
+                 progress=None, repair_samples: int | None = None, merges=None) -> ZipResult:
     """One zip candidate from prepared statistics: match, rewrite, split, repair, validate.
+
+    ``merges``: the matches of ``method`` with ``params`` on this pair's statistics when the
+    caller already has them (a search keys candidates by their matches), else computed here.
 
     ``repair_samples`` can only lower the rows the repair measures on: its targets exist for the
     rows :func:`prepare_pair` was asked for (its own ``repair_samples``); ``result.repair.samples``
@@ -338,7 +341,8 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     _check_tasks(tasks, len(graphs))
     timings = {}
     t = time.perf_counter()
-    merges = compute_merges(graphs[0], pair.stats, method, params, n_models=len(graphs))
+    if merges is None:
+        merges = compute_merges(graphs[0], pair.stats, method, params, n_models=len(graphs))
     timings["matching"] = time.perf_counter() - t
     t = time.perf_counter()
     model, layout = build_zipped_model(graphs, merges, depth, tasks)

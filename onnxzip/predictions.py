@@ -1,5 +1,6 @@
 """Predictions from model outputs: the one place that turns head outputs into class scores,
-confidences and joint predictions, for the statistics pass, the label-free selection and eval.
+confidences (which model a row belongs to) and joint predictions, for the statistics pass, the
+label-free selection and eval.
 
 A head's output is either logits (one score per class) or, for an embedding model, a vector
 scored against a class-embedding matrix: the cosine similarity with each class's embedding, times
@@ -18,7 +19,7 @@ from onnxzip.errors import CalibrationDataError
 
 __all__ = [
     "EMBEDDING_LOGIT_SCALE", "softmax", "joint_predictions", "embedding_scores", "class_scores",
-    "load_class_embeddings",
+    "load_class_embeddings", "owner_masks", "TIE_TOLERANCE",
 ]
 
 # Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (CLIP), 2021:
@@ -80,3 +81,27 @@ def load_class_embeddings(path: str | os.PathLike) -> np.ndarray:
             f"class embeddings {where} have shape {list(arr.shape)} and dtype {arr.dtype}; give a finite float "
             "matrix [classes, D], one row per class of the task")
     return arr
+
+
+# Confidences closer than this are a tie: the sample informs both models (identical models
+# then get identical targets, so correcting a model zipped with itself changes nothing).
+TIE_TOLERANCE = 1e-5
+
+
+def owner_masks(batch, head_outputs: list[np.ndarray], classes: list | None = None) -> np.ndarray:
+    """[models, rows] bool: which model's target statistics each row informs.
+
+    Rows labeled by task go to that task's model; unlabeled rows go to the model whose own
+    head is the most confident on them (method.md), ties to all tied models. ``classes``: per
+    model, the class embeddings its (embedding) output is scored against, or None for logits.
+    """
+    n = len(head_outputs)
+    if (batch.task >= 0).all():
+        return np.stack([batch.task == k for k in range(n)])
+    classes = classes or [None] * n
+    conf = np.stack([_softmax_confidence(class_scores(o, c)) for o, c in zip(head_outputs, classes)])
+    return conf >= conf.max(axis=0, keepdims=True) - TIE_TOLERANCE
+
+
+def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
+    return softmax(logits).max(axis=1)

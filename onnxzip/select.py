@@ -24,9 +24,8 @@ import onnx
 from onnxzip.errors import OnnxZipError, OptionError
 from onnxzip.pipeline import zip_prepared
 from onnxzip.progress import stage
-from onnxzip.predictions import class_scores, joint_predictions
+from onnxzip.predictions import class_scores, joint_predictions, owner_masks
 from onnxzip.runtime import session
-from onnxzip.stats.collect import owner_masks
 
 __all__ = [
     "ALPHA_GRID", "BETA_GRID", "Holdout", "Candidate", "make_holdout", "fidelity", "search_alpha_beta",
@@ -168,8 +167,8 @@ def _merges_key(merges) -> str:
     return h.hexdigest()
 
 
-def _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, do_repair, repair_branches):
-    z = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches)
+def _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, do_repair, repair_branches, merges=None):
+    z = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches, merges=merges)
     fid = fidelity(z.model, holdout, tasks, pair.providers)
     acc = None
     if labeled is not None:
@@ -220,13 +219,15 @@ def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=N
             if c.params == params:
                 return c
         t = time.perf_counter()
-        key = _merges_key(compute_merges(pair.graphs[0], pair.stats, "zipit", {**params, "num_models": len(pair.graphs)}))
+        merges = compute_merges(pair.graphs[0], pair.stats, "zipit", {**params, "num_models": len(pair.graphs)})
+        key = _merges_key(merges)
         if key in seen:
             first = tried[seen[key]]
             c = Candidate("zipit", params, first.stop_at, first.score, first.fidelity, first.accuracy,
                           time.perf_counter() - t, duplicate_of=seen[key])
         else:
-            z, fid, acc = _evaluate_candidate(pair, "zipit", params, stop_at, tasks, holdout, labeled, do_repair, repair_branches)
+            z, fid, acc = _evaluate_candidate(pair, "zipit", params, stop_at, tasks, holdout, labeled, do_repair,
+                                              repair_branches, merges)
             value = acc["joint"] if select_by == "accuracy" else fid.joint
             c = Candidate("zipit", params, z.stop_at, value, fid.to_dict(), acc, time.perf_counter() - t)
             seen[key] = len(tried)

@@ -20,11 +20,11 @@ import onnx
 from onnx import helper
 
 from onnxzip.graph.layergraph import LayerGraph
-from onnxzip.predictions import class_scores, softmax
+from onnxzip.predictions import owner_masks
 from onnxzip.runtime import session
 from onnxzip.stats.accumulate import CovarianceAccumulator, SplitMoments, single_threaded_blas
 
-__all__ = ["PairStats", "collect_stats", "fetch_model", "owner_masks", "has_static_batch"]
+__all__ = ["PairStats", "collect_stats", "fetch_model", "has_static_batch"]
 
 
 @dataclass
@@ -150,30 +150,6 @@ def _add_outputs(m: onnx.ModelProto, names) -> None:
         if n not in have:
             m.graph.output.append(helper.make_empty_tensor_value_info(n))
             have.add(n)
-
-
-# Confidences closer than this are a tie: the sample informs both models (identical models
-# then get identical targets, so correcting a model zipped with itself changes nothing).
-TIE_TOLERANCE = 1e-5
-
-
-def owner_masks(batch, head_outputs: list[np.ndarray], classes: list | None = None) -> np.ndarray:
-    """[models, rows] bool: which model's target statistics each row informs.
-
-    Rows labeled by task go to that task's model; unlabeled rows go to the model whose own
-    head is the most confident on them (method.md), ties to all tied models. ``classes``: per
-    model, the class embeddings its (embedding) output is scored against, or None for logits.
-    """
-    n = len(head_outputs)
-    if (batch.task >= 0).all():
-        return np.stack([batch.task == k for k in range(n)])
-    classes = classes or [None] * n
-    conf = np.stack([_softmax_confidence(class_scores(o, c)) for o, c in zip(head_outputs, classes)])
-    return conf >= conf.max(axis=0, keepdims=True) - TIE_TOLERANCE
-
-
-def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
-    return softmax(logits).max(axis=1)
 
 
 # Both models' fetched activations for one run are kept under about this many bytes: a batch
