@@ -58,9 +58,10 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import CalibrationDataError, ModelLoadError, OptionError
-from onnxzip.evaluate import input_specs, prepare_feed
+from onnxzip.evaluate import prepare_feed
 from onnxzip.onnx_nodes import attr
 from onnxzip.runtime import session as runtime_session
+from onnxzip.runtime import session_inputs
 
 __all__ = ["FlopReport", "count_params", "count_flops", "measure_latency"]
 
@@ -495,7 +496,7 @@ def measure_latency(
     if not isinstance(repeats, int) or repeats < 1:
         raise OptionError(f"repeats must be a positive integer, got {repeats!r}")
     session = runtime_session(model, providers, threads=intra_op_threads, optimization="all")
-    specs = input_specs(session)
+    specs = session_inputs(session)
     feed = prepare_feed(inputs, specs, where="latency inputs")
     batch = int(next(iter(feed.values())).shape[0])
     for name, (_, shape) in specs.items():

@@ -36,7 +36,7 @@ import onnx
 
 from onnxzip.errors import CalibrationDataError, ModelLoadError, OptionError
 from onnxzip.predictions import embedding_scores, joint_predictions
-from onnxzip.runtime import session
+from onnxzip.runtime import session, session_inputs
 
 __all__ = [
     "SHARED_HEAD",
@@ -49,7 +49,6 @@ __all__ = [
     "load_task_data",
     "evaluate",
     "evaluate_many",
-    "input_specs",
     "prepare_feed",
 ]
 
@@ -60,20 +59,6 @@ ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
 #: One task's evaluation data: (inputs by input name, integer labels [N]).
 TaskData = tuple[dict[str, np.ndarray], np.ndarray]
 
-_ORT_TO_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64,
-    "tensor(bool)": np.bool_,
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,21 +71,6 @@ def _describe(model: ModelLike) -> str:
         name = model.graph.name or "<unnamed graph>"
         return f"in-memory model '{name}'"
     return f"'{os.fspath(model)}'"
-
-
-def input_specs(session) -> dict[str, tuple[type, tuple[int | None, ...]]]:
-    """Input name -> (numpy dtype, shape with ``None`` for dynamic dims) of an onnxruntime session."""
-    specs = {}
-    for inp in session.get_inputs():
-        dtype = _ORT_TO_NUMPY.get(inp.type)
-        if dtype is None:
-            raise ModelLoadError(
-                f"model input '{inp.name}' has type {inp.type}, which onnxzip cannot feed; only "
-                f"tensor inputs of numeric types are supported"
-            )
-        shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (inp.shape or ()))
-        specs[inp.name] = (dtype, shape)
-    return specs
 
 
 def _map_input_names(
@@ -269,7 +239,7 @@ class ModelPredictor(Predictor):
     ) -> None:
         self._where = _describe(model)
         self._session = session(model, providers, threads=intra_op_threads)
-        self._specs = input_specs(self._session)
+        self._specs = session_inputs(self._session)
         outputs = [o.name for o in self._session.get_outputs()]
         self._heads = self._resolve_heads(outputs, heads, task)
         self._batch = self._static_batch()
@@ -596,7 +566,7 @@ def load_task_data(
         if isinstance(model, ModelPredictor):
             specs = model.input_specs
         else:
-            specs = input_specs(session(model))
+            specs = session_inputs(session(model))
         inputs = prepare_feed(arrays, specs, where=where)
         n = _n_samples(inputs)
     labels = _check_labels(labels, n, where)

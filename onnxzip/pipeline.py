@@ -18,7 +18,7 @@ import onnx
 
 from onnxzip.data import DataSet, InputSpec, data_items, open_data
 from onnxzip.errors import ArchitectureMismatchError, CalibrationDataError, OptionError
-from onnxzip.graph.build import build_layer_graph, input_specs, require_depth
+from onnxzip.graph.build import build_layer_graph, declared_inputs, require_depth
 from onnxzip.graph.compare import first_difference
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.io import file_sha256, load_model
@@ -29,7 +29,7 @@ from onnxzip.version import __version__
 from onnxzip.normalize import align_input_layouts, convert_opset, normalize, opset_of
 from onnxzip.repair import REPAIR_SAMPLES, RepairReport, default_repair_samples, repair
 from onnxzip.split import ZipLayout, build_zipped_model
-from onnxzip.runtime import session
+from onnxzip.runtime import session, session_inputs
 from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats
 
 __all__ = ["ZipResult", "PreparedPair", "prepare_pair", "collect_pair_stats", "load_layer_graph", "resolve_stop_at",
@@ -135,7 +135,7 @@ def _load(model, label: str) -> tuple[onnx.ModelProto, str, str]:
 
 
 def _specs(model: onnx.ModelProto) -> list[InputSpec]:
-    return [InputSpec(n, tuple(d), t) for n, d, t in input_specs(model)]
+    return [InputSpec(n, tuple(d), t) for n, d, t in declared_inputs(model)]
 
 
 def _example_feeds(data: DataSet, model: onnx.ModelProto) -> dict:
@@ -420,14 +420,13 @@ def validate(model: onnx.ModelProto, pair: PreparedPair) -> None:
 def labeled_data(select_data: dict, pair: PreparedPair) -> dict:
     """{task: (inputs, labels)} fitted to the zipped model's inputs; ``select_data`` maps tasks to
     .npz paths or to ``(arrays, labels)`` as :func:`onnxzip.evaluate.load_task_data` reads them."""
-    from onnxzip.evaluate import input_specs as session_specs
     from onnxzip.evaluate import load_task_data, prepare_feed
 
     unknown = [t for t in select_data if t not in pair.tasks]
     if unknown:
         raise OptionError(f"labeled data for unknown task(s) {unknown}; the tasks are {pair.tasks}")
     model = pair.graphs[0].model
-    specs = session_specs(session(model))
+    specs = session_inputs(session(model))
     out = {}
     for t, item in select_data.items():
         arrays, labels = load_task_data(item) if isinstance(item, (str, os.PathLike)) else item

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import numpy as np
 import onnx
 
 from onnxzip.errors import ModelLoadError, OptionError
 from onnxzip.io import session_source
 
-__all__ = ["session", "OPTIMIZATION_LEVELS"]
+__all__ = ["session", "session_inputs", "OPTIMIZATION_LEVELS"]
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -80,3 +81,34 @@ def _describe(model) -> str:
     if isinstance(model, onnx.ModelProto):
         return f"model '{model.graph.name or 'in memory'}'"
     return f"'{os.fspath(model)}'"
+
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def session_inputs(sess) -> dict[str, tuple[type, tuple[int | None, ...]]]:
+    """Input name -> (numpy dtype, shape with ``None`` for dynamic dims) of an onnxruntime session."""
+    specs = {}
+    for inp in sess.get_inputs():
+        dtype = _ORT_TO_NUMPY.get(inp.type)
+        if dtype is None:
+            raise ModelLoadError(
+                f"model input '{inp.name}' has type {inp.type}, which onnxzip cannot feed; only "
+                f"tensor inputs of numeric types are supported"
+            )
+        shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in (inp.shape or ()))
+        specs[inp.name] = (dtype, shape)
+    return specs

@@ -118,10 +118,7 @@ def _tensor_map(graphs: list[LayerGraph], trunk: list[set[str]]) -> list[dict[st
     """For each model, its trunk tensors -> the first model's names (structural correspondence)."""
     a = graphs[0]
     maps = [{}]
-    a_consumers: dict[str, list] = {}
-    for n in a.model.graph.node:
-        for i in n.input:
-            a_consumers.setdefault(i, []).append(n)
+    a_consumers = a.consumers
     a_consts = {t.name for t in a.model.graph.initializer}
     for g in graphs[1:]:
         mp = {}

@@ -30,7 +30,7 @@ _ONNX_TO_NP = {
 }
 
 
-def input_specs(model: onnx.ModelProto) -> list[tuple[str, list, type]]:
+def declared_inputs(model: onnx.ModelProto) -> list[tuple[str, list, type]]:
     """(name, dims with None for symbolic ones, numpy dtype) of each graph input."""
     specs = []
     for i in model.graph.input:
@@ -43,7 +43,7 @@ def input_specs(model: onnx.ModelProto) -> list[tuple[str, list, type]]:
 def example_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarray]:
     """Zeros shaped like the inputs; symbolic dimensions become ``batch`` on axis 0, else 1."""
     feeds = {}
-    for name, dims, dtype in input_specs(model):
+    for name, dims, dtype in declared_inputs(model):
         shape = [d if d else (batch if k == 0 else 1) for k, d in enumerate(dims)]
         feeds[name] = np.zeros(shape, dtype=dtype)
     return feeds
@@ -103,7 +103,7 @@ class BuildContext:
                 self.consumers[i] = self.consumers.get(i, 0) + 1
         self.graph_outputs = {o.name for o in model.graph.output}
         self.producer = {o: n for n in model.graph.node for o in n.output}
-        for name, _, _ in input_specs(model):
+        for name, _, _ in declared_inputs(model):
             self.spaces[name] = InputSpace()
 
     # ---- lookups
