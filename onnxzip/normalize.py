@@ -312,43 +312,11 @@ def fold_batchnorm(m: onnx.ModelProto) -> dict[str, int]:
             continue
         x = bn.input[0]
         layer = producer.get(x)
-        if layer is None or consumers.get(x, 0) != 1 or x in graph_outputs:
+        if layer is None or consumers.get(x, 0) != 1 or x in graph_outputs or not all(i in inits for i in bn.input[1:5]):
             continue
-        if not all(i in inits for i in bn.input[1:5]):
+        w_axis = _bn_weight_axis(layer, inits)
+        if w_axis is None or not _fold_into(m, layer, bn, inits, w_axis):
             continue
-        if layer.op_type == "Conv":
-            w_axis = 0
-        elif layer.op_type == "Gemm" and not attr(layer, "transA", 0):
-            w_axis = 0 if attr(layer, "transB", 0) else 1
-        else:
-            continue
-        if len(layer.input) < 2 or layer.input[1] not in inits:
-            continue
-        scale, bias, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
-        eps = attr(bn, "epsilon", 1e-5)
-        s = scale / np.sqrt(var + eps)
-        w = numpy_helper.to_array(inits[layer.input[1]])
-        shape = [1] * w.ndim
-        shape[w_axis] = -1
-        new_w = (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype)
-        if len(layer.input) > 2 and layer.input[2]:
-            if layer.input[2] not in inits:
-                continue
-            b = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float64).reshape(-1)
-            if b.size == 1:
-                b = np.full(s.shape, b[0])
-            b_name = layer.input[2]
-        else:
-            b = np.zeros_like(s)
-            b_name = layer.input[1] + "_bias"
-            while b_name in inits:
-                b_name += "_"
-            while len(layer.input) < 3:
-                layer.input.append("")
-            layer.input[2] = b_name
-        new_b = ((b - mean) * s + bias).astype(w.dtype)
-        _replace_init(m, layer.input[1], new_w)
-        _replace_init(m, b_name, new_b)
         inits = _init_map(m)
         layer.output[0] = bn.output[0]
         remove.add(id(bn))
@@ -358,6 +326,45 @@ def fold_batchnorm(m: onnx.ModelProto) -> dict[str, int]:
     g.node.extend(keep)
     _drop_unused_initializers(m)
     return folded
+
+
+def _bn_weight_axis(layer: onnx.NodeProto, inits: dict) -> int | None:
+    """The output-channel axis of a Conv's or Gemm's constant weight, else None."""
+    if len(layer.input) < 2 or layer.input[1] not in inits:
+        return None
+    if layer.op_type == "Conv":
+        return 0
+    if layer.op_type == "Gemm" and not attr(layer, "transA", 0):
+        return 0 if attr(layer, "transB", 0) else 1
+    return None
+
+
+def _fold_into(m: onnx.ModelProto, layer: onnx.NodeProto, bn: onnx.NodeProto, inits: dict, w_axis: int) -> bool:
+    """Scale ``layer``'s weight and shift its bias (added if missing) by ``bn``; False if its bias
+    is computed at run time."""
+    scale, bias, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+    s = scale / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+    w = numpy_helper.to_array(inits[layer.input[1]])
+    shape = [1] * w.ndim
+    shape[w_axis] = -1
+    if len(layer.input) > 2 and layer.input[2]:
+        if layer.input[2] not in inits:
+            return False
+        b = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float64).reshape(-1)
+        if b.size == 1:
+            b = np.full(s.shape, b[0])
+        b_name = layer.input[2]
+    else:
+        b = np.zeros_like(s)
+        b_name = layer.input[1] + "_bias"
+        while b_name in inits:
+            b_name += "_"
+        while len(layer.input) < 3:
+            layer.input.append("")
+        layer.input[2] = b_name
+    _replace_init(m, layer.input[1], (w.astype(np.float64) * s.reshape(shape)).astype(w.dtype))
+    _replace_init(m, b_name, ((b - mean) * s + bias).astype(w.dtype))
+    return True
 
 
 def unshare_initializers(m: onnx.ModelProto) -> None:
