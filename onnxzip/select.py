@@ -317,6 +317,51 @@ def check_depths(depths, num_layers: int) -> list[int]:
     return depths
 
 
+class _SweepRows:
+    """The sweep's table: cost relative to running both source models; the reference rows first
+    (the ensemble, then each source model)."""
+
+    def __init__(self, pair, holdout: Holdout, tasks: list[str], labeled, latency: bool):
+        from onnxzip.cost import count_flops, count_params
+        from onnxzip.evaluate import EnsemblePredictor, ModelPredictor
+
+        self.pair, self.m, self.rows = pair, pair.graphs[0].num_layers, []
+        n_lat = min(32, holdout.size)
+        self.lat_feeds = {k: v[:n_lat] for k, v in holdout.feeds.items()} if latency else None
+        sources = [g.model for g in pair.graphs]
+        flops, params = [count_flops(s).total for s in sources], [count_params(s) for s in sources]
+        lat = [self.latency(s) for s in sources]
+        self.both = (sum(params), sum(flops), None if lat[0] is None else sum(lat))
+        accs = [None, None, None]
+        if labeled is not None:
+            pa, pb = (ModelPredictor(pair.sources[k], task=tasks[k]) for k in range(2))
+            accs = [_accuracy(p, labeled) for p in (EnsemblePredictor({tasks[0]: pa, tasks[1]: pb}), pa, pb)]
+        self.add("reference", "ensemble", None, *self.both,
+                 {"joint_agreement": 1.0, "task_agreement": {t: 1.0 for t in tasks}}, accs[0])
+        for k, name in enumerate(("model A", "model B")):
+            self.add("reference", name, None, params[k], flops[k], lat[k], None, accs[k + 1])
+
+    def latency(self, model) -> float | None:
+        if self.lat_feeds is None:
+            return None
+        from onnxzip.cost import measure_latency
+
+        # one thread and the fastest of many runs: the least noisy figure on a shared machine
+        return measure_latency(model, self.lat_feeds, providers=self.pair.providers, warmup=3, repeats=30,
+                               intra_op_threads=1)["min_ms"]
+
+    def add(self, kind, method, stop_at, model_params, model_flops, model_lat, fid, acc, seconds=None, p=None) -> None:
+        both_params, both_flops, both_lat = self.both
+        self.rows.append({
+            "kind": kind, "method": method, "params_used": p, "stop_at": stop_at,
+            "shared": None if stop_at is None else f"{stop_at}/{self.m}",
+            "params": model_params, "params_rel": model_params / both_params,
+            "flops": model_flops, "flops_rel": model_flops / both_flops,
+            "latency_ms": model_lat, "latency_rel": None if model_lat is None or not both_lat else model_lat / both_lat,
+            **(fid or {}), "accuracy": acc, "seconds": seconds,
+        })
+
+
 def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depths=None, params: dict | None = None,
           tasks=None, labeled=None, latency: bool = False, do_repair: bool = True, repair_branches: bool = True,
           progress=None) -> dict:
@@ -326,49 +371,13 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
     both source models, fidelity, and with labels, per-task, task-average and joint accuracy.
     Reference rows: the ensemble and each source model.
     """
-    from onnxzip.cost import count_flops, count_params, measure_latency
-    from onnxzip.evaluate import EnsemblePredictor, ModelPredictor
+    from onnxzip.cost import count_flops, count_params
 
     tasks = tasks or pair.tasks
     m = pair.graphs[0].num_layers
     limit = min(g.max_depth() for g in pair.graphs)
     depths = [d for d in check_depths(depths, m) if d <= limit]
-    sources = [g.model for g in pair.graphs]
-    n_lat = min(32, holdout.size)
-    lat_feeds = {k: v[:n_lat] for k, v in holdout.feeds.items()}
-
-    def lat(model):
-        if not latency:
-            return None
-        # one thread and the fastest of many runs: the least noisy figure on a shared machine
-        return measure_latency(model, lat_feeds, providers=pair.providers, warmup=3, repeats=30,
-                               intra_op_threads=1)["min_ms"]
-
-    base_flops = [count_flops(s).total for s in sources]
-    base_params = [count_params(s) for s in sources]
-    base_lat = [lat(s) for s in sources]
-    both_lat = None if base_lat[0] is None else sum(base_lat)
-    rows = []
-
-    def add_row(kind, method, stop_at, model_params, model_flops, model_lat, fid, acc, seconds=None, p=None):
-        rows.append({
-            "kind": kind, "method": method, "params_used": p, "stop_at": stop_at,
-            "shared": None if stop_at is None else f"{stop_at}/{m}",
-            "params": model_params, "params_rel": model_params / sum(base_params),
-            "flops": model_flops, "flops_rel": model_flops / sum(base_flops),
-            "latency_ms": model_lat, "latency_rel": None if model_lat is None or not both_lat else model_lat / both_lat,
-            **(fid or {}), "accuracy": acc, "seconds": seconds,
-        })
-
-    ens_acc = a_acc = b_acc = None
-    if labeled is not None:
-        pa, pb = (ModelPredictor(pair.sources[k], task=tasks[k]) for k in range(2))
-        ens_acc = _accuracy(EnsemblePredictor({tasks[0]: pa, tasks[1]: pb}), labeled)
-        a_acc, b_acc = _accuracy(pa, labeled), _accuracy(pb, labeled)
-    add_row("reference", "ensemble", None, sum(base_params), sum(base_flops), both_lat,
-            {"joint_agreement": 1.0, "task_agreement": {t: 1.0 for t in tasks}}, ens_acc)
-    for k, name in enumerate(("model A", "model B")):
-        add_row("reference", name, None, base_params[k], base_flops[k], base_lat[k], None, (a_acc, b_acc)[k])
+    table = _SweepRows(pair, holdout, tasks, labeled, latency)
     t_all = time.perf_counter()
     advance = stage(progress, "sweep", len(methods) * len(depths))
     for method in methods:
@@ -378,12 +387,13 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
             try:
                 z, fid, acc = _evaluate_candidate(pair, method, mp, d, tasks, holdout, labeled, do_repair, repair_branches)
             except OnnxZipError as e:
-                rows.append({"kind": "candidate", "method": method, "stop_at": d, "error": str(e)})
+                table.rows.append({"kind": "candidate", "method": method, "stop_at": d, "error": str(e)})
             else:
-                add_row("candidate", method, d, count_params(z.model), count_flops(z.model).total, lat(z.model),
-                        fid.to_dict(), acc, time.perf_counter() - t, z.params)
+                table.add("candidate", method, d, count_params(z.model), count_flops(z.model).total,
+                          table.latency(z.model), fid.to_dict(), acc, time.perf_counter() - t, z.params)
             if advance is not None:
                 advance(1)
+    rows = table.rows
     return {"rows": rows, "num_layers": m, "max_stop_at": limit, "search_seconds": time.perf_counter() - t_all,
             "holdout_samples": holdout.size, "statistics_samples": pair.stats.samples,
             "statistics_seconds": pair.timings.get("statistics")}
