@@ -301,6 +301,7 @@ def zip_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     """Zip MODEL_A and MODEL_B into one model with a shared trunk and one head per task."""
+    # Long only by its option declarations; the work is in run() and the library.
 
     def run():
         from onnxzip import zip_models
@@ -421,6 +422,7 @@ def sweep_cmd(
     classes: List[str] = typer.Option([], "--classes", metavar="TASK=FILE", help=CLASSES_HELP),
 ):
     """Zip at every depth with every method: cost against accuracy, one row per (method, depth)."""
+    # Long only by its option declarations; the work is in run() and the library.
 
     def run():
         from onnxzip.errors import OptionError

@@ -88,6 +88,9 @@ def merge_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 )
 def zipit(correlation, alpha: float = 0.3, beta: float = 0.125, num_models: int = 2):
     """ZipIt! matching of ``num_models`` models' features; returns (merge F x nF, unmerge nF x F)."""
+    # One function on purpose: the greedy loop below shares its working state (the similarity
+    # matrix, row maxima and argmaxima, alive/dead/parent arrays, per-model budgets) across every
+    # step, and it runs F to NF times per group; helpers per step would pass all of it around.
     C = check_correlation(correlation, num_models)
     alpha = float(alpha)
     n = C.shape[0]
