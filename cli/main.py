@@ -269,8 +269,8 @@ def _data_spec(data: List[str]):
 
 @app.command("zip")
 def zip_cmd(
-    model_a: Path = typer.Argument(..., help="First model (.onnx)."),
-    model_b: Path = typer.Argument(..., help="Second model (.onnx), same architecture."),
+    model_a: Path = typer.Argument(..., metavar="MODEL_A", help="First model (.onnx)."),
+    model_b: Path = typer.Argument(..., metavar="MODEL_B", help="Second model (.onnx), same architecture."),
     data: List[str] = typer.Option(..., "--data", "-d", metavar="DATA", help="Calibration data: calib.npz (mixed) or a folder of shards; or task=file.npz once per task."),
     output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Where to write the zipped model."),
     method: str = typer.Option("zipit", help="Matching method (see `onnxzip methods`)."),
@@ -401,8 +401,8 @@ def _print_zip(result, summary: dict, model_a: Path, model_b: Path, output: Path
 
 @app.command("sweep")
 def sweep_cmd(
-    model_a: Path = typer.Argument(..., help="First model (.onnx)."),
-    model_b: Path = typer.Argument(..., help="Second model (.onnx), same architecture."),
+    model_a: Path = typer.Argument(..., metavar="MODEL_A", help="First model (.onnx)."),
+    model_b: Path = typer.Argument(..., metavar="MODEL_B", help="Second model (.onnx), same architecture."),
     data: List[str] = typer.Option(..., "--data", "-d", metavar="DATA", help="Calibration data (as for zip)."),
     task: List[str] = typer.Option([], "--task", metavar="TASK=FILE", help="Labeled test data (repeatable): adds accuracy columns."),
     methods: str = typer.Option("zipit,permute,average", help="Methods, comma-separated."),
