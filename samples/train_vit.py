@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 # shared with the CNN samples: augmentation, accuracy, the two exporters (same opsets), file sizes
-from train_digits import SIZE, accuracy, export_dynamo, export_torchscript, file_size, shift_batch
+from train_digits import SIZE, accuracy, export_dynamo, export_torchscript, file_size, shift_batch, verify
 
 # --------------------------------------------------------------------------------------------
 # Settings (changing any of these changes the committed samples)
@@ -187,32 +187,8 @@ def train(task: str, data: dict, epochs: int) -> tuple[nn.Module, dict]:
 
 
 # --------------------------------------------------------------------------------------------
-# Export and verification
+# Inspection (export and verification: train_digits.py)
 # --------------------------------------------------------------------------------------------
-def verify(path: Path, model: nn.Module, x_eval: np.ndarray) -> dict:
-    """onnx.checker, then onnxruntime vs torch on every test image, at full batch and at batch 1."""
-    import onnx
-    import onnxruntime as ort
-
-    onnx.checker.check_model(str(path), full_check=True)
-    proto = onnx.load(str(path), load_external_data=False)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ins, outs = sess.get_inputs(), sess.get_outputs()
-    assert [i.name for i in ins] == ["input"] and [o.name for o in outs] == ["logits"], (ins, outs)
-    with torch.no_grad():
-        ref = model(torch.from_numpy(x_eval)).numpy()
-    got = sess.run(["logits"], {"input": x_eval})[0]
-    diff_full = float(np.abs(got - ref).max())
-    got1 = np.concatenate([sess.run(["logits"], {"input": x_eval[i:i + 1]})[0] for i in range(len(x_eval))])
-    diff_b1 = float(np.abs(got1 - ref).max())
-    assert diff_full < 1e-3 and diff_b1 < 1e-3, (path, diff_full, diff_b1)
-    assert (got.argmax(1) == ref.argmax(1)).all() and (got1.argmax(1) == ref.argmax(1)).all(), path
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return dict(max_abs_diff=diff_full, max_abs_diff_batch1=diff_b1, opset=opset, ir_version=proto.ir_version,
-                ops=sorted({n.op_type for n in proto.graph.node}), input_shape=str(ins[0].shape),
-                output_shape=str(outs[0].shape))
-
-
 def describe(path: Path, x: np.ndarray) -> None:
     """Print every node (op type, inputs, attributes, output shapes from an ORT run of batch len(x))."""
     import onnx
@@ -314,7 +290,7 @@ def main(argv=None) -> None:
             exports.append(("vit-dynamo", f"vit_{task}.dynamo.onnx", export_dynamo))
         for key, name, fn in exports:
             fn(model, out / name)
-            v = verify(out / name, model, x_eval)
+            v = verify(out / name, model, x_eval, batch1_rows=len(x_eval))
             rows.setdefault(key, {})[task] = dict(minfo, bytes=file_size(out / name), **v)
             print(f"  {name}: checker ok, opset {v['opset']} IR {v['ir_version']}, input {v['input_shape']} "
                   f"output {v['output_shape']}, ORT vs torch max|diff| {v['max_abs_diff']:.2e} "
