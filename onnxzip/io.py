@@ -186,7 +186,7 @@ def check_output_path(output: str | os.PathLike, models: list[str | os.PathLike]
     """Refuse a model output path whose folder is missing or that would overwrite a file read:
     a model (or its external data) or a data file."""
     reads = model_reads(models) + [("calibration data", d) for d in data]
-    check_paths([(str("-o"), p) for p in model_writes(output)], reads)
+    check_paths([("-o", p) for p in model_writes(output)], reads)
     return Path(output)
 
 
