@@ -621,7 +621,9 @@ def check_cmd(
         if as_json:
             print(json.dumps(info, indent=2))
         elif info["zippable"]:
-            out.print(f"[green]zippable[/green]: {info['num_layers']} layers, zip depth up to {info['max_stop_at']}")
+            limit = f" (limited by {escape(info['limited_by'])})" if info.get("limited_by") else ""
+            out.print(f"[green]zippable[/green]: {info['num_layers']} layers, zip depth up to {info['max_stop_at']}{limit}",
+                      highlight=False)
         else:
             out.print(f"[red]not zippable[/red]: {info['reason']}", soft_wrap=True)
         if not as_json:

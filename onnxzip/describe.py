@@ -77,6 +77,15 @@ def inspect(model, data=None) -> dict:
     return graph_summary(load_layer_graph(model, data))
 
 
+def _limiting_op(graphs, depth: int) -> str | None:
+    """The unsupported op that stops the zip at ``depth``, in words (None when nothing does)."""
+    for k, g in enumerate(graphs):
+        for u in g.unsupported:
+            if u.max_depth == depth and depth < g.num_layers:
+                return f"model {'AB'[k]}'s node '{u.node}' ({u.op_type}): {u.reason}"
+    return None
+
+
 def check(model_a, model_b, data=None, input_layout: str | None = None) -> dict:
     """Can two models be zipped? ``{"zippable": bool, "reason": str|None, "notes": [...], ...}``.
 
@@ -104,9 +113,13 @@ def check(model_a, model_b, data=None, input_layout: str | None = None) -> dict:
         return {"zippable": False, "reason": str(e), "notes": layout_notes}
     diff = first_difference(graphs[0], graphs[1])
     depth = min(g.max_depth() for g in graphs)
+    limit = _limiting_op(graphs, depth)
+    if diff is None and depth == 0:
+        diff = f"no layer can be shared: {limit}"
     return {
         "zippable": diff is None,
         "reason": diff,
+        "limited_by": limit,
         "notes": layout_notes + equivalences(graphs[0], graphs[1]),
         "num_layers": graphs[0].num_layers,
         "max_stop_at": depth,

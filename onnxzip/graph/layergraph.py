@@ -49,7 +49,8 @@ class Layer:
 
     @property
     def in_channels(self) -> int:
-        return self.in_space.size if self.in_space.size else self.weight_shape[self.w_in_axis]
+        # a space past an op the zip cannot pass (Blocked) has no size: the weight says
+        return getattr(self.in_space, "size", 0) or self.weight_shape[self.w_in_axis]
 
     @property
     def out_channels(self) -> int:
