@@ -28,7 +28,7 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxzip.errors import ModelLoadError, OptionError
-from onnxzip.onnx_nodes import attr
+from onnxzip.onnx_nodes import attr, prune
 from onnxzip.runtime import session
 
 __all__ = [
@@ -707,7 +707,7 @@ def canonical_flatten(m: onnx.ModelProto) -> list[str]:
         cons = _consumers(m)
         producer = {o: n for n in g.node for o in n.output}
     if notes:
-        _remove_dead_nodes(m)
+        m.CopyFrom(prune(m))
     return notes
 
 
@@ -784,20 +784,6 @@ def _ancestors(m: onnx.ModelProto, target: str, stop: str) -> list | None:
         return True
 
     return order if visit(target) else None
-
-
-def _remove_dead_nodes(m: onnx.ModelProto) -> None:
-    g = m.graph
-    live = {o.name for o in g.output}
-    keep = []
-    for n in reversed(list(g.node)):
-        if any(o in live for o in n.output if o):
-            keep.append(n)
-            live.update(i for i in n.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    _drop_unused_initializers(m)
 
 
 def guess_layout(model: onnx.ModelProto, name: str) -> str | None:

@@ -20,7 +20,7 @@ from onnxzip.errors import ArchitectureMismatchError, InternalError
 from onnxzip.graph.layergraph import Layer, LayerGraph
 from onnxzip.graph.spaces import GroupSpace, InputSpace, NoFeatures, leaves
 from onnxzip.merge import Merges
-from onnxzip.onnx_nodes import attrs
+from onnxzip.onnx_nodes import attrs, prune
 
 __all__ = ["ZipLayout", "LayerSite", "build_zipped_model", "branch_nodes"]
 
@@ -275,8 +275,8 @@ class _Builder:
             initializer=[numpy_helper.from_array(np.asarray(v), name) for name, v in self.new_inits.items()],
         )
         model = helper.make_model(graph, opset_imports=list(a.opset_import), ir_version=a.ir_version)
-        _prune(model)
-        return model
+        # nodes and initializers only a branch of another model needed are dropped
+        return prune(model)
 
 
 class _Branch:
@@ -456,20 +456,3 @@ def _fresh(name: str, taken) -> str:
 def _add_init(inits: dict, name: str, value: np.ndarray) -> str:
     inits[name] = value
     return name
-
-
-def _prune(model: onnx.ModelProto) -> None:
-    """Drop nodes and initializers nothing reads (e.g. trunk nodes only a branch needed)."""
-    g = model.graph
-    needed = {o.name for o in g.output}
-    keep = []
-    for n in reversed(list(g.node)):
-        if any(o in needed for o in n.output):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    inits = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
