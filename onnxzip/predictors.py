@@ -13,7 +13,7 @@ import onnx
 
 from onnxzip.errors import CalibrationDataError, ModelLoadError, OptionError
 from onnxzip.predictions import embedding_scores
-from onnxzip.runtime import session, session_inputs
+from onnxzip.runtime import describe_model, session, session_inputs
 from onnxzip.taskdata import prepare_feed, sample_count
 
 __all__ = ["SHARED_HEAD", "Predictor", "ModelPredictor", "EnsemblePredictor", "EmbeddingScorer", "ModelLike",
@@ -23,13 +23,6 @@ __all__ = ["SHARED_HEAD", "Predictor", "ModelPredictor", "EnsemblePredictor", "E
 SHARED_HEAD = "*"
 
 ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
-
-
-def _describe(model: ModelLike) -> str:
-    if isinstance(model, onnx.ModelProto):
-        name = model.graph.name or "<unnamed graph>"
-        return f"in-memory model '{name}'"
-    return f"'{os.fspath(model)}'"
 
 
 class Predictor(abc.ABC):
@@ -102,7 +95,7 @@ class ModelPredictor(Predictor):
         task: str | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
-        self._where = _describe(model)
+        self._where = describe_model(model)
         self._session = session(model, providers, threads=intra_op_threads)
         self._specs = session_inputs(self._session)
         outputs = [o.name for o in self._session.get_outputs()]

@@ -12,7 +12,7 @@ import onnx
 from onnxzip.errors import ModelLoadError, OptionError
 from onnxzip.io import session_source
 
-__all__ = ["session", "session_inputs", "OPTIMIZATION_LEVELS"]
+__all__ = ["session", "session_inputs", "describe_model", "OPTIMIZATION_LEVELS"]
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -59,7 +59,7 @@ def session(model, providers: Sequence[str] | None = None, *, optimization: str 
     except Exception as exc:  # onnxruntime raises its own exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"onnxruntime cannot load {_describe(model)}: {first}; check that the file is a valid ONNX model "
+            f"onnxruntime cannot load {describe_model(model)}: {first}; check that the file is a valid ONNX model "
             "and that its ops and opset are supported by this onnxruntime") from None
     sess._onnxzip_keep = holder  # the temporary copy, if any, lives as long as the session
     return sess
@@ -68,7 +68,7 @@ def session(model, providers: Sequence[str] | None = None, *, optimization: str 
 def _source(model) -> tuple[Any, Any]:
     if isinstance(model, onnx.ModelProto):
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-            raise ModelLoadError(f"{_describe(model)} references external data that is not loaded; pass the "
+            raise ModelLoadError(f"{describe_model(model)} references external data that is not loaded; pass the "
                                  "model's file path instead so the data is found next to it")
         return session_source(model)
     path = os.fspath(model)
@@ -77,9 +77,10 @@ def _source(model) -> tuple[Any, Any]:
     return path, None
 
 
-def _describe(model) -> str:
+def describe_model(model) -> str:
+    """A model in messages: its path, or its graph name when it is in memory."""
     if isinstance(model, onnx.ModelProto):
-        return f"model '{model.graph.name or 'in memory'}'"
+        return f"in-memory model '{model.graph.name or '<unnamed graph>'}'"
     return f"'{os.fspath(model)}'"
 
 
