@@ -247,12 +247,11 @@ def _data_reads(spec, **labeled: dict) -> list:
     return reads + [(f"--{option} data of task '{t}'", Path(p)) for option, files in labeled.items() for t, p in files.items()]
 
 
-def _class_files(items: List[str], tasks: Optional[list]) -> dict:
-    """--classes TASK=FILE: each task's class embeddings, read before any work."""
+def _class_files(files: dict, tasks: Optional[list]) -> dict:
+    """--classes TASK=FILE (parsed): each task's class embeddings, read before any work."""
     from onnxzip.errors import OptionError
     from onnxzip.predictions import load_class_embeddings
 
-    files = _parse_tasks_eval(items)
     unknown = [t for t in files if tasks is not None and t not in tasks]
     if unknown:
         raise OptionError(f"--classes names task(s) {unknown}; the tasks are {tasks} (name them with --tasks)")
@@ -316,11 +315,11 @@ def zip_cmd(
         task_names = _task_names(tasks, [model_a, model_b], _data_keys(spec), eval_files, select_files)
         params = _parse_params(method, alpha, beta, param)
         check_input_layout(input_layout)
-        reads = model_reads([model_a, model_b]) + _data_reads(spec, eval=eval_files, task=select_files,
-                                                              classes=_parse_tasks_eval(classes))
+        class_files = _parse_tasks_eval(classes)
+        reads = model_reads([model_a, model_b]) + _data_reads(spec, eval=eval_files, task=select_files, classes=class_files)
         writes = [("--output", p) for p in model_writes(output)] + ([("--report", report)] if report else [])
         check_paths(writes, reads)
-        class_embeddings = _class_files(classes, task_names) or None
+        class_embeddings = _class_files(class_files, task_names) or None
         eval_data = _task_data(eval_files, task_names, "--eval")
         select_data = _task_data(select_files, task_names, "--task") or None
         prov = resolve_providers(providers, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {escape(m)}"))
@@ -444,9 +443,10 @@ def sweep_cmd(
         validate_params("zipit", params)
         if plot:
             _check_plot_path(plot)
-        reads = model_reads([model_a, model_b]) + _data_reads(spec, task=test_files, classes=_parse_tasks_eval(classes))
+        class_files = _parse_tasks_eval(classes)
+        reads = model_reads([model_a, model_b]) + _data_reads(spec, task=test_files, classes=class_files)
         check_paths([(o, p) for o, p in (("--csv", csv_out), ("--plot", plot)) if p], reads)
-        class_embeddings = _class_files(classes, task_names) or None
+        class_embeddings = _class_files(class_files, task_names) or None
         test_data = _task_data(test_files, task_names, "--task")
         with _bars() as bars:
             pair = prepare_pair(str(model_a), str(model_b), spec, batch_size, max_samples, tasks=task_names,
@@ -676,7 +676,7 @@ def eval_cmd(
         if not models and not ensemble:
             raise OptionError("nothing to evaluate: give a model, or --ensemble A --ensemble B")
         data = _task_data(task_files, None, "--task")
-        class_embeddings = _class_files(classes, list(task_files)) or None
+        class_embeddings = _class_files(_parse_tasks_eval(classes), list(task_files)) or None
         named = {str(m): str(m) for m in (models or [])}
         results = _evaluate_models(named, data, tuple(str(p) for p in ensemble) if ensemble else None, class_embeddings)
         if as_json:
