@@ -2,6 +2,7 @@
 
     python bench/zip_digests.py > before.txt     # on the old code
     python bench/zip_digests.py | diff before.txt -   # on the new code: no output when nothing changed
+    python bench/zip_digests.py --canonical           # node order left out: for changes of order alone
 
 Per pair of samples/digits/manifest.json (and the embedding pairs): zipit at alpha 0.5, beta 1,
 permute and average, all but the heads shared, plus zipit at a partial depth and zipit with the
@@ -19,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import onnx
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -34,11 +37,24 @@ CONFIGS = [
 ]
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def digest(path: Path, canonical: bool = False) -> str:
+    """The file's hash, or with ``canonical`` the hash of its content in an order-free form: nodes and
+    initializers sorted by their serialized bytes (a change of node order alone changes nothing)."""
+    if not canonical:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    model = onnx.load(str(path))
+    h = hashlib.sha256()
+    g = model.graph
+    for part in (sorted(n.SerializeToString() for n in g.node), sorted(t.SerializeToString() for t in g.initializer),
+                 [v.SerializeToString() for v in list(g.input) + list(g.output)],
+                 sorted(p.SerializeToString() for p in model.metadata_props)):
+        for item in part:
+            h.update(item)
+    return h.hexdigest()[:16]
 
 
 def main() -> None:
+    canonical = "--canonical" in sys.argv[1:]
     manifest = json.loads((SAMPLES / "manifest.json").read_text())
     pairs = {name: (SAMPLES / e["a"], SAMPLES / e["b"], {}) for name, e in manifest.items()}
     classes = {t: SAMPLES / f"classes_{t}.npy" for t in "ab"}
@@ -54,7 +70,7 @@ def main() -> None:
                 zip_models(a, b, SAMPLES / "calib.npz", output=out, method=method, params=params, stop_at=depth,
                            tasks=["a", "b"], do_repair=repair, classes=cls or None)
                 label = f"{method} {json.dumps(params, sort_keys=True)} stop_at={depth} repair={repair}"
-                print(f"{name} | {label} | {digest(out)}", flush=True)
+                print(f"{name} | {label} | {digest(out, canonical)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx_graphsurgeon.logger import G_LOGGER
 import onnx.inliner
 import onnx.reference
 import onnx.version_converter
@@ -152,61 +155,27 @@ def drop_initializer_inputs(m: onnx.ModelProto) -> None:
     m.graph.input.extend(keep)
 
 
-def _run_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opsets) -> list[np.ndarray]:
-    graph_inputs, feeds = [], {}
-    names = []
-    for i, (name, value) in enumerate(zip(node.input, inputs)):
-        if not name:
-            names.append("")
-            continue
-        alias = f"in{i}"
-        names.append(alias)
-        graph_inputs.append(helper.make_tensor_value_info(alias, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
-        feeds[alias] = value
-    n = onnx.NodeProto()
-    n.CopyFrom(node)
-    del n.input[:]
-    n.input.extend(names)
-    outs = [f"out{i}" for i in range(len(node.output))]
-    del n.output[:]
-    n.output.extend(outs)
-    g = helper.make_graph([n], "fold", graph_inputs, [helper.make_value_info(o, onnx.TypeProto()) for o in outs])
-    model = helper.make_model(g, opset_imports=list(opsets))
-    return onnx.reference.ReferenceEvaluator(model).run(None, feeds)
+_NOT_FOLDED = {"Identity", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
 
 
 def fold_constants(m: onnx.ModelProto) -> None:
-    """Replace Constant nodes, and nodes whose inputs are all constants, by initializers."""
-    g = m.graph
-    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    graph_outputs = {o.name for o in g.output}
-    keep = []
-    new_inits: list[onnx.TensorProto] = []
-    for node in g.node:
-        foldable = node.domain in ("", "ai.onnx") and all((not i) or i in consts for i in node.input)
-        # weights behind an Identity are kept as the alias they are: remove_aliases handles them
-        if foldable and node.op_type == "Identity":
-            foldable = False
-        if foldable and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
-            try:
-                values = _run_node(node, [consts.get(i) if i else None for i in node.input], m.opset_import)
-            except Exception:
-                values = None
-            if values is not None and all(isinstance(v, np.ndarray) and v.size <= _FOLD_LIMIT for v in values):
-                for name, v in zip(node.output, values):
-                    if not name:
-                        continue
-                    consts[name] = v
-                    if name in graph_outputs:
-                        continue
-                    new_inits.append(numpy_helper.from_array(np.asarray(v), name))
-                if not any(o in graph_outputs for o in node.output):
-                    continue
-        keep.append(node)
-    del g.node[:]
-    g.node.extend(keep)
-    g.initializer.extend(new_inits)
-    _drop_unused_initializers(m)
+    """Replace Constant nodes, and nodes whose inputs are all constants, by initializers
+    (onnx-graphsurgeon's constant folding, evaluated by onnxruntime). Weights behind an Identity
+    are kept as the alias they are: remove_aliases handles them."""
+    graph = gs.import_onnx(m)
+    # the folding session's optimizer warns about nodes it leaves alone: onnxruntime's own default
+    # severity (warning) is restored afterwards
+    ort.set_default_logger_severity(3)
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
+    try:
+        graph.fold_constants(fold_shapes=False, error_ok=True, size_threshold=_FOLD_LIMIT * 4,
+                             should_exclude_node=lambda node: node.op in _NOT_FOLDED or (node.domain or "") not in ("", "ai.onnx"))
+    finally:
+        ort.set_default_logger_severity(2)
+        G_LOGGER.severity = severity
+    graph.cleanup(remove_unused_graph_inputs=False)
+    folded = gs.export_onnx(graph, do_type_check=False)
+    m.graph.CopyFrom(folded.graph)
 
 
 def _drop_unused_initializers(m: onnx.ModelProto) -> None:
@@ -394,26 +363,21 @@ def unshare_initializers(m: onnx.ModelProto) -> None:
 
 
 def toposort(m: onnx.ModelProto) -> None:
-    """Order nodes so that every tensor is produced before it is used (stable)."""
+    """Order nodes so that every tensor is produced before it is used (onnx-graphsurgeon's
+    toposort; the node protos themselves are kept as they are)."""
     g = m.graph
     available = {t.name for t in g.initializer} | {i.name for i in g.input} | {""}
-    nodes = list(g.node)
-    done = [False] * len(nodes)
-    order = []
-    progress = True
-    while progress and len(order) < len(nodes):
-        progress = False
-        for k, n in enumerate(nodes):
-            if done[k]:
-                continue
-            if all(i in available for i in n.input):
-                done[k] = True
-                order.append(n)
-                available.update(n.output)
-                progress = True
-    if len(order) < len(nodes):
-        missing = next(i for k, n in enumerate(nodes) if not done[k] for i in n.input if i not in available)
+    available |= {o for n in g.node for o in n.output}
+    missing = next((i for n in g.node for i in n.input if i not in available), None)
+    if missing is not None:
         raise ModelLoadError(f"the graph uses tensor '{missing}' that nothing produces; the model is malformed, re-export it")
+    graph = gs.import_onnx(onnx.ModelProto(graph=onnx.GraphProto(node=g.node, input=g.input, output=g.output), opset_import=m.opset_import))
+    position = {id(node): k for k, node in enumerate(graph.nodes)}
+    try:
+        graph.toposort()
+    except Exception as e:  # a cycle
+        raise ModelLoadError(f"the graph has a cycle ({e}); the model is malformed, re-export it") from None
+    order = [g.node[position[id(node)]] for node in graph.nodes]
     del g.node[:]
     g.node.extend(order)
 
