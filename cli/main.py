@@ -126,11 +126,19 @@ def _parse_params(method: str, alpha: Optional[str], beta: Optional[str], param:
                 raise OptionError(f"method '{matcher.name}' takes no parameter '{name}' (it takes: {', '.join(sorted(names)) or 'none'})")
             params[name] = value.strip() if value.strip().lower() == "auto" else _number(name, value)
     for p in param:
-        if "=" not in p:
-            raise OptionError(f"--param {p!r}: write it as name=value")
-        k, v = p.split("=", 1)
-        params[k.strip()] = v.strip()
+        k, v = _key_value(p, f"--param {p!r}: write it as name=value")
+        params[k] = v
     return params
+
+
+def _key_value(text: str, error: str) -> tuple[str, str]:
+    """``key=value`` as (key, value), stripped; an OptionError saying ``error`` without '='."""
+    from onnxzip.errors import OptionError
+
+    if "=" not in text:
+        raise OptionError(error)
+    k, v = text.split("=", 1)
+    return k.strip(), v.strip()
 
 
 def _number(name: str, value: str) -> float:
@@ -144,17 +152,12 @@ def _number(name: str, value: str) -> float:
 
 def _parse_tasks_eval(items: List[str]) -> dict:
     """``a=test_a.npz`` (repeatable) or ``a=x.npz,b=y.npz``."""
-    from onnxzip.errors import OptionError
-
     tasks = {}
     for item in items:
         for part in item.split(","):
-            if not part:
-                continue
-            if "=" not in part:
-                raise OptionError(f"task data {part!r}: write it as task=file.npz")
-            k, v = part.split("=", 1)
-            tasks[k.strip()] = v.strip()
+            if part:
+                k, v = _key_value(part, f"task data {part!r}: write it as task=file.npz")
+                tasks[k] = v
     return tasks
 
 
