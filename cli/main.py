@@ -290,7 +290,9 @@ def zip_cmd(
     input_layout: Optional[str] = typer.Option(None, help="NCHW or NHWC: the zipped model's input layout when the models differ (default: model A's)."),
     tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated (default: the task keys of --data or --eval, else the file stems). Outputs are named <task>/<output>."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Correct statistics after merging (REPAIR)."),
-    repair_branches: bool = typer.Option(True, "--repair-branches/--no-repair-branches", help="Also correct layers inside each task's branch."),
+    repair_branches: bool = typer.Option(True, "--repair-branches/--no-repair-branches", help="Also correct (or refit) layers inside each task's branch."),
+    refit: bool = typer.Option(False, "--refit/--no-refit", help="Fit every zipped layer to the source models' outputs by least squares, in place of the statistics correction."),
+    refit_ridge: Optional[float] = typer.Option(None, help="--refit: one ridge strength (relative to the input variance) for every layer; default: chosen per layer on held-out rows."),
     repair_samples: Optional[int] = typer.Option(None, help="Calibration rows the repair measures (default: all up to 512, an evenly spread subset of more, fewer if they would not fit in memory; 0: all)."),
     all_positions: bool = typer.Option(True, "--all-positions/--sample-positions", help="Covariances over every position of every feature map (exact, the default), or over sampled positions of large maps, at least 128 rows per feature (faster, less accurate)."),
     seed: int = typer.Option(0, help="Seed of the sampled positions with --sample-positions."),
@@ -334,7 +336,7 @@ def zip_cmd(
                 holdout=holdout, search=search, select_by=select_by, select_data=select_data,
                 min_fidelity=min_fidelity, max_flops=max_flops, input_layout=input_layout,
                 repair_samples=repair_samples, all_positions=all_positions, seed=seed,
-                allow_no_sharing=allow_no_sharing, classes=class_embeddings,
+                allow_no_sharing=allow_no_sharing, classes=class_embeddings, refit=refit, refit_ridge=refit_ridge,
             )
         summary = result.summary()
         t = time.perf_counter()
@@ -393,8 +395,12 @@ def _print_zip(result, summary: dict, model_a: Path, model_b: Path, output: Path
     out.print(table)
     rep = result.repair
     out.print(f"outputs: {', '.join(o for outs in result.layout.outputs.values() for o in outs)}", highlight=False)
-    out.print(f"calibration: {result.samples} samples; repair: "
-              + (f"{rep.layers} layers in {rep.passes} passes over {rep.samples} samples" if rep else "off"), highlight=False)
+    fit = result.refit
+    if fit is not None:
+        correction = f"refit: {fit.layers} layers in {fit.passes} passes over {fit.samples} samples"
+    else:
+        correction = "repair: " + (f"{rep.layers} layers in {rep.passes} passes over {rep.samples} samples" if rep else "off")
+    out.print(f"calibration: {result.samples} samples; {correction}", highlight=False)
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     out.print(f"time: {summary['time_s']:.2f}s ({times})", highlight=False)
     if results:

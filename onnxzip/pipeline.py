@@ -27,6 +27,8 @@ from onnxzip.merge import compute_merges
 from onnxzip.progress import stage
 from onnxzip.version import __version__
 from onnxzip.normalize import align_input_layouts, convert_opset, normalize, opset_of
+from onnxzip.refit import RefitReport
+from onnxzip.refit import refit as refit_layers
 from onnxzip.repair import REPAIR_SAMPLES, RepairReport, default_repair_samples, repair
 from onnxzip.split import ZipLayout, build_zipped_model
 from onnxzip.runtime import session, session_inputs
@@ -105,6 +107,7 @@ class ZipResult:
     output: str | None = None
     selection: dict | None = None
     sources: list | None = None
+    refit: RefitReport | None = None
 
     def summary(self) -> dict:
         return {
@@ -120,6 +123,9 @@ class ZipResult:
             "calibration_samples": self.samples,
             "repair": None if self.repair is None else {
                 "layers": self.repair.layers, "passes": self.repair.passes, "samples": self.repair.samples,
+            },
+            "refit": None if self.refit is None else {
+                "layers": self.refit.layers, "passes": self.refit.passes, "samples": self.refit.samples,
             },
             "unmerge_gathers": self.layout.unmerge_nodes,
             "unmerges_folded": self.layout.folded_unmerges,
@@ -321,8 +327,13 @@ def resolve_stop_at(stop_at, num_layers: int) -> int:
 
 def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None = None, stop_at=None,
                  tasks: list[str] | None = None, do_repair: bool = True, repair_branches: bool = True,
-                 progress=None, repair_samples: int | None = None, merges=None) -> ZipResult:
-    """One zip candidate from prepared statistics: match, rewrite, split, repair, validate.
+                 progress=None, repair_samples: int | None = None, merges=None, refit: bool = False,
+                 refit_ridge: float | None = None) -> ZipResult:
+    """One zip candidate from prepared statistics: match, rewrite, split, repair or refit, validate.
+
+    ``refit``: fit every zipped layer by least squares (:func:`onnxzip.refit.refit`, ridge
+    ``refit_ridge`` or chosen per layer on held-out rows) in place of the statistics correction;
+    ``repair_branches`` then says whether branch layers are refitted too.
 
     ``merges``: the matches of ``method`` with ``params`` on this pair's statistics when the
     caller already has them (a search keys candidates by their matches), else computed here.
@@ -347,8 +358,14 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     t = time.perf_counter()
     model, layout = build_zipped_model(graphs, merges, depth, tasks)
     timings["rewrite"] = time.perf_counter() - t
-    report = None
-    if do_repair:
+    report = refit_report = None
+    if refit:
+        t = time.perf_counter()
+        refit_report = refit_layers(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
+                                    branches=repair_branches, progress=stage(progress, "refit", None),
+                                    max_samples=repair_samples, ridge=refit_ridge)
+        timings["refit"] = time.perf_counter() - t
+    elif do_repair:
         t = time.perf_counter()
         report = repair(model, layout, graphs, merges, pair.stats, pair.batches, pair.providers,
                         branches=repair_branches, progress=stage(progress, "repair", None), max_samples=repair_samples)
@@ -361,7 +378,8 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     _set_metadata(model, pair, method, params, depth, m, tasks)
     validate(model, pair)
     timings["validate"] = time.perf_counter() - t
-    return ZipResult(model, layout, method, params, depth, m, tasks, report, timings, pair.stats.samples, warnings)
+    return ZipResult(model, layout, method, params, depth, m, tasks, report, timings, pair.stats.samples, warnings,
+                     refit=refit_report)
 
 
 def _check_tasks(tasks: list[str], n: int) -> None:

@@ -31,7 +31,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
                input_layout: str | None = None, repair_samples: int | None = None, allow_no_sharing: bool = False,
                classes: dict | None = None,
-               all_positions: bool = True, seed: int = 0) -> ZipResult:
+               all_positions: bool = True, seed: int = 0, refit: bool = False,
+               refit_ridge: float | None = None) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
     Args:
@@ -47,6 +48,9 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
             zip sharing no layer only with ``allow_no_sharing``).
         tasks: task names (default: the file stems), used as output prefixes.
         do_repair: correct statistics after merging (REPAIR).
+        refit: fit every zipped layer to the sources' outputs by least squares, in place of the
+            statistics correction (:func:`onnxzip.refit.refit`); ``refit_ridge``: one relative
+            ridge for every layer (default: chosen per layer on held-out calibration rows).
         progress: an object with ``start(stage, total)`` and ``advance(n)`` (e.g. a progress bar):
             the statistics pass, each search and the repair are stages.
         holdout: share of calibration samples held out to score candidates (default 0.2 when
@@ -91,7 +95,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                          allow_no_sharing, do_repair, repair_branches, progress)
         params, stop_at, selection = choice.run(pair, stop_at)
     result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches, progress=progress,
-                          repair_samples=repair_samples)
+                          repair_samples=repair_samples, refit=refit, refit_ridge=refit_ridge)
     result.timings = {**pair.timings, **result.timings}
     result.selection = selection
     result.sources = [g.model for g in pair.graphs]  # normalized, inputs aligned to the zipped model's layout
