@@ -115,10 +115,6 @@ def _error_line(text: str) -> str:
     return _one_line(lines[0] if lines else "no output")
 
 
-def _limit_text(u: dict) -> str:
-    return f"{u['op_type']} '{u['node']}': {u['reason']}"
-
-
 def case(a: str, b: str, data: dict, send) -> None:
     """Every stage of one model x exporter; each stage's result is sent as soon as it is known."""
     from onnxzip import check, inspect, zip_models
@@ -130,11 +126,10 @@ def case(a: str, b: str, data: dict, send) -> None:
     try:
         info = inspect(a, data["a"])
         row.update(layers=info["num_layers"], inspect_depth=info["max_stop_at"])
-        first = min(info["unsupported"], key=lambda u: u["max_stop_at"], default=None)
-        if first is not None and first["max_stop_at"] < info["num_layers"]:
-            row["limited_by"] = _limit_text(first)
-            named = "\n".join(l for l in text.splitlines() if first["op_type"] in l)
-            if code == 0 and first["node"] not in named:
+        first = info["limited_by"]
+        if first is not None:
+            row["limited_by"] = f"{first['op_type']} '{first['node']}': {first['reason']}"
+            if code == 0 and f"{first['op_type']} '{first['node']}'" not in " ".join(text.split()):
                 row["inspect"] = "ok, but the limiting op is not named"
     except Exception as e:  # noqa: BLE001
         row["inspect"] = f"library: {_one_line(e)}"
@@ -147,7 +142,9 @@ def case(a: str, b: str, data: dict, send) -> None:
         info = check(a, b, data["a"])
         row.update(check_depth=info.get("max_stop_at"), zippable=info["zippable"])
         if not info["zippable"]:
-            row["check"] = f"not zippable: {_one_line(info['reason'] or '')}"
+            reason = info["reason"] or ""
+            row["check"] = ("not zippable (depth 0)" if reason.startswith("no layer can be shared")
+                            else f"not zippable: {_one_line(reason)}")
     except Exception as e:  # noqa: BLE001
         row["check"] = f"library: {_one_line(e)}"
     send(row)
@@ -197,10 +194,12 @@ def case(a: str, b: str, data: dict, send) -> None:
         send({"pair": f"failed: {_one_line(e)}"})
 
 
-def _child(a, b, data, conn) -> None:
-    import onnxruntime
+def _child(a, b, data, log, conn) -> None:
+    import os
 
-    onnxruntime.set_default_logger_severity(3)  # onnxzip's shape probes log expected failures
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # onnxruntime's own log lines (shape probes that
+    os.dup2(fd, 1)  # onnxzip expects to fail) and anything printed go to the case's log, not the table
+    os.dup2(fd, 2)
     try:
         case(a, b, data, conn.send)
     except BaseException as e:  # noqa: BLE001
@@ -210,11 +209,11 @@ def _child(a, b, data, conn) -> None:
         conn.close()
 
 
-def run_case(a: str, b: str, data: dict, limit: float) -> dict:
+def run_case(a: str, b: str, data: dict, log: Path, limit: float) -> dict:
     """One case in a forked process; what it sent before a crash or the time limit is kept."""
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(a, b, data, send))
+    proc = ctx.Process(target=_child, args=(a, b, data, str(log), send))
     t = time.perf_counter()
     proc.start()
     send.close()
@@ -325,7 +324,7 @@ def main() -> None:
                 r = {"export": f"export failed: {status.get('error', '')}"}
             else:
                 paths = [str(folder / f"{exporter}-{s}.onnx") for s in (0, 1)]
-                r = run_case(paths[0], paths[1], data, args.time_limit)
+                r = run_case(paths[0], paths[1], data, folder / f"{exporter}.log", args.time_limit)
             raw[f"{m['name']}/{exporter}"] = r
             rows.append(table_row(m["name"], exporter, r))
             print(" | ".join(rows[-1]), flush=True)
