@@ -126,3 +126,19 @@ def test_an_op_on_attention_weights_limits_the_depth_to_before_the_attention(tin
     assert [o.name for o in z.model.graph.output] == ["a/logits", "b/logits"]
     with pytest.raises(UnsupportedOpError, match="nan_check"):
         onnxzip.zip_models(a, b, calib, params={"alpha": 0.3, "beta": 0.125}, stop_at=depth + 1)
+
+
+def test_inspect_and_check_when_no_layer_can_be_shared(tmp_path):
+    from tests.test_errors import _grouped_conv_model  # conv1, then a grouped conv reading conv1's features
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_grouped_conv_model(0), a)
+    onnx.save(_grouped_conv_model(1), b)
+    r = cli("inspect", a)
+    assert r.exit_code == 0, r.output
+    assert "first op the zip cannot pass: Conv 'grouped'" in r.output
+    assert "--stop-at 0 of" in r.output and "no layer can be shared" in r.output
+    info = onnxzip.check(a, b)
+    assert not info["zippable"] and info["max_stop_at"] == 0
+    r = cli("check", a, b)
+    assert r.exit_code == 1 and r.output.startswith("not zippable")

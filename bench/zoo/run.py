@@ -213,7 +213,7 @@ def run_case(a: str, b: str, data: dict, log: Path, limit: float) -> dict:
     """One case in a forked process; what it sent before a crash or the time limit is kept."""
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(a, b, data, str(log), send))
+    proc = ctx.Process(target=_child, args=(a, b, data, str(log), send), daemon=True)  # dies with the table
     t = time.perf_counter()
     proc.start()
     send.close()
@@ -289,7 +289,7 @@ def main() -> None:
     ap.add_argument("--only", action="append", default=[], metavar="NAME", help="a model name (repeatable)")
     ap.add_argument("--exporter", choices=EXPORTERS, help="one exporter only")
     ap.add_argument("--out", type=Path, default=HERE / "out", help="cache folder for exports and data")
-    ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per case (model x exporter)")
+    ap.add_argument("--time-limit", type=int, default=120, help="seconds per case (model x exporter), and per export")
     ap.add_argument("--skip-export", action="store_true", help="use what the cache holds; export nothing")
     ap.add_argument("--json", type=Path, help="also write every case's raw results here")
     args = ap.parse_args()
@@ -302,10 +302,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.skip_export:
-        cmd = [sys.executable, str(HERE / "export.py"), "--out", str(args.out)]
+        cmd = [sys.executable, str(HERE / "export.py"), "--out", str(args.out), "--time-limit", str(args.time_limit)]
         cmd += [x for m in zoo for x in ("--only", m["name"])] + [x for e in exporters for x in ("--exporter", e)]
         with open(args.out / "export.log", "w") as log:
-            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+            try:  # each export has its own limit (export.py); this one only guards against a hang
+                subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False,
+                               timeout=120 + 4 * len(zoo) * len(exporters) * args.time_limit)
+            except subprocess.TimeoutExpired:
+                print("the export step ran out of time; models not exported are marked so", file=sys.stderr)
     export_s = time.perf_counter() - t0
 
     import cli.main  # noqa: F401  (imported once, before the forks)
