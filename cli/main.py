@@ -570,9 +570,10 @@ def _plot_bytes(path: Path, rows: list, labeled: bool) -> bytes:
 def inspect_cmd(
     model: Path = typer.Argument(..., help="Model (.onnx)."),
     data: Optional[str] = typer.Option(None, "--data", help="Example data (.npz) when input shapes are symbolic."),
+    show_all: bool = typer.Option(False, "--all", help="List every layer and group, also those past the deepest zip."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Print a model's layer graph: weight layers, feature groups, unsupported ops."""
+    """Print a model's layer graph up to the first op the zip cannot pass, and how deep a zip can go."""
 
     def run():
         from onnxzip import inspect
@@ -583,35 +584,70 @@ def inspect_cmd(
             return
         out.print(f"[bold]{escape(str(model))}[/bold]: opset {info['opset']}, inputs {escape(str(info['inputs']))}, "
                   f"outputs {escape(str(info['outputs']))}", highlight=False)
-        out.print(f"{info['num_layers']} layers on the main path; zip depth up to {info['max_stop_at']}")
-        table = Table(title="weight layers")
-        for col in ("#", "node", "op", "weight shape", "in -> out", "reads", "writes"):
-            table.add_column(col, overflow="fold")
-        for l in info["layers"]:
-            num = f"{l['number']}" + (" (shortcut)" if l["shortcut"] else "")
-            k = "x".join(map(str, l["kernel"]))
-            op = l["op_type"] + (f" {k}" if k else "") + (" depthwise" if l["kind"] == "depthwise" else "")
-            table.add_row(num, l["node"], op, str(l["weight_shape"]), f"{l['in_channels']} -> {l['out_channels']}", l["input"], l["output"])
-        out.print(table)
-        gt = Table(title="feature groups (merge points)")
-        for col in ("group", "channels", "producers", "measured at", "through"):
-            gt.add_column(col, overflow="fold")
-        for g in info["groups"]:
-            prod = ", ".join(g["producers"][:3]) + (" ..." if len(g["producers"]) > 3 else "")
-            where = "output (averaged, not matched)" if g["output"] else f"{len(g['measured_at'])} tensor(s)"
-            if g["attention_heads"] > 1:
-                tied = g["attention_tie"] is not None and g["attention_tie"] != g["group"]
-                where += f"; {g['attention_heads']} attention heads" + (f" (tied with g{g['attention_tie']})" if tied else "")
-            gt.add_row(f"g{g['group']}", str(g["channels"]), prod, where, ", ".join(g["passes_through"]))
-        out.print(gt)
-        if info["unsupported"]:
-            for u in info["unsupported"]:
-                out.print(f"[yellow]unsupported:[/yellow] {u['op_type']} '{escape(u['node'])}': {escape(u['reason'])} "
-                          f"(zip at most {u['max_stop_at']} layers)", highlight=False)
+        depth, m, limit = info["max_stop_at"], info["num_layers"], info["limited_by"]
+        out.print(f"{m} layers on the main path; deepest zip --stop-at {depth}", highlight=False)
+        shown = info["layers"] if show_all or limit is None else [l for l in info["layers"] if l["number"] <= depth]
+        if shown:
+            out.print(_layer_table(shown, info["layers"], depth if limit else None))
         else:
-            out.print("no unsupported ops")
+            out.print("no weight layer comes before the first op the zip cannot pass (--all lists every layer)")
+        produced = {l["node"] for l in shown}
+        groups = [g for g in info["groups"] if show_all or set(g["producers"]) & produced]
+        if groups:
+            out.print(_group_table(groups))
+        if limit is None:
+            out.print(f"every layer can be zipped: {m} layers on the main path, deepest zip --stop-at {m} (all)",
+                      highlight=False)
+        else:
+            out.print(f"[yellow]first op the zip cannot pass:[/yellow] {limit['op_type']} '{escape(limit['node'])}': "
+                      f"{escape(limit['reason'])}", highlight=False, soft_wrap=True)
+            out.print(f"deepest zip: --stop-at {depth} of {m} layers" + (
+                " (no layer can be shared)" if depth == 0 else
+                f"; layers {depth + 1}..{m} stay separate per task" + ("" if show_all else " (--all lists them)")),
+                highlight=False)
+        others = {}
+        for u in info["unsupported"]:
+            if limit is None or u["node"] != limit["node"]:
+                others.setdefault((u["op_type"], u["reason"]), []).append(u["node"])
+        for (op, reason), nodes in list(others.items())[:8]:
+            where = f"'{nodes[0]}'" + (f" and {len(nodes) - 1} more" if len(nodes) > 1 else "")
+            out.print(f"  also unsupported: {op} {escape(where)}: {escape(reason)}", highlight=False, soft_wrap=True)
+        if len(others) > 8:
+            out.print(f"  ... {len(others) - 8} more kinds (--json lists every one)", highlight=False)
 
     _run(run)
+
+
+def _layer_table(shown: list, layers: list, depth) -> Table:
+    """The weight layers in ``shown``; a row marks where the deepest zip ends (``depth``, or None)."""
+    table = Table(title="weight layers" + (f" (up to the deepest zip, {len(shown)} of {len(layers)})"
+                                            if len(shown) < len(layers) else ""))
+    for col in ("#", "node", "op", "weight shape", "in -> out", "reads", "writes"):
+        table.add_column(col, overflow="fold")
+    marked = False
+    for l in shown:
+        if depth is not None and not marked and l["number"] > depth:
+            table.add_row("", "^ deepest zip", f"--stop-at {depth}", *[""] * 4, end_section=True)
+            marked = True
+        num = f"{l['number']}" + (" (shortcut)" if l["shortcut"] else "")
+        k = "x".join(map(str, l["kernel"]))
+        op = l["op_type"] + (f" {k}" if k else "") + (" depthwise" if l["kind"] == "depthwise" else "")
+        table.add_row(num, l["node"], op, str(l["weight_shape"]), f"{l['in_channels']} -> {l['out_channels']}", l["input"], l["output"])
+    return table
+
+
+def _group_table(groups: list) -> Table:
+    gt = Table(title="feature groups (merge points)")
+    for col in ("group", "channels", "producers", "measured at", "through"):
+        gt.add_column(col, overflow="fold")
+    for g in groups:
+        prod = ", ".join(g["producers"][:3]) + (" ..." if len(g["producers"]) > 3 else "")
+        where = "output (averaged, not matched)" if g["output"] else f"{len(g['measured_at'])} tensor(s)"
+        if g["attention_heads"] > 1:
+            tied = g["attention_tie"] is not None and g["attention_tie"] != g["group"]
+            where += f"; {g['attention_heads']} attention heads" + (f" (tied with g{g['attention_tie']})" if tied else "")
+        gt.add_row(f"g{g['group']}", str(g["channels"]), prod, where, ", ".join(g["passes_through"]))
+    return gt
 
 
 @app.command("check")
@@ -630,9 +666,12 @@ def check_cmd(
         if as_json:
             print(json.dumps(info, indent=2))
         elif info["zippable"]:
-            limit = f" (limited by {escape(info['limited_by'])})" if info.get("limited_by") else ""
-            out.print(f"[green]zippable[/green]: {info['num_layers']} layers, zip depth up to {info['max_stop_at']}{limit}",
-                      highlight=False)
+            if info.get("limited_by"):
+                out.print(f"[green]zippable[/green]: {info['num_layers']} layers, deepest zip --stop-at {info['max_stop_at']} "
+                          f"(limited by {escape(info['limited_by'])})", highlight=False, soft_wrap=True)
+            else:
+                out.print(f"[green]zippable[/green]: {info['num_layers']} layers, every layer (deepest zip --stop-at "
+                          f"{info['max_stop_at']})", highlight=False)
         else:
             out.print(f"[red]not zippable[/red]: {info['reason']}", soft_wrap=True)
         if not as_json:

@@ -7,7 +7,7 @@ from onnxzip.graph.compare import canonical_weight_shape, first_difference, form
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.normalize import opset_of
 
-__all__ = ["inspect", "check", "graph_summary"]
+__all__ = ["inspect", "check", "graph_summary", "first_limit"]
 
 
 def _space_text(space) -> str:
@@ -56,6 +56,7 @@ def graph_summary(graph: LayerGraph) -> dict:
         })
     return {
         "inputs": {n: _declared_dims(graph.model, n) for n in graph.inputs},
+        "limited_by": first_limit(graph),
         "outputs": graph.outputs,
         "opset": opset_of(graph.model),
         "num_layers": graph.num_layers,
@@ -68,6 +69,16 @@ def graph_summary(graph: LayerGraph) -> dict:
             for u in graph.unsupported
         ],
     }
+
+
+def first_limit(graph: LayerGraph) -> dict | None:
+    """The op that sets the deepest zip (the first in graph order among those allowing the least):
+    ``{"node", "op_type", "reason", "max_stop_at"}``, or None when every layer can be zipped."""
+    depth = graph.max_depth()
+    if depth >= graph.num_layers:
+        return None
+    u = next(u for u in graph.unsupported if u.max_depth == depth)
+    return {"node": u.node, "op_type": u.op_type, "reason": u.reason, "max_stop_at": u.max_depth}
 
 
 def inspect(model, data=None) -> dict:

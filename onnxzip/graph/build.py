@@ -228,6 +228,14 @@ class BuildContext:
         for leaf in leaves(space):
             self.crossed.setdefault(leaf.gid, []).append((node.name, node.op_type))
 
+    def block(self, node: onnx.NodeProto, space: Space) -> None:
+        """``node`` takes ``space``'s features where the zip cannot follow them: a trunk that made
+        them would hand a blocked tensor to the branches, so each group they belong to (attention
+        heads included) limits the depth."""
+        gids = [space.gid] if isinstance(space, (HeadSpace, HeadsOnly)) else [leaf.gid for leaf in leaves(space)]
+        for gid in gids:
+            self.crossed.setdefault(gid, []).append((node.name, node.op_type))
+
     def unsupported_op(self, node: onnx.NodeProto, reason: str) -> list[Space]:
         """Record that the zip cannot pass through ``node``; its outputs are blocked."""
         spaces = [self.space(i) for i in node.input if i]
@@ -237,9 +245,23 @@ class BuildContext:
             kind = InputSpace() if any(isinstance(s, InputSpace) for s in spaces) else NoFeatures()
             return [kind for _ in node.output]
         for s in feats:
-            self.cross_channel(node, s)
+            self.block(node, s)
         self.unsupported.append(Unsupported(node.name, node.op_type, reason))
         return [Blocked(node.name, node.op_type) for _ in node.output]
+
+    def join_blocked(self, node: onnx.NodeProto, outs: list[Space]) -> None:
+        """A handler passed a blocked input on (an Add, a MatMul of attention weights and values, ...):
+        the features that joined it are blocked as well."""
+        blocked = next((s for s in outs if isinstance(s, Blocked)), None)
+        if blocked is None or blocked.node == node.name:
+            return
+        feats = [s for s in (self.space(i) for i in node.input if i) if self.is_feature(s)]
+        for s in feats:
+            self.block(node, s)
+        if feats and not any(u.node == node.name for u in self.unsupported):
+            self.unsupported.append(Unsupported(
+                node.name, node.op_type, f"joins features with the output of '{blocked.node}' ({blocked.op_type}), "
+                                         "which the zip cannot pass through"))
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -273,6 +295,7 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
             outs = ctx.unsupported_op(node, f"onnxzip has no handler for op type {node.domain + '.' if node.domain else ''}{node.op_type}")
         else:
             outs = handler(ctx, node)
+        ctx.join_blocked(node, outs)
         for name, space in zip(node.output, outs):
             if name:
                 ctx.spaces[name] = space
