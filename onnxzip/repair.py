@@ -26,7 +26,7 @@ from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.accumulate import SplitMoments
 from onnxzip.runtime import session
-from onnxzip.stats.collect import PairStats, has_static_batch, subset_step
+from onnxzip.stats.collect import PairStats, has_static_batch, per_row, subset_step
 
 __all__ = ["RepairReport", "repair", "target_statistics", "correct_layer", "default_repair_samples",
            "REPAIR_SAMPLES", "FRONTIER_BUDGET_BYTES"]
@@ -531,7 +531,7 @@ class _LevelMoments:
             mask = chunk.valid
             if self.owned and s.model >= 0 and chunk.owner is not None:
                 mask = mask & chunk.owner[s.model]
-            x = values[s.preact]
+            x = per_row(values[s.preact], len(mask))
             key = self.key(s)
             if key not in self.accs:
                 self.accs[key] = SplitMoments(x.shape[s.channel_axis], 1)

@@ -11,6 +11,7 @@ UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "Elu", "Selu", "Celu",
     "Softplus", "Softsign", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Mish", "ThresholdedRelu",
     "Identity", "Dropout", "Floor", "Ceil", "Round", "Sin", "Cos", "Swish",
+    "IsNaN", "IsInf",  # a mask over the same features (the dynamo exporter's guard after a Softmax)
 )
 
 
@@ -130,8 +131,8 @@ def binary(ctx, node):
 @register("Where")
 def where(ctx, node):
     cond, a, b = (ctx.space(i) for i in node.input)
-    if ctx.is_feature(cond):
-        return ctx.unsupported_op(node, "condition computed from features")
+    if ctx.is_feature(cond) and not _same_features(ctx, cond, a) and not _same_features(ctx, cond, b):
+        return ctx.unsupported_op(node, "condition computed from features other than the operands'")
     fake = type(node)()
     fake.CopyFrom(node)
     del fake.input[0]
@@ -140,3 +141,10 @@ def where(ctx, node):
         if ctx.is_const(i) and (ctx.shape(i) or (1,)) != (1,) and np.prod(ctx.shape(i) or (1,)) > 1:
             return ctx.unsupported_op(node, "constant branch varies along channels")
     return binary(ctx, fake)
+
+
+def _same_features(ctx, x, y) -> bool:
+    """Two spaces hold the same features in the same order (an element-wise mask of an operand)."""
+    if isinstance(x, GroupSpace) and isinstance(y, GroupSpace):
+        return ctx.find(x.gid) == ctx.find(y.gid) and x.size == y.size
+    return ctx.is_feature(x) and x == y

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures
-from onnxzip.ops.attention import merge_heads, split_heads, transpose_heads
+from onnxzip.ops.attention import merge_heads, move_heads, split_heads, transpose_heads
+from onnxzip.graph.layergraph import Layer
 from onnxzip.ops.registry import register
 
 
@@ -70,7 +71,7 @@ def reshape(ctx, node, x, space):
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     axis = ctx.feature_axis(x)
     if isinstance(space, HeadSpace):
-        merged = merge_heads(ctx, node, space, in_shape, out_shape)
+        merged = merge_heads(ctx, node, space, in_shape, out_shape) or move_heads(ctx, node, space, in_shape, out_shape)
         return merged if merged is not None else ctx.unsupported_op(node, "reshapes attention heads in an unknown way")
     if isinstance(space, HeadsOnly):
         found = map_axis(in_shape, out_shape, axis)
@@ -287,6 +288,10 @@ def split(ctx, node, x, space):
 def gather(ctx, node):
     x, idx = node.input[0], node.input[1]
     space = ctx.space(x)
+    if ctx.is_const(x) and not ctx.is_const(idx):
+        embedded = embedding(ctx, node)
+        if embedded is not None:
+            return embedded
     if not ctx.is_feature(space):
         return _nonfeature(ctx, node)
     rank = ctx.rank(x)
@@ -297,3 +302,30 @@ def gather(ctx, node):
     idx_rank = ctx.rank(idx) or 0
     new = ch if axis > ch else ch - 1 + idx_rank
     return [_moved(ctx, node, space, new)]
+
+
+def embedding(ctx, node):
+    """A lookup table [rows, D] (an initializer) indexed by token ids or positions: a weight layer.
+
+    Its output channels are the table's columns (axis 1), a new feature group; nothing is merged
+    on its input (the indices are the same in every model). The residual stream of a language
+    model starts where such groups are added (token + position + type embeddings). None when
+    the Gather is not such a lookup (integer tables, other axes, indices carrying features).
+    """
+    x, idx = node.input[0], node.input[1]
+    table = ctx.consts[x]
+    if table.data_type not in _FLOAT_TYPES or len(table.dims) != 2 or ctx.attr(node, "axis", 0) % 2 != 0:
+        return None
+    if isinstance(ctx.space(idx), Blocked) or ctx.is_feature(ctx.space(idx)):
+        return None
+    out = node.output[0]
+    rank = ctx.rank(out)
+    out_space = ctx.new_group(int(table.dims[1]), out, rank - 1)
+    ctx.add_layer(Layer(
+        node=node.name, op_type="Gather", weight=x, bias=None, input=idx, output=out, in_space=InputSpace(),
+        out_space=out_space, w_out_axis=1, w_in_axis=0, weight_shape=tuple(int(d) for d in table.dims),
+    ))
+    return [out_space]
+
+
+_FLOAT_TYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16
