@@ -6,6 +6,7 @@ import numpy as np
 
 from onnxzip.graph.spaces import Blocked, GroupSpace, InputSpace, NoFeatures
 from onnxzip.ops.registry import register
+from onnxzip.ops.rotary import within_head_constant
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "Elu", "Selu", "Celu",
@@ -116,6 +117,8 @@ def binary(ctx, node):
                 if node.op_type == "Add" and ctx.attach_bias(node, k, feats[0][1], pos):
                     continue
                 ctx.add_param(node, k, pos, result)
+                continue
+            if node.op_type == "Mul" and within_head_constant(ctx, feats[0][1], result, shape, out_rank):
                 continue
             return ctx.unsupported_op(node, f"constant of shape {list(shape)} varies along the channel axis")
         # a run-time computed operand without features (a shape-derived scalar, say)

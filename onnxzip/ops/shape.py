@@ -8,6 +8,7 @@ from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, 
 from onnxzip.ops.attention import merge_heads, move_heads, split_heads, transpose_heads
 from onnxzip.graph.layergraph import Layer
 from onnxzip.ops.registry import register
+from onnxzip.ops.rotary import join_halves, slice_half
 
 
 def _nonfeature(ctx, node):
@@ -121,6 +122,9 @@ def concat(ctx, node):
         return ctx.unsupported_op(node, "inputs' channel axes differ")
     ch = ch.pop()
     if axis == ch:
+        halves = join_halves(ctx, node, names, spaces, axis)
+        if halves is not None:
+            return halves
         if len(feats) != len(names):
             return ctx.unsupported_op(node, "concatenates features with model inputs or constants along channels")
         parts = tuple(s for _, s in feats)
@@ -262,6 +266,9 @@ def keep_channels(ctx, node, x, space):
     """Slice or Tile along other axes: the channels pass through when their count is unchanged."""
     axis = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
+        half = slice_half(ctx, node, space) if node.op_type == "Slice" and isinstance(space, HeadSpace) else None
+        if half is not None:
+            return half
         return ctx.unsupported_op(node, f"{node.op_type} changes the channel axis")
     return [_moved(ctx, node, space, axis)]
 
