@@ -1,0 +1,179 @@
+"""Language models (Hugging Face BERT and a LLaMA-style decoder): token embeddings, the residual
+stream they start, RMSNorm, SwiGLU, rotary position embeddings, attention masks, tied and untied LM
+heads. Invariants: a permutation of every feature group leaves the outputs unchanged; zipping a
+model with a permuted copy of itself gives it back, with and without the statistics correction; two
+different models zip at full depth into a valid model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import onnxzip
+from onnxzip.permutation import permute_model, random_permutations
+from onnxzip.pipeline import load_layer_graph
+from onnxzip.predictions import owner_masks, token_rows
+from tests.tiny_models import example_feeds
+
+# committed models (tests/make_models.py): arch -> exporter
+COMMITTED = [("bert", "torchscript"), ("llama", "dynamo")]
+
+
+def run(model, feeds):
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def relative_error(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def token_calib(tmp_path_factory):
+    """calib(arch) -> an .npz of token ids (and an attention mask for BERT)."""
+    root = tmp_path_factory.mktemp("tokens")
+
+    def get(arch: str, n: int = 64):
+        path = root / f"{arch}-{n}.npz"
+        if not path.exists():
+            np.savez(path, **example_feeds(arch, n, seed=1))
+        return path
+
+    return get
+
+
+def _permuted_copy(path, out, seed=7):
+    graph = load_layer_graph(path)
+    onnx.save(permute_model(graph, random_permutations(graph, seed)), out)
+    return out
+
+
+def test_embedding_tables_are_weight_layers_that_start_the_residual_stream(tiny):
+    graph = load_layer_graph(tiny("bert"))
+    embeddings = [l for l in graph.layers if l.kind == "embedding"]
+    # word, token-type and position tables ([rows, D]): output channels on axis 1, no input channels
+    assert sorted(l.weight_shape[0] for l in embeddings) == [2, 32, 32]
+    assert all(l.w_out_axis == 1 and l.out_channels == 16 for l in embeddings)
+    # their sum is one group: the residual stream every block adds to
+    stream = {l.out_space.gid for l in embeddings}
+    assert len(stream) == 1
+    assert graph.max_depth() == graph.num_layers and not graph.unsupported
+
+
+def test_rotary_queries_and_keys_keep_channels_within_heads(tiny):
+    graph = load_layer_graph(tiny("llama", exporter="dynamo"))
+    assert graph.max_depth() == graph.num_layers and not graph.unsupported
+    rotary = [g for g in graph.groups.values() if g.rotary]
+    assert len(rotary) == 1 and rotary[0].attention_heads == 2  # q and k of the block: one group
+    values = [g for g in graph.groups.values() if g.attention_heads == 2 and not g.rotary]
+    assert len(values) == 1 and values[0].attention_tie == rotary[0].attention_tie
+    # SwiGLU: gate and up projections are one group
+    swiglu = [g for g in graph.groups.values() if len(g.producers) == 2 and g.size == 32]
+    assert len(swiglu) == 1
+    # a random permutation moves whole heads of the rotary group, never channels within a head
+    d = rotary[0].size // rotary[0].attention_heads
+    for seed in range(5):
+        perm = random_permutations(graph, seed)[rotary[0].gid]
+        assert (perm.reshape(-1, d) - perm.reshape(-1, d)[:, :1] == np.arange(d)).all()
+
+
+@pytest.mark.parametrize("arch,exporter", COMMITTED)
+def test_permuting_every_group_preserves_outputs(tiny, arch, exporter):
+    path = tiny(arch, exporter=exporter)
+    graph = load_layer_graph(path)
+    permuted = permute_model(graph, random_permutations(graph, seed=3))
+    onnx.checker.check_model(permuted)
+    x = example_feeds(arch, 6, seed=5)
+    np.testing.assert_allclose(run(permuted, x)[0], run(path, x)[0], atol=1e-5, rtol=1e-4)
+    changed = {t.name for t in permuted.graph.initializer} & {l.weight for l in graph.layers}
+    assert changed
+
+
+@pytest.mark.parametrize("arch,exporter", COMMITTED)
+@pytest.mark.parametrize("repair", [False, True])
+def test_zip_with_permuted_self_gives_the_model_back(tiny, token_calib, tmp_path, arch, exporter, repair):
+    path = tiny(arch, exporter=exporter)
+    other = _permuted_copy(path, tmp_path / "permuted.onnx")
+    result = onnxzip.zip_models(path, other, token_calib(arch), method="zipit", params={"alpha": 0.3, "beta": 0.0},
+                                do_repair=repair, stop_at="all", tasks=["a", "b"])
+    x = example_feeds(arch, 6, seed=8)
+    want = run(path, x)[0]
+    for got in run(result.model, x):
+        assert relative_error(got, want) < 1e-4
+
+
+def test_two_llama_models_zip_at_full_depth_with_the_label_free_search(tiny, token_calib):
+    a, b = tiny("llama", 0, "dynamo"), tiny("llama", 1, "dynamo")
+    result = onnxzip.zip_models(a, b, token_calib("llama", 96), tasks=["a", "b"])
+    onnx.checker.check_model(result.model)
+    assert result.stop_at == load_layer_graph(a).num_layers - 1  # all but the LM heads shared
+    outs = run(result.model, example_feeds("llama", 3, seed=9))
+    assert [o.shape for o in outs] == [(3, 16, 32), (3, 16, 32)]
+    # fidelity was scored per token (3-D logits): held-out rows times tokens
+    selection = result.summary()["selection"]
+    assert selection["holdout_samples"] % 16 == 0 and 0.0 < selection["candidates"][0]["joint_agreement"] <= 1.0
+
+
+def test_sequence_logits_are_one_prediction_per_token():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 5, 7))
+    assert token_rows(logits).shape == (20, 7)
+    np.testing.assert_array_equal(token_rows(logits)[7], logits[1, 2])
+    sharp = logits.copy()
+    sharp[:2] *= 10  # model A much more confident on rows 0 and 1 (every token)
+
+    class Batch:
+        task = np.full(4, -1)
+
+    owner = owner_masks(Batch(), [sharp, logits])
+    assert owner.shape == (2, 4) and owner[0, :2].all() and owner[1, 2:].all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The brief's configurations, exported with torch from transformers (hidden 32, 2 layers, 2 heads,
+# intermediate 64, vocabulary 100): both exporters for BERT, dynamo for LLaMA (TorchScript cannot
+# export LLaMA: aten::diff), tied and untied LM heads.
+
+LM_CASES = [
+    ("bert", "torchscript", {}), ("bert", "dynamo", {}),
+    ("llama", "dynamo", {"tie": True}), ("llama", "dynamo", {"tie": False}),
+]
+
+
+def _export_lm(tmp_path, arch, exporter, seed, kw):
+    from tests import tiny_models
+
+    folder = tmp_path / f"{arch}-{exporter}-{seed}"
+    folder.mkdir()
+    model = tiny_models.build_language_model(arch, seed, hidden=32, layers=2, heads=2, vocab=100, intermediate=64, **kw)
+    return tiny_models.export(model, folder / "model.onnx", exporter)
+
+
+@pytest.mark.exporter
+@pytest.mark.parametrize("arch,exporter,kw", LM_CASES, ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}{v[k]}" for k in v))
+def test_exported_language_model_self_zip_is_exact_and_a_pair_zips(tmp_path, arch, exporter, kw):
+    from tests import tiny_models
+
+    a, b = (_export_lm(tmp_path, arch, exporter, seed, kw) for seed in (0, 1))
+    names = tiny_models.example_feeds(arch, 1).keys()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **tiny_models.tokens(64, seed=1, names=names, vocab=100))
+    graph = load_layer_graph(a)
+    assert not graph.unsupported and graph.max_depth() == graph.num_layers
+    x = tiny_models.tokens(4, seed=2, names=names, vocab=100)
+    want = run(a, x)[0]
+    permuted = _permuted_copy(a, tmp_path / "permuted.onnx")
+    assert relative_error(run(permuted, x)[0], want) < 1e-5
+    for repair in (False, True):
+        result = onnxzip.zip_models(a, permuted, calib, method="zipit", params={"alpha": 0.3, "beta": 0.0},
+                                    do_repair=repair, stop_at="all", tasks=["a", "b"])
+        for got in run(result.model, x):
+            assert relative_error(got, want) < 1e-4
+    result = onnxzip.zip_models(a, b, calib, method="zipit", params={"alpha": 0.3, "beta": 0.125},
+                                stop_at="all", tasks=["a", "b"])
+    onnx.checker.check_model(result.model)
+    (got,) = run(result.model, x)
+    assert got.shape == want.shape and np.isfinite(got).all()
