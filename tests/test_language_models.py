@@ -177,3 +177,28 @@ def test_exported_language_model_self_zip_is_exact_and_a_pair_zips(tmp_path, arc
     onnx.checker.check_model(result.model)
     (got,) = run(result.model, x)
     assert got.shape == want.shape and np.isfinite(got).all()
+
+
+def test_every_depth_of_a_llama_pair_gives_a_valid_model(tiny, token_calib):
+    from onnxzip.pipeline import prepare_pair, zip_prepared
+
+    pair = prepare_pair(tiny("llama", 0, "dynamo"), tiny("llama", 1, "dynamo"), token_calib("llama"), tasks=["a", "b"])
+    x = example_feeds("llama", 3, seed=4)
+    for depth in range(pair.graphs[0].num_layers + 1):
+        result = zip_prepared(pair, "zipit", {"alpha": 0.3, "beta": 0.125}, stop_at=depth, tasks=["a", "b"])
+        outs = run(result.model, x)
+        assert len(outs) == (1 if depth == pair.graphs[0].num_layers else 2)
+        assert all(o.shape == (3, 16, 32) and np.isfinite(o).all() for o in outs)
+
+
+def test_shape_nodes_with_different_inputs_never_correspond_across_models():
+    from onnx import helper, numpy_helper
+
+    from onnxzip.split import _same_int_consts
+
+    one = numpy_helper.from_array(np.array([1], dtype=np.int64), "one")
+    short = helper.make_node("Concat", ["shape", "one"], ["s"], axis=0)
+    long = helper.make_node("Concat", ["shape", "one", "one", "one"], ["l"], axis=0)
+    consts = {"one": one}
+    assert _same_int_consts(short, short, consts, consts)
+    assert not _same_int_consts(long, short, consts, consts)  # GQA's repeat shape is not the view shape
