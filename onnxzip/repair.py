@@ -531,11 +531,11 @@ class _LevelMoments:
             mask = chunk.valid
             if self.owned and s.model >= 0 and chunk.owner is not None:
                 mask = mask & chunk.owner[s.model]
-            x = per_row(values[s.preact], len(mask))
+            x, axis = per_row(values[s.preact], s.channel_axis, len(mask))
             key = self.key(s)
             if key not in self.accs:
-                self.accs[key] = SplitMoments(x.shape[s.channel_axis], 1)
-            self.accs[key].update(x, s.channel_axis, mask[None])
+                self.accs[key] = SplitMoments(x.shape[axis], 1)
+            self.accs[key].update(x, axis, mask[None])
 
 
 def _reset_norms_on(frontier: _Frontier, weights: _Weights, norms) -> None:

@@ -202,3 +202,18 @@ def test_shape_nodes_with_different_inputs_never_correspond_across_models():
     consts = {"one": one}
     assert _same_int_consts(short, short, consts, consts)
     assert not _same_int_consts(long, short, consts, consts)  # GQA's repeat shape is not the view shape
+
+
+def test_statistics_see_one_row_per_calibration_row():
+    from onnxzip.stats.collect import per_row
+
+    rows = 3
+    batch = np.arange(rows * 4 * 5, dtype=np.float32).reshape(rows, 4, 5)
+    got, axis = per_row(batch, 2, rows)
+    assert got is batch and axis == 2
+    shared = batch[:1]  # a position embedding: computed once, the same for every row
+    got, axis = per_row(shared, -1, rows)
+    assert got.shape == (rows, 4, 5) and axis == 2 and (got[2] == shared[0]).all()
+    folded = batch.reshape(rows * 4, 5)  # a dense layer on a [rows * tokens, C] view (dynamo)
+    got, axis = per_row(folded, 1, rows)
+    assert got.shape == (rows, 4, 5) and axis == 2 and (got == batch).all()
