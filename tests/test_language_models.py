@@ -217,3 +217,52 @@ def test_statistics_see_one_row_per_calibration_row():
     folded = batch.reshape(rows * 4, 5)  # a dense layer on a [rows * tokens, C] view (dynamo)
     got, axis = per_row(folded, 1, rows)
     assert got.shape == (rows, 4, 5) and axis == 2 and (got == batch).all()
+
+
+def _tied_lm(seed: int, spelling: str) -> onnx.ModelProto:
+    """A one-block language model whose LM head reads the embedding table: through a Transpose of
+    the same initializer, or a Gemm (transB=1) sharing it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    vocab, d, hidden, tokens = 12, 6, 10, 4
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, d)).astype(np.float32), "emb"),
+             numpy_helper.from_array(rng.standard_normal((d, hidden)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((hidden, d)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]), helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"]),
+             helper.make_node("Add", ["x", "y"], ["s"])]
+    if spelling == "transpose":
+        nodes += [helper.make_node("Transpose", ["emb"], ["emb_t"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["s", "emb_t"], ["logits"])]
+    else:
+        inits += [numpy_helper.from_array(np.array([-1, d], np.int64), "rows"),
+                  numpy_helper.from_array(np.array([-1, tokens, vocab], np.int64), "back")]
+        nodes += [helper.make_node("Reshape", ["s", "rows"], ["s2"]), helper.make_node("Gemm", ["s2", "emb"], ["l2"], transB=1),
+                  helper.make_node("Reshape", ["l2", "back"], ["logits"])]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", tokens])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", tokens, vocab])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("spelling", ["transpose", "gemm"])
+def test_tied_lm_head_gets_the_embedding_merge(tmp_path, spelling):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_tied_lm(0, spelling), a)
+    onnx.save(_tied_lm(1, spelling), b)
+    graph = load_layer_graph(a)
+    table, head = graph.layers[0], graph.layers[-1]
+    assert table.kind == "embedding" and head.in_space.gid == table.out_space.gid  # both uses: the residual group
+    ids = np.random.default_rng(0).integers(0, 12, (48, 4)).astype(np.int64)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, ids=ids)
+    permuted = _permuted_copy(a, tmp_path / "permuted.onnx")
+    x = {"ids": ids[:5]}
+    want = run(a, x)[0]
+    for repair in (False, True):
+        result = onnxzip.zip_models(a, permuted, calib, method="zipit", params={"beta": 0.0}, do_repair=repair,
+                                    stop_at="all", tasks=["a", "b"])
+        assert relative_error(run(result.model, x)[0], want) < 1e-4
+    result = onnxzip.zip_models(a, b, calib, stop_at="all", tasks=["a", "b"])
+    onnx.checker.check_model(result.model)
+    assert run(result.model, x)[0].shape == (5, 4, 12)
