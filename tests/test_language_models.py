@@ -266,3 +266,25 @@ def test_tied_lm_head_gets_the_embedding_merge(tmp_path, spelling):
     result = onnxzip.zip_models(a, b, calib, stop_at="all", tasks=["a", "b"])
     onnx.checker.check_model(result.model)
     assert run(result.model, x)[0].shape == (5, 4, 12)
+
+
+def test_rmsnormalization_op_scale_follows_the_group(tmp_path):
+    """RMSNormalization (opset 23): its scale is a per-channel parameter, like LayerNorm's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((12, 6)).astype(np.float32), "emb"),
+             numpy_helper.from_array((rng.random(6) + 0.5).astype(np.float32), "scale"),
+             numpy_helper.from_array(rng.standard_normal((6, 5)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]),
+             helper.make_node("RMSNormalization", ["x", "scale"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "w"], ["logits"])]
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4, 5])], inits)
+    path = tmp_path / "rms.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), path)
+    layer_graph = load_layer_graph(path)
+    assert [p.op_type for p in layer_graph.params] == ["RMSNormalization"] and not layer_graph.unsupported
+    permuted = permute_model(layer_graph, random_permutations(layer_graph, seed=1))
+    x = {"ids": rng.integers(0, 12, (3, 4)).astype(np.int64)}
+    np.testing.assert_allclose(run(permuted, x)[0], run(path, x)[0], atol=1e-5, rtol=1e-5)
