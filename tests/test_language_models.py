@@ -288,3 +288,10 @@ def test_rmsnormalization_op_scale_follows_the_group(tmp_path):
     permuted = permute_model(layer_graph, random_permutations(layer_graph, seed=1))
     x = {"ids": rng.integers(0, 12, (3, 4)).astype(np.int64)}
     np.testing.assert_allclose(run(permuted, x)[0], run(path, x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_token_ids_outside_the_vocabulary_are_a_user_error(tiny, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=np.full((8, 16), 40, dtype=np.int64))  # the tiny LLaMA has 32 tokens
+    with pytest.raises(onnxzip.OnnxZipError, match="vocabulary"):
+        onnxzip.zip_models(tiny("llama", 0, "dynamo"), tiny("llama", 1, "dynamo"), calib, tasks=["a", "b"])

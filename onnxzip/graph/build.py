@@ -68,6 +68,8 @@ def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
         raise ModelLoadError(
             f"onnxruntime cannot run the model on an example batch ({str(e).splitlines()[0][:300]}); "
             "check that it runs in onnxruntime, or pass calibration data with the real input shapes"
+            + ("; token ids must be smaller than the embedding table's rows (the vocabulary)"
+               if "out of data bounds" in str(e) else "")
         ) from e
     shapes = {n: tuple(np.shape(v)) for n, v in zip(names, values)}
     for k, v in feeds.items():
