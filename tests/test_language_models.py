@@ -295,3 +295,36 @@ def test_token_ids_outside_the_vocabulary_are_a_user_error(tiny, tmp_path):
     np.savez(calib, input_ids=np.full((8, 16), 40, dtype=np.int64))  # the tiny LLaMA has 32 tokens
     with pytest.raises(onnxzip.OnnxZipError, match="vocabulary"):
         onnxzip.zip_models(tiny("llama", 0, "dynamo"), tiny("llama", 1, "dynamo"), calib, tasks=["a", "b"])
+
+
+def test_an_op_that_blocks_attention_heads_limits_the_depth():
+    """A blocked q/k/v tensor (attention heads) stops the zip before its group's first layer."""
+    from onnx import helper
+
+    from onnxzip.graph.build import BuildContext
+    from onnxzip.graph.spaces import HeadSpace
+
+    model = helper.make_model(helper.make_graph([], "empty", [], []))
+    ctx = BuildContext(model, {})
+    node = helper.make_node("Reshape", ["q", "shape"], ["out"], name="repeat")
+    ctx.cross_channel(node, HeadSpace(3, 32, 4))
+    assert ctx.crossed == {3: [("repeat", "Reshape")]}
+
+
+@pytest.mark.exporter
+def test_grouped_query_attention_stops_at_its_first_block_with_a_clear_message(tmp_path):
+    from tests import tiny_models
+
+    paths = []
+    for seed in (0, 1):
+        (tmp_path / str(seed)).mkdir()
+        model = tiny_models.build_language_model("llama", seed, hidden=32, heads=4, kv_heads=2)
+        paths.append(tiny_models.export(model, tmp_path / str(seed) / "model.onnx", "dynamo"))
+    graph = load_layer_graph(paths[0])
+    assert graph.max_depth() == 1 and "grouped-query attention" in graph.unsupported[0].reason
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **tiny_models.tokens(64, 1))
+    with pytest.raises(onnxzip.OnnxZipError, match="grouped-query attention"):
+        onnxzip.zip_models(paths[0], paths[1], calib, tasks=["a", "b"])
+    result = onnxzip.zip_models(paths[0], paths[1], calib, tasks=["a", "b"], stop_at=1)
+    assert len(run(result.model, tiny_models.tokens(2, 3))) == 2

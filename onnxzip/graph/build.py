@@ -233,8 +233,11 @@ class BuildContext:
 
     def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
         """``node`` mixes the channels of ``space``: fine for an output group, else a limit."""
-        for leaf in leaves(space):
-            self.crossed.setdefault(leaf.gid, []).append((node.name, node.op_type))
+        gids = [leaf.gid for leaf in leaves(space)]
+        if isinstance(space, (HeadSpace, HeadsOnly, HalfHeads)):  # attention tensors: their group
+            gids = [space.gid]
+        for gid in gids:
+            self.crossed.setdefault(gid, []).append((node.name, node.op_type))
 
     def unsupported_op(self, node: onnx.NodeProto, reason: str) -> list[Space]:
         """Record that the zip cannot pass through ``node``; its outputs are blocked."""

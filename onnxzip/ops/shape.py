@@ -73,7 +73,12 @@ def reshape(ctx, node, x, space):
     axis = ctx.feature_axis(x)
     if isinstance(space, HeadSpace):
         merged = merge_heads(ctx, node, space, in_shape, out_shape) or move_heads(ctx, node, space, in_shape, out_shape)
-        return merged if merged is not None else ctx.unsupported_op(node, "reshapes attention heads in an unknown way")
+        if merged is not None:
+            return merged
+        producer = ctx.producer.get(x)
+        if producer is not None and producer.op_type in ("Expand", "Tile"):
+            return ctx.unsupported_op(node, "joins repeated key/value heads (grouped-query attention), not supported yet")
+        return ctx.unsupported_op(node, "reshapes attention heads in an unknown way")
     if isinstance(space, HeadsOnly):
         found = map_axis(in_shape, out_shape, axis)
         if found is None or found[1:] != (1, 1):
