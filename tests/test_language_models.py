@@ -53,13 +53,13 @@ def _permuted_copy(path, out, seed=7):
 
 def test_embedding_tables_are_weight_layers_that_start_the_residual_stream(tiny):
     graph = load_layer_graph(tiny("bert"))
-    embeddings = [l for l in graph.layers if l.kind == "embedding"]
-    # word, token-type and position tables ([rows, D]): output channels on axis 1, no input channels
-    assert sorted(l.weight_shape[0] for l in embeddings) == [2, 32, 32]
-    assert all(l.w_out_axis == 1 and l.out_channels == 16 for l in embeddings)
-    # their sum is one group: the residual stream every block adds to
-    stream = {l.out_space.gid for l in embeddings}
-    assert len(stream) == 1
+    # the word table [vocab, D], indexed by the input: a layer, output channels on axis 1, no input channels
+    (words,) = [l for l in graph.layers if l.kind == "embedding"]
+    assert words.weight_shape == (32, 16) and words.w_out_axis == 1 and words.input == "input_ids"
+    # token-type and position tables, indexed by positions computed from shapes and constants, are
+    # added constants: their columns follow the residual stream (as the dynamo exporter folds them)
+    lookups = [p for p in graph.params if p.op_type == "Gather"]
+    assert len(lookups) == 2 and {p.gid for p in lookups} == {words.out_space.gid} and {p.axis for p in lookups} == {1}
     assert graph.max_depth() == graph.num_layers and not graph.unsupported
 
 

@@ -51,7 +51,8 @@ def build_language_model(arch: str, seed: int, hidden: int = 16, layers: int = 2
                          vocab: int = VOCAB, intermediate: int = 32, kv_heads: int | None = None, tie: bool = True):
     """A tiny Hugging Face model with random weights: "bert" (BertForSequenceClassification, 3
     labels; inputs input_ids and attention_mask) or "llama" (LlamaForCausalLM without a KV cache;
-    input input_ids). Norm scales and biases are made non-trivial, as after training."""
+    input input_ids). Norm scales and all biases are made non-trivial, as after training (a Hugging
+    Face model starts with zero biases, and the dynamo exporter drops a zero bias)."""
     t = _torch()
     tf = _transformers()
     t.manual_seed(seed)
@@ -68,8 +69,10 @@ def build_language_model(arch: str, seed: int, hidden: int = 16, layers: int = 2
         raise ValueError(f"unknown language model {arch!r}: one of {LANGUAGE_MODELS}")
     g = t.Generator().manual_seed(seed + 2000)
     for name, p in inner.named_parameters():
-        if "norm" in name.lower():
-            p.data.copy_(t.rand(p.shape, generator=g) + 0.5 if name.endswith("weight") else t.randn(p.shape, generator=g) * 0.1)
+        if "norm" in name.lower() and name.endswith("weight"):
+            p.data.copy_(t.rand(p.shape, generator=g) + 0.5)
+        elif name.endswith("bias"):
+            p.data.copy_(t.randn(p.shape, generator=g) * 0.1)
 
     class LanguageModel(t.nn.Module):
         token_inputs = ("input_ids", "attention_mask") if arch == "bert" else ("input_ids",)

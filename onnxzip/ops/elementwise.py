@@ -7,6 +7,7 @@ import numpy as np
 from onnxzip.graph.spaces import Blocked, GroupSpace, InputSpace, NoFeatures
 from onnxzip.ops.registry import register
 from onnxzip.ops.rotary import within_head_constant
+from onnxzip.ops.shape import constant_lookup
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "Elu", "Selu", "Celu",
@@ -124,6 +125,8 @@ def binary(ctx, node):
         # a run-time computed operand without features (a shape-derived scalar, say)
         shape = ctx.shape(i) or ()
         pos = axis - (out_rank - len(shape))
+        if node.op_type in ("Add", "Sub") and pos >= 0 and constant_lookup(ctx, i, pos, result):
+            continue
         if len(shape) and pos >= 0 and shape[pos] != 1:
             return ctx.unsupported_op(node, "operand computed at run time varies along the channel axis")
     if not isinstance(result, GroupSpace):

@@ -317,19 +317,19 @@ def gather(ctx, node):
 
 
 def embedding(ctx, node):
-    """A lookup table [rows, D] (an initializer) indexed by token ids or positions: a weight layer.
+    """A lookup table [rows, D] (an initializer) indexed by the model's inputs (token ids): a weight layer.
 
     Its output channels are the table's columns (axis 1), a new feature group; nothing is merged
     on its input (the indices are the same in every model). The residual stream of a language
-    model starts where such groups are added (token + position + type embeddings). None when
-    the Gather is not such a lookup (integer tables, other axes, indices carrying features).
+    model starts where such groups are added. None when the Gather is not such a lookup (integer
+    tables, other axes, indices carrying features, or indices that do not depend on the inputs'
+    values: position and token-type lookups computed from shapes and constants are per-channel
+    constants of the group they are added to, see :func:`constant_lookup`).
     """
     x, idx = node.input[0], node.input[1]
+    if not _lookup_table(ctx, node) or not isinstance(ctx.space(idx), InputSpace):
+        return None
     table = ctx.consts[x]
-    if table.data_type not in _FLOAT_TYPES or len(table.dims) != 2 or ctx.attr(node, "axis", 0) % 2 != 0:
-        return None
-    if isinstance(ctx.space(idx), Blocked) or ctx.is_feature(ctx.space(idx)):
-        return None
     out = node.output[0]
     rank = ctx.rank(out)
     out_space = ctx.new_group(int(table.dims[1]), out, rank - 1)
@@ -341,3 +341,30 @@ def embedding(ctx, node):
 
 
 _FLOAT_TYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16
+
+
+def _lookup_table(ctx, node) -> bool:
+    """A Gather on axis 0 of a float [rows, D] initializer."""
+    if node.op_type != "Gather" or not ctx.is_const(node.input[0]) or ctx.is_const(node.input[1]):
+        return False
+    table = ctx.consts[node.input[0]]
+    return table.data_type in _FLOAT_TYPES and len(table.dims) == 2 and ctx.attr(node, "axis", 0) % 2 == 0
+
+
+def constant_lookup(ctx, name: str, pos: int, space) -> bool:
+    """``name`` (added to features at its axis ``pos``) is a lookup from a table whose indices do
+    not depend on the inputs' values (position or token-type embeddings: a Gather indexed by
+    positions computed from shapes and constants, maybe broadcast): record the table's columns as
+    a per-channel parameter of ``space``, like an added initializer. The TorchScript exporter keeps
+    such lookups where the dynamo exporter folds them into an initializer; both read the same."""
+    if not isinstance(space, GroupSpace) or (ctx.shape(name) or ())[pos:pos + 1] != (space.size,):
+        return False
+    producer = ctx.producer.get(name)
+    while producer is not None and producer.op_type in ("Expand", "Tile", "Cast", "Identity", "Unsqueeze"):
+        producer = ctx.producer.get(producer.input[0])
+    if producer is None or not _lookup_table(ctx, producer) or not isinstance(ctx.space(producer.input[1]), NoFeatures):
+        return False
+    if ctx.consts[producer.input[0]].dims[1] != space.size or (ctx.shape(producer.output[0]) or ())[-1:] != (space.size,):
+        return False
+    ctx.add_param(producer, 0, 1, space)
+    return True
