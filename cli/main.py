@@ -646,6 +646,7 @@ def _group_table(groups: list) -> Table:
         if g["attention_heads"] > 1:
             tied = g["attention_tie"] is not None and g["attention_tie"] != g["group"]
             where += f"; {g['attention_heads']} attention heads" + (f" (tied with g{g['attention_tie']})" if tied else "")
+            where += ", rotary (channels stay in place within heads)" if g.get("rotary") else ""
         gt.add_row(f"g{g['group']}", str(g["channels"]), prod, where, ", ".join(g["passes_through"]))
     return gt
 

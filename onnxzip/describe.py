@@ -51,6 +51,7 @@ def graph_summary(graph: LayerGraph) -> dict:
             "output": g.output,
             "attention_heads": g.attention_heads,
             "attention_tie": g.attention_tie,
+            "rotary": g.rotary,
             "passes_through": sorted({p.op_type for p in graph.params if p.gid == gid}),
             "blocked_by": [n for n, _ in g.blocked_by] if not g.output else [],
         })

@@ -86,18 +86,22 @@ def fixed_merge(size: int, n_models: int) -> GroupMerge:
     return GroupMerge(np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models), fixed=True)
 
 
-def _head_pairing(corrs: list[np.ndarray], heads: int) -> np.ndarray:
-    """Pair model A's heads with model B's: Hungarian on the summed within-head matching scores."""
+def _head_pairing(corrs: list[np.ndarray], heads: int, rotary: list[bool] | None = None) -> np.ndarray:
+    """Pair model A's heads with model B's: Hungarian on the summed within-head matching scores
+    (for a rotary group, channel i of one head only meets channel i of the other: the diagonal)."""
     from scipy.optimize import linear_sum_assignment
 
     score = np.zeros((heads, heads))
-    for c in corrs:
+    for c, fixed in zip(corrs, rotary or [False] * len(corrs)):
         f = c.shape[0] // 2
         d = f // heads
         cross = np.nan_to_num(c[:f, f:], neginf=-1.0, posinf=1.0)
         for i in range(heads):
             for j in range(heads):
                 block = cross[i * d:(i + 1) * d, j * d:(j + 1) * d]
+                if fixed:
+                    score[i, j] += np.trace(block)
+                    continue
                 r, k = linear_sum_assignment(block, maximize=True)
                 score[i, j] += block[r, k].sum()
     _, pairing = linear_sum_assignment(score, maximize=True)
@@ -110,10 +114,14 @@ def head_merges(groups: list, stats: PairStats, method: str, params: dict) -> di
     Whole heads are paired across the models (identity for "average"), then within each pair of
     heads the method matches the head's channels. Merged head i is A's head i with its partner;
     q and k of a head share one group, v and the output projection another (the builder ties them).
+    A rotary group (RoPE: cos/sin tables shared by all heads along the within-head axis) keeps
+    channels in place within heads: channel i of a merged head averages channel i of its members
+    (``onnxzip.ops.rotary``).
     """
     heads = groups[0].attention_heads
     corrs = {g.gid: similarity(stats.groups[g.gid]) for g in groups if g.gid in stats.groups}
-    pairing = np.arange(heads) if method == "average" or not corrs else _head_pairing(list(corrs.values()), heads)
+    rotary = [g.rotary for g in groups if g.gid in corrs]
+    pairing = np.arange(heads) if method == "average" or not corrs else _head_pairing(list(corrs.values()), heads, rotary)
     out = {}
     for g in groups:
         f = g.size
@@ -127,7 +135,10 @@ def head_merges(groups: list, stats: PairStats, method: str, params: dict) -> di
         for i in range(heads):
             j = pairing[i]
             idx = np.concatenate([np.arange(i * d, (i + 1) * d), f + np.arange(j * d, (j + 1) * d)])
-            m, u = match(c[np.ix_(idx, idx)], method=method, **params)
+            if g.rotary:
+                m, u = np.hstack([np.eye(d) / 2, np.eye(d) / 2]), np.vstack([np.eye(d), np.eye(d)])
+            else:
+                m, u = match(c[np.ix_(idx, idx)], method=method, **params)
             m_full[i * d:(i + 1) * d, idx] = m
             u_full[idx, i * d:(i + 1) * d] = u
         out[g.gid] = GroupMerge(m_full, u_full)
@@ -148,6 +159,10 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
             continue
         if group.output or gid not in stats.groups:
             merges[gid] = fixed_merge(group.size, n_models)
+            continue
+        if group.rotary:  # more than two models: heads are not paired yet, channels must stay in place
+            eye = np.eye(group.size)
+            merges[gid] = GroupMerge(np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models))
             continue
         m, u = match(similarity(stats.groups[gid]), method=method, **params)
         merges[gid] = GroupMerge(np.asarray(m, dtype=np.float64), np.asarray(u, dtype=np.float64))

@@ -28,7 +28,8 @@ def random_permutations(graph: LayerGraph, seed: int = 0) -> dict[int, np.ndarra
         elif g.attention_heads > 1:  # whole heads move together (shared by tied groups), channels move within heads
             d = g.size // g.attention_heads
             order = head_orders.setdefault(g.attention_tie if g.attention_tie is not None else gid, rng.permutation(g.attention_heads))
-            perms[gid] = np.concatenate([order[h] * d + rng.permutation(d) for h in range(g.attention_heads)])
+            within = (lambda: np.arange(d)) if g.rotary else (lambda: rng.permutation(d))  # rotary: channels stay in place
+            perms[gid] = np.concatenate([order[h] * d + within() for h in range(g.attention_heads)])
         else:
             perms[gid] = rng.permutation(g.size)
     return perms

@@ -5,7 +5,8 @@ label-free selection and eval.
 A head's output is either logits (one score per class) or, for an embedding model, a vector
 scored against a class-embedding matrix: the cosine similarity with each class's embedding, times
 :data:`EMBEDDING_LOGIT_SCALE` (CLIP's logit scale), so that a softmax over them is as sharp as a
-trained classifier's.
+trained classifier's. A language model's logits ``[rows, tokens, vocab]`` are one prediction per
+token (:func:`token_rows`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from onnxzip.errors import CalibrationDataError
 
 __all__ = [
     "EMBEDDING_LOGIT_SCALE", "softmax", "joint_predictions", "embedding_scores", "class_scores",
-    "load_class_embeddings", "owner_masks", "TIE_TOLERANCE",
+    "load_class_embeddings", "owner_masks", "TIE_TOLERANCE", "is_sequence", "token_rows",
 ]
 
 # Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (CLIP), 2021:
@@ -104,4 +105,18 @@ def owner_masks(batch, head_outputs: list[np.ndarray], classes: list | None = No
 
 
 def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
+    if is_sequence(logits):  # a language model: the mean over tokens of each token's confidence
+        rows, tokens = logits.shape[:2]
+        return softmax(token_rows(logits)).max(axis=1).reshape(rows, tokens).mean(axis=1)
     return softmax(logits).max(axis=1)
+
+
+def is_sequence(output: np.ndarray) -> bool:
+    """A head output ``[rows, tokens, classes]`` (a language model's logits): one prediction per token."""
+    return output.ndim == 3
+
+
+def token_rows(output: np.ndarray) -> np.ndarray:
+    """``[rows, tokens, classes]`` -> ``[rows * tokens, classes]``: every token is one prediction
+    (fidelity counts agreement per token); other outputs are returned as they are."""
+    return output.reshape(-1, output.shape[-1]) if is_sequence(output) else output

@@ -25,7 +25,7 @@ from onnxzip.frontier import RUN_BUDGET_BYTES, Chunk, Frontier, Weights, node_in
 from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.accumulate import SplitMoments
-from onnxzip.stats.collect import PairStats, has_static_batch, subset_step
+from onnxzip.stats.collect import PairStats, has_static_batch, per_row, subset_step
 
 __all__ = ["RepairReport", "repair", "target_statistics", "correct_layer", "default_repair_samples",
            "REPAIR_SAMPLES", "FRONTIER_BUDGET_BYTES"]
@@ -264,11 +264,11 @@ class _LevelMoments:
             mask = chunk.valid
             if self.owned and s.model >= 0 and chunk.owner is not None:
                 mask = mask & chunk.owner[s.model]
-            x = values[s.preact]
+            x, axis = per_row(values[s.preact], s.channel_axis, len(mask))
             key = self.key(s)
             if key not in self.accs:
-                self.accs[key] = SplitMoments(x.shape[s.channel_axis], 1)
-            self.accs[key].update(x, s.channel_axis, mask[None])
+                self.accs[key] = SplitMoments(x.shape[axis], 1)
+            self.accs[key].update(x, axis, mask[None])
 
 
 def _reset_norms_on(frontier: Frontier, weights: Weights, norms) -> None:

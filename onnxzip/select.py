@@ -24,7 +24,7 @@ import onnx
 from onnxzip.errors import OnnxZipError, OptionError
 from onnxzip.pipeline import zip_prepared
 from onnxzip.progress import stage
-from onnxzip.predictions import class_scores, joint_predictions, owner_masks
+from onnxzip.predictions import class_scores, is_sequence, joint_predictions, owner_masks, token_rows
 from onnxzip.runtime import session
 
 __all__ = [
@@ -79,9 +79,13 @@ def make_holdout(pair, limit: int = 2048) -> Holdout:
     if total == 0:
         raise OptionError("no held-out calibration samples to score candidates: use --holdout > 0 and more data")
     source_heads = [np.concatenate(h) for h in heads]
+    owner = np.concatenate(owners, axis=1)
+    if is_sequence(source_heads[0]):  # a language model: each token is one prediction, owned by its row's model
+        owner = np.repeat(owner, source_heads[0].shape[1], axis=1)
+        source_heads = [token_rows(h) for h in source_heads]
     return Holdout(
         feeds={k: np.concatenate(v) for k, v in feeds.items()},
-        owner=np.concatenate(owners, axis=1),
+        owner=owner,
         source_heads=source_heads,
         ensemble_joint=joint_predictions(source_heads),
         classes=pair.classes,
@@ -129,7 +133,7 @@ def _model_heads(model: onnx.ModelProto, tasks: list[str], feeds: dict, provider
 
 def fidelity(model: onnx.ModelProto, holdout: Holdout, tasks: list[str], providers=None) -> Fidelity:
     """How faithfully a zipped model reproduces its sources on held-out rows."""
-    heads = _model_heads(model, tasks, holdout.feeds, providers, classes=holdout.classes)
+    heads = [token_rows(h) for h in _model_heads(model, tasks, holdout.feeds, providers, classes=holdout.classes)]
     joint = float((joint_predictions(heads) == holdout.ensemble_joint).mean())
     per_task = {}
     for k, t in enumerate(tasks):

@@ -155,7 +155,10 @@ def _tensor_map(graphs: list[LayerGraph], trunk: list[set[str]]) -> list[dict[st
 
 def _same_int_consts(n: onnx.NodeProto, cand: onnx.NodeProto, consts: dict, a_consts: dict) -> bool:
     """Integer constant inputs (indices, shapes, axes) must be equal: Gather(shape, 0) is not
-    Gather(shape, 1). Float constants are weights and differ between models."""
+    Gather(shape, 1). Float constants are weights and differ between models. Nodes with different
+    numbers of inputs (a Concat of two shapes and one of five) never correspond."""
+    if len(n.input) != len(cand.input):
+        return False
     for x, y in zip(n.input, cand.input):
         tx, ty = consts.get(x), a_consts.get(y)
         if (tx is None) != (ty is None):

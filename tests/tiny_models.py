@@ -23,7 +23,95 @@ def _torch():
     return torch
 
 
+# Hugging Face language models (random weights): token ids in, logits out.
+LANGUAGE_MODELS = ("bert", "llama")
+TOKENS = 16  # sequence length of the example inputs
+VOCAB = 32
+
+
+def _transformers():
+    """transformers, importable next to a CPU torch: its vision helpers import torchvision, whose
+    PyPI build fails to load its C++ ops there; declaring them first is enough to import it."""
+    t = _torch()
+    global _TORCHVISION_OPS
+    if "_TORCHVISION_OPS" not in globals():
+        try:
+            lib = t.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        except RuntimeError:  # a working torchvision is already loaded
+            lib = None
+        _TORCHVISION_OPS = lib
+    import transformers
+
+    return transformers
+
+
+def build_language_model(arch: str, seed: int, hidden: int = 16, layers: int = 2, heads: int = 2,
+                         vocab: int = VOCAB, intermediate: int = 32, kv_heads: int | None = None, tie: bool = True):
+    """A tiny Hugging Face model with random weights: "bert" (BertForSequenceClassification, 3
+    labels; inputs input_ids and attention_mask) or "llama" (LlamaForCausalLM without a KV cache;
+    input input_ids). Norm scales and all biases are made non-trivial, as after training (a Hugging
+    Face model starts with zero biases, and the dynamo exporter drops a zero bias)."""
+    t = _torch()
+    tf = _transformers()
+    t.manual_seed(seed)
+    if arch == "bert":
+        cfg = tf.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=intermediate, max_position_embeddings=2 * TOKENS, num_labels=3)
+        inner = tf.BertForSequenceClassification(cfg)
+    elif arch == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=kv_heads or heads, intermediate_size=intermediate,
+                             max_position_embeddings=2 * TOKENS, tie_word_embeddings=tie, use_cache=False)
+        inner = tf.LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(f"unknown language model {arch!r}: one of {LANGUAGE_MODELS}")
+    g = t.Generator().manual_seed(seed + 2000)
+    for name, p in inner.named_parameters():
+        if "norm" in name.lower() and name.endswith("weight"):
+            p.data.copy_(t.rand(p.shape, generator=g) + 0.5)
+        elif name.endswith("bias"):
+            p.data.copy_(t.randn(p.shape, generator=g) * 0.1)
+
+    class LanguageModel(t.nn.Module):
+        token_inputs = ("input_ids", "attention_mask") if arch == "bert" else ("input_ids",)
+
+        def __init__(self):
+            super().__init__()
+            self.m = inner
+
+        def forward(self, input_ids, attention_mask=None):
+            extra = {"attention_mask": attention_mask} if attention_mask is not None else {}
+            return self.m(input_ids=input_ids, use_cache=False, return_dict=False, **extra)[0]
+
+    model = LanguageModel().eval()
+    model.vocab = vocab
+    return model
+
+
+def tokens(n: int, seed: int = 0, names=("input_ids",), vocab: int = VOCAB) -> dict[str, np.ndarray]:
+    """Random token ids [n, TOKENS] (int64); an attention mask, if asked for, pads the last
+    quarter of every other row."""
+    rng = np.random.default_rng(seed)
+    feeds = {"input_ids": rng.integers(0, vocab, (n, TOKENS)).astype(np.int64)}
+    if "attention_mask" in names:
+        mask = np.ones((n, TOKENS), dtype=np.int64)
+        mask[::2, 3 * TOKENS // 4:] = 0
+        feeds["attention_mask"] = mask
+    return feeds
+
+
+def example_feeds(arch: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a model of ``arch`` by input name: images, or token ids (and a mask)."""
+    if arch in LANGUAGE_MODELS:
+        return tokens(n, seed, ("input_ids", "attention_mask") if arch == "bert" else ("input_ids",))
+    return {"input": images(n, seed)}
+
+
 def build(arch: str, seed: int):
+    if arch in LANGUAGE_MODELS:  # one block keeps the committed files small
+        return build_language_model(arch, seed, layers=1)
     t = _torch()
     nn = t.nn
     t.manual_seed(seed)
@@ -150,6 +238,9 @@ def build(arch: str, seed: int):
 
 def export(model, path: Path, exporter: str = "torchscript", fold: bool = True, opset: int = 17) -> Path:
     t = _torch()
+    names = getattr(model, "token_inputs", None)
+    if names is not None:
+        return _export_tokens(model, path, names, exporter, fold, opset)
     x = t.rand(2, 1, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -161,6 +252,23 @@ def export(model, path: Path, exporter: str = "torchscript", fold: bool = True, 
             batch = t.export.Dim("batch", min=1, max=1024)
             t.onnx.export(model, (x,), str(path), dynamo=True, opset_version=max(opset, 18),
                           dynamic_shapes=({0: batch},), optimize=fold, verbose=False)
+    return path
+
+
+def _export_tokens(model, path: Path, names, exporter: str, fold: bool, opset: int) -> Path:
+    t = _torch()
+    args = tuple(t.from_numpy(v) for v in tokens(2, seed=0, names=names, vocab=model.vocab).values())
+    with warnings.catch_warnings(), t.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            axes = {n: {0: "batch"} for n in (*names, "logits")}
+            t.onnx.export(model, args, str(path), dynamo=False, opset_version=opset, input_names=list(names),
+                          output_names=["logits"], dynamic_axes=axes, do_constant_folding=fold)
+        else:
+            batch = t.export.Dim("batch", min=1, max=1024)
+            t.onnx.export(model, args, str(path), dynamo=True, opset_version=max(opset, 18), input_names=list(names),
+                          output_names=["logits"], dynamic_shapes=tuple({0: batch} for _ in names), optimize=fold,
+                          verbose=False)
     return path
 
 

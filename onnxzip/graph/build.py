@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from onnxzip.errors import ModelLoadError, UnsupportedOpError
 from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, leaves,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HalfHeads, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, leaves,
 )
 from onnxzip.ops import get_handler
 from onnxzip.onnx_nodes import attr
@@ -68,6 +68,8 @@ def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
         raise ModelLoadError(
             f"onnxruntime cannot run the model on an example batch ({str(e).splitlines()[0][:300]}); "
             "check that it runs in onnxruntime, or pass calibration data with the real input shapes"
+            + ("; token ids must be smaller than the embedding table's rows (the vocabulary)"
+               if "out of data bounds" in str(e) else "")
         ) from e
     shapes = {n: tuple(np.shape(v)) for n, v in zip(names, values)}
     for k, v in feeds.items():
@@ -97,6 +99,7 @@ class BuildContext:
         self.head_axis_of: dict[str, int] = {}  # attention tensors: where the head axis is
         self.group_heads: dict[int, int] = {}
         self.tie_parent: dict[int, int] = {}
+        self.rotary: set[int] = set()  # groups whose within-head channel order is fixed (see fix_within_heads)
         self.consumers: dict[str, int] = {}
         for n in model.graph.node:
             for i in n.input:
@@ -169,7 +172,7 @@ class BuildContext:
 
     @staticmethod
     def is_feature(space: Space) -> bool:
-        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly))
+        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, HalfHeads))
 
     def set_heads(self, gid: int, heads: int) -> bool:
         """Mark a group as ``heads`` heads; False if it was already split another way."""
@@ -178,6 +181,11 @@ class BuildContext:
             return False
         self.group_heads[root] = heads
         return True
+
+    def fix_within_heads(self, gid: int) -> None:
+        """A constant varies along the within-head axis (rotary cos/sin tables): the merge may pair
+        and merge whole heads, but channel i of a head only meets channel i of another head."""
+        self.rotary.add(gid)
 
     def tie_find(self, gid: int) -> int:
         gid = self.find(gid)
@@ -225,8 +233,11 @@ class BuildContext:
 
     def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
         """``node`` mixes the channels of ``space``: fine for an output group, else a limit."""
-        for leaf in leaves(space):
-            self.crossed.setdefault(leaf.gid, []).append((node.name, node.op_type))
+        gids = [leaf.gid for leaf in leaves(space)]
+        if isinstance(space, (HeadSpace, HeadsOnly, HalfHeads)):  # attention tensors: their group
+            gids = [space.gid]
+        for gid in gids:
+            self.crossed.setdefault(gid, []).append((node.name, node.op_type))
 
     def block(self, node: onnx.NodeProto, space: Space) -> None:
         """``node`` takes ``space``'s features where the zip cannot follow them: a trunk that made
@@ -299,7 +310,7 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
         for name, space in zip(node.output, outs):
             if name:
                 ctx.spaces[name] = space
-                if isinstance(space, (HeadSpace, HeadsOnly)) and name not in ctx.head_axis_of:
+                if isinstance(space, (HeadSpace, HeadsOnly, HalfHeads)) and name not in ctx.head_axis_of:
                     _carry_head_axis(ctx, node, name, space)
     graph = _finish(ctx)
     graph.notes = list(notes)
@@ -327,6 +338,8 @@ def _resolve(ctx: BuildContext, space: Space) -> Space:
         return HeadSpace(ctx.find(space.gid), space.size, space.heads)
     if isinstance(space, HeadsOnly):
         return HeadsOnly(ctx.find(space.gid), space.heads)
+    if isinstance(space, HalfHeads):
+        return HalfHeads(ctx.find(space.gid), space.size, space.heads, space.half)
     return space
 
 
@@ -388,6 +401,8 @@ def _renumber(space: Space, remap: dict[int, int]) -> Space:
         return HeadSpace(remap[space.gid], space.size, space.heads)
     if isinstance(space, HeadsOnly):
         return HeadsOnly(remap[space.gid], space.heads)
+    if isinstance(space, HalfHeads):
+        return HalfHeads(remap[space.gid], space.size, space.heads, space.half)
     return space
 
 
@@ -418,6 +433,10 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
                 space = spaces.get(order[i].output)
                 if isinstance(space, GroupSpace) and space.gid == g.gid:
                     g.tensors.append((order[i].output, space.axis))
+    for old in ctx.rotary:
+        gid = remap.get(ctx.find(old))
+        if gid in groups:
+            groups[gid].rotary = True
     for old_root, heads in ctx.group_heads.items():
         gid = remap.get(ctx.find(old_root))
         if gid in groups:

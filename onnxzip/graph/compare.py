@@ -287,9 +287,15 @@ def first_difference(a: LayerGraph, b: LayerGraph) -> str | None:
     pa, pb = a.params, b.params
     if len(pa) != len(pb):
         return f"A has {len(pa)} per-channel parameters, B has {len(pb)} (e.g. BatchNormalization kept in one model only)"
+    added = {"Sub": "Add", "Gather": "Add"}  # a constant subtracted, or looked up by positions (see ops.shape.constant_lookup), is added
     for x, y in zip(pa, pb):
-        if (x.gid, x.op_type if x.op_type != "Sub" else "Add") != (y.gid, y.op_type if y.op_type != "Sub" else "Add"):
+        if (x.gid, added.get(x.op_type, x.op_type)) != (y.gid, added.get(y.op_type, y.op_type)):
             return f"per-channel parameter differs: A {x.op_type} '{x.node}' on group {x.gid} vs B {y.op_type} '{y.node}' on group {y.gid}"
+        sx, sy = a.shapes.get(x.initializer, ()), b.shapes.get(y.initializer, ())
+        if int(np.prod(sx, dtype=np.int64)) != int(np.prod(sy, dtype=np.int64)):
+            return (f"per-channel parameter differs: A {x.op_type} '{x.node}' {list(sx)} vs B {y.op_type} '{y.node}' "
+                    f"{list(sy)} on group {x.gid} (e.g. a position table looked up in one model, folded to the "
+                    "positions used in the other: export both with the same exporter)")
     if len(a.outputs) != len(b.outputs):
         return f"A has {len(a.outputs)} outputs, B has {len(b.outputs)}"
     return None

@@ -15,7 +15,8 @@ __all__ = ["Layer", "ChannelParam", "FeatureGroup", "Unsupported", "LayerGraph"]
 
 @dataclass
 class Layer:
-    """A node with trainable weights: Conv, Gemm or MatMul with an initializer.
+    """A node with trainable weights: Conv, Gemm or MatMul with an initializer, or a Gather from an
+    initializer table (an embedding: [rows, D], output channels on axis 1, no input channels).
 
     ``w_out_axis``/``w_in_axis`` say which axis of the weight tensor holds output and input
     channels (Gemm transB=1: 0/1; Gemm transB=0 and MatMul: 1/0; Conv: 0/1). A depthwise
@@ -45,6 +46,8 @@ class Layer:
     def kind(self) -> str:
         if self.per_channel:
             return "depthwise"
+        if self.op_type == "Gather":
+            return "embedding"
         return "conv" if self.op_type == "Conv" else "dense"
 
     @property
@@ -89,6 +92,7 @@ class FeatureGroup:
     blocked_by: list = field(default_factory=list)  # nodes that cannot zip through it
     attention_heads: int = 1  # > 1: channels form attention heads of size // heads (attention); merges keep heads whole
     attention_tie: int | None = None  # groups with the same tie share one assignment of attention heads
+    rotary: bool = False  # attention heads rotated by position (RoPE): channels keep their place within a head
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Space", "InputSpace", "NoFeatures", "Blocked", "GroupSpace", "ConcatSpace", "ExpandSpace", "HeadSpace",
-    "HeadsOnly", "leaves",
+    "HeadsOnly", "HalfHeads", "leaves",
 ]
 
 
@@ -91,6 +91,19 @@ class HeadsOnly(Space):
     @property
     def size(self) -> int:
         return self.heads
+
+
+@dataclass(frozen=True)
+class HalfHeads(Space):
+    """One half of every head's channels of a head-structured group: channels [0, d/2) (``half``
+    0) or [d/2, d) (``half`` 1) of each head of size d. Rotary position embeddings spell
+    "rotate_half" as two such Slices, a Neg and a Concat that puts the halves back, swapped.
+    """
+
+    gid: int
+    size: int
+    heads: int
+    half: int
 
 
 def leaves(space: Space) -> list[GroupSpace]:

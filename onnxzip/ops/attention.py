@@ -13,7 +13,7 @@ import numpy as np
 
 from onnxzip.graph.spaces import GroupSpace, HeadsOnly, HeadSpace
 
-__all__ = ["split_heads", "merge_heads", "attention_matmul", "transpose_heads"]
+__all__ = ["split_heads", "merge_heads", "move_heads", "attention_matmul", "transpose_heads"]
 
 
 def split_heads(ctx, node, space: GroupSpace, in_shape, out_shape, axis: int):
@@ -43,6 +43,25 @@ def merge_heads(ctx, node, space: HeadSpace, in_shape, out_shape):
         if out_shape[k] == space.size and int(np.prod(out_shape[k + 1:], dtype=np.int64)) == inner:
             return [GroupSpace(space.gid, space.size, node.output[0], k)]
     return None
+
+
+def move_heads(ctx, node, space: HeadSpace, in_shape, out_shape):
+    """A Reshape that keeps the within-head axis whole and the head axis whole (a no-op reshape, or
+    batch and heads folded into one axis as the dynamo exporter spells attention); None otherwise."""
+    from onnxzip.ops.shape import map_axis
+
+    x, out = node.input[0], node.output[0]
+    head, dim = ctx.head_axis_of.get(x), ctx.feature_axis(x)
+    if head is None or dim is None:
+        return None
+    found_dim, found_head = map_axis(in_shape, out_shape, dim), map_axis(in_shape, out_shape, head)
+    if found_dim is None or found_head is None or found_dim[1:] != (1, 1) or found_head[2] != 1:
+        return None
+    if found_head[0] == found_dim[0]:
+        return None
+    ctx.set_axis(out, found_dim[0])
+    ctx.head_axis_of[out] = found_head[0]
+    return [space]
 
 
 def transpose_heads(ctx, node, space, perm):

@@ -6,11 +6,14 @@ import numpy as np
 
 from onnxzip.graph.spaces import Blocked, GroupSpace, InputSpace, NoFeatures
 from onnxzip.ops.registry import register
+from onnxzip.ops.rotary import within_head_constant
+from onnxzip.ops.shape import constant_lookup
 
 UNARY = (
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "HardSwish", "HardSigmoid", "Elu", "Selu", "Celu",
     "Softplus", "Softsign", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Mish", "ThresholdedRelu",
     "Identity", "Dropout", "Floor", "Ceil", "Round", "Sin", "Cos", "Swish",
+    "IsNaN", "IsInf",  # a mask over the same features (the dynamo exporter's guard after a Softmax)
 )
 
 
@@ -116,10 +119,14 @@ def binary(ctx, node):
                     continue
                 ctx.add_param(node, k, pos, result)
                 continue
+            if node.op_type == "Mul" and within_head_constant(ctx, feats[0][1], result, shape, out_rank):
+                continue
             return ctx.unsupported_op(node, f"constant of shape {list(shape)} varies along the channel axis")
         # a run-time computed operand without features (a shape-derived scalar, say)
         shape = ctx.shape(i) or ()
         pos = axis - (out_rank - len(shape))
+        if node.op_type in ("Add", "Sub") and pos >= 0 and constant_lookup(ctx, i, pos, result):
+            continue
         if len(shape) and pos >= 0 and shape[pos] != 1:
             return ctx.unsupported_op(node, "operand computed at run time varies along the channel axis")
     if not isinstance(result, GroupSpace):
@@ -130,8 +137,8 @@ def binary(ctx, node):
 @register("Where")
 def where(ctx, node):
     cond, a, b = (ctx.space(i) for i in node.input)
-    if ctx.is_feature(cond):
-        return ctx.unsupported_op(node, "condition computed from features")
+    if ctx.is_feature(cond) and not _same_features(ctx, cond, a) and not _same_features(ctx, cond, b):
+        return ctx.unsupported_op(node, "condition computed from features other than the operands'")
     fake = type(node)()
     fake.CopyFrom(node)
     del fake.input[0]
@@ -140,3 +147,10 @@ def where(ctx, node):
         if ctx.is_const(i) and (ctx.shape(i) or (1,)) != (1,) and np.prod(ctx.shape(i) or (1,)) > 1:
             return ctx.unsupported_op(node, "constant branch varies along channels")
     return binary(ctx, fake)
+
+
+def _same_features(ctx, x, y) -> bool:
+    """Two spaces hold the same features in the same order (an element-wise mask of an operand)."""
+    if isinstance(x, GroupSpace) and isinstance(y, GroupSpace):
+        return ctx.find(x.gid) == ctx.find(y.gid) and x.size == y.size
+    return ctx.is_feature(x) and x == y

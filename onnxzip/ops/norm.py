@@ -21,9 +21,9 @@ def batchnorm(ctx, node):
     return [ctx.follow(space, node.output[0])] + [space for _ in node.output[1:]]
 
 
-@register("LayerNormalization")
+@register("LayerNormalization", "RMSNormalization")
 def layernorm(ctx, node):
-    """LayerNorm over the channel axis only: its scale and bias are per channel.
+    """LayerNorm (or RMSNorm, opset 23) over the channel axis only: its scale and bias are per channel.
 
     The normalization itself mixes channels (mean and variance over all of them); the zip treats
     it as per-channel, an approximation the docs state.

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures
-from onnxzip.ops.attention import merge_heads, split_heads, transpose_heads
+from onnxzip.ops.attention import merge_heads, move_heads, split_heads, transpose_heads
+from onnxzip.graph.layergraph import Layer
 from onnxzip.ops.registry import register
+from onnxzip.ops.rotary import join_halves, slice_half
 
 
 def _nonfeature(ctx, node):
@@ -70,8 +72,13 @@ def reshape(ctx, node, x, space):
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     axis = ctx.feature_axis(x)
     if isinstance(space, HeadSpace):
-        merged = merge_heads(ctx, node, space, in_shape, out_shape)
-        return merged if merged is not None else ctx.unsupported_op(node, "reshapes attention heads in an unknown way")
+        merged = merge_heads(ctx, node, space, in_shape, out_shape) or move_heads(ctx, node, space, in_shape, out_shape)
+        if merged is not None:
+            return merged
+        producer = ctx.producer.get(x)
+        if producer is not None and producer.op_type in ("Expand", "Tile"):
+            return ctx.unsupported_op(node, "joins repeated key/value heads (grouped-query attention), not supported yet")
+        return ctx.unsupported_op(node, "reshapes attention heads in an unknown way")
     if isinstance(space, HeadsOnly):
         found = map_axis(in_shape, out_shape, axis)
         if found is None or found[1:] != (1, 1):
@@ -120,6 +127,9 @@ def concat(ctx, node):
         return ctx.unsupported_op(node, "inputs' channel axes differ")
     ch = ch.pop()
     if axis == ch:
+        halves = join_halves(ctx, node, names, spaces, axis)
+        if halves is not None:
+            return halves
         if len(feats) != len(names):
             return ctx.unsupported_op(node, "concatenates features with model inputs or constants along channels")
         parts = tuple(s for _, s in feats)
@@ -261,6 +271,9 @@ def keep_channels(ctx, node, x, space):
     """Slice or Tile along other axes: the channels pass through when their count is unchanged."""
     axis = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
+        half = slice_half(ctx, node, space) if node.op_type == "Slice" and isinstance(space, HeadSpace) else None
+        if half is not None:
+            return half
         return ctx.unsupported_op(node, f"{node.op_type} changes the channel axis")
     return [_moved(ctx, node, space, axis)]
 
@@ -287,6 +300,10 @@ def split(ctx, node, x, space):
 def gather(ctx, node):
     x, idx = node.input[0], node.input[1]
     space = ctx.space(x)
+    if ctx.is_const(x) and not ctx.is_const(idx):
+        embedded = embedding(ctx, node)
+        if embedded is not None:
+            return embedded
     if not ctx.is_feature(space):
         return _nonfeature(ctx, node)
     rank = ctx.rank(x)
@@ -297,3 +314,57 @@ def gather(ctx, node):
     idx_rank = ctx.rank(idx) or 0
     new = ch if axis > ch else ch - 1 + idx_rank
     return [_moved(ctx, node, space, new)]
+
+
+def embedding(ctx, node):
+    """A lookup table [rows, D] (an initializer) indexed by the model's inputs (token ids): a weight layer.
+
+    Its output channels are the table's columns (axis 1), a new feature group; nothing is merged
+    on its input (the indices are the same in every model). The residual stream of a language
+    model starts where such groups are added. None when the Gather is not such a lookup (integer
+    tables, other axes, indices carrying features, or indices that do not depend on the inputs'
+    values: position and token-type lookups computed from shapes and constants are per-channel
+    constants of the group they are added to, see :func:`constant_lookup`).
+    """
+    x, idx = node.input[0], node.input[1]
+    if not _lookup_table(ctx, node) or not isinstance(ctx.space(idx), InputSpace):
+        return None
+    table = ctx.consts[x]
+    out = node.output[0]
+    rank = ctx.rank(out)
+    out_space = ctx.new_group(int(table.dims[1]), out, rank - 1)
+    ctx.add_layer(Layer(
+        node=node.name, op_type="Gather", weight=x, bias=None, input=idx, output=out, in_space=InputSpace(),
+        out_space=out_space, w_out_axis=1, w_in_axis=0, weight_shape=tuple(int(d) for d in table.dims),
+    ))
+    return [out_space]
+
+
+_FLOAT_TYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16
+
+
+def _lookup_table(ctx, node) -> bool:
+    """A Gather on axis 0 of a float [rows, D] initializer."""
+    if node.op_type != "Gather" or not ctx.is_const(node.input[0]) or ctx.is_const(node.input[1]):
+        return False
+    table = ctx.consts[node.input[0]]
+    return table.data_type in _FLOAT_TYPES and len(table.dims) == 2 and ctx.attr(node, "axis", 0) % 2 == 0
+
+
+def constant_lookup(ctx, name: str, pos: int, space) -> bool:
+    """``name`` (added to features at its axis ``pos``) is a lookup from a table whose indices do
+    not depend on the inputs' values (position or token-type embeddings: a Gather indexed by
+    positions computed from shapes and constants, maybe broadcast): record the table's columns as
+    a per-channel parameter of ``space``, like an added initializer. The TorchScript exporter keeps
+    such lookups where the dynamo exporter folds them into an initializer; both read the same."""
+    if not isinstance(space, GroupSpace) or (ctx.shape(name) or ())[pos:pos + 1] != (space.size,):
+        return False
+    producer = ctx.producer.get(name)
+    while producer is not None and producer.op_type in ("Expand", "Tile", "Cast", "Identity", "Unsqueeze"):
+        producer = ctx.producer.get(producer.input[0])
+    if producer is None or not _lookup_table(ctx, producer) or not isinstance(ctx.space(producer.input[1]), NoFeatures):
+        return False
+    if ctx.consts[producer.input[0]].dims[1] != space.size or (ctx.shape(producer.output[0]) or ())[-1:] != (space.size,):
+        return False
+    ctx.add_param(producer, 0, 1, space)
+    return True

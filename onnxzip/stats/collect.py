@@ -337,6 +337,23 @@ def _worker_count(cap: int | None = None) -> int:
 MAX_WORKERS = 8
 
 
+def per_row(t: np.ndarray, axis: int, rows: int) -> tuple[np.ndarray, int]:
+    """A tensor with one row per calibration row along axis 0, and its channel axis.
+
+    A tensor computed once for the whole batch (a position embedding: batch axis 1) is the same
+    for every row; one whose axis 0 folds the batch with the tokens (``[rows * tokens, C]``, a
+    dense layer the dynamo exporter runs on a 2-D view) is unfolded, batch outermost.
+    """
+    axis %= max(t.ndim, 1)
+    if t.ndim == 0 or t.shape[0] == rows:
+        return t, axis
+    if t.shape[0] == 1:
+        return np.broadcast_to(t, (rows,) + t.shape[1:]), axis
+    if axis != 0 and rows > 0 and t.shape[0] % rows == 0:
+        return t.reshape((rows, t.shape[0] // rows) + t.shape[1:]), axis + 1
+    return t, axis
+
+
 def _tasks(graphs, points, group_acc, preact_acc, where, min_level: int = 0) -> list:
     """(cost function, update function) per accumulator; ``where[k]``: tensor -> (fetched name,
     channel axis) in model k's run (see :func:`channels_last_model`); pre-activation moments only
@@ -353,7 +370,7 @@ def _tasks(graphs, points, group_acc, preact_acc, where, min_level: int = 0) -> 
         def update(outs, valid, owner, acc=acc, blocks=blocks) -> None:
             w = valid.astype(np.float64)
             for per_model in blocks:
-                acc.update_blocks([(outs[k][name], axis) for k, (name, axis) in enumerate(per_model)], w)
+                acc.update_blocks([per_row(outs[k][name], axis, len(w)) for k, (name, axis) in enumerate(per_model)], w)
 
         def cost(outs, acc=acc, blocks=blocks) -> float:
             rows = 0.0
@@ -376,7 +393,7 @@ def _tasks(graphs, points, group_acc, preact_acc, where, min_level: int = 0) -> 
                 rows = np.flatnonzero(valid & (level >= min_level))
                 own = owner[k][rows]
                 masks[np.where(own, 0, SUBSET_LEVELS + 1) + level[rows], rows] = True
-                acc.update(outs[k][name], axis, masks)
+                acc.update(*per_row(outs[k][name], axis, len(valid)), masks)
 
             def cost(outs, k=k, name=name) -> float:
                 return 8.0 * outs[k][name].size
