@@ -34,7 +34,7 @@ from onnxzip.onnx_nodes import attr
 from onnxzip.frontier import RUN_BUDGET_BYTES, Frontier, FrontierPlan, Weights, subset_rows
 from onnxzip.repair import default_repair_samples, shift_layer
 from onnxzip.split import LayerSite, ZipLayout
-from onnxzip.stats.collect import PairStats, has_static_batch, subset_step
+from onnxzip.stats.collect import PairStats, has_static_batch, per_row, subset_step
 
 __all__ = ["RefitReport", "refit", "RIDGES", "HOLDOUT_EVERY"]
 
@@ -48,6 +48,10 @@ HOLDOUT_EVERY = 5
 BLOCK_ROWS = 1024
 # Input rows (positions x inputs per group) materialized at once while accumulating: 128 MiB of float64.
 ROWS_BUDGET = 1 << 24
+
+
+# The layers a refit sets: those linear in their input (a Gather's lookup table is not refitted).
+_FITTED = ("Conv", "Gemm", "MatMul")
 
 
 @dataclass
@@ -74,9 +78,10 @@ class _Normal:
     self-zip exact (its residual is rounding) and lets the ridge pull toward the merge, not zero:
     where the calibration inputs do not span a direction, the merge's weights stay."""
 
-    def __init__(self, start: np.ndarray):
+    def __init__(self, start: np.ndarray, free_bias: bool = True):
         groups, d1, out = start.shape
         self.start = start
+        self.free_bias = free_bias  # False: the bias stays (a MatMul with no bias to change)
         self.gram = np.zeros((2, groups, d1, d1))
         self.cross = np.zeros((2, groups, d1, out))
 
@@ -102,13 +107,13 @@ class _Normal:
             ridge = self._choose()
         gram, cross = self.gram.sum(axis=0), self.cross.sum(axis=0)
         if ridge > 0:
-            return self.start + _cholesky_solve(gram, cross, ridge), ridge
-        return self.start + _Ridge(gram, cross).solve(ridge), ridge
+            return self.start + _cholesky_solve(gram, cross, ridge, self.free_bias), ridge
+        return self.start + _Ridge(gram, cross, self.free_bias).solve(ridge), ridge
 
     def _choose(self) -> float:
         if not self.gram[1, :, -1, -1].all() or not self.gram[0, :, -1, -1].all():
             return RIDGES[len(RIDGES) // 2]  # no held-out rows (or no fitted ones) to choose with
-        fit = _Ridge(self.gram[0], self.cross[0])
+        fit = _Ridge(self.gram[0], self.cross[0], self.free_bias)
         best, best_err = RIDGES[0], np.inf
         for r in RIDGES:
             change = fit.solve(r)
@@ -120,13 +125,22 @@ class _Normal:
         return best
 
 
-def _cholesky_solve(gram: np.ndarray, cross: np.ndarray, ridge: float) -> np.ndarray:
-    """What ``_Ridge(gram, cross).solve(ridge)`` gives (ridge > 0), through one Cholesky
-    factorization per group of the centred, regularized covariance."""
+def _moments(gram: np.ndarray, cross: np.ndarray, free_bias: bool) -> tuple:
+    """(mean_x, mean_y, cov_x, cov_xy) per group from the normal equations of ``[x, 1]``; with a
+    fixed bias the second moments about zero (the fit has no constant to absorb the means)."""
     n = np.maximum(gram[:, -1, -1], 1.0)[:, None]
     mean_x, mean_y = gram[:, :-1, -1] / n, cross[:, -1, :] / n
+    if not free_bias:
+        mean_x, mean_y = np.zeros_like(mean_x), np.zeros_like(mean_y)
     cov = gram[:, :-1, :-1] / n[:, :, None] - mean_x[:, :, None] * mean_x[:, None, :]
     cxy = cross[:, :-1, :] / n[:, :, None] - mean_x[:, :, None] * mean_y[:, None, :]
+    return mean_x, mean_y, cov, cxy
+
+
+def _cholesky_solve(gram: np.ndarray, cross: np.ndarray, ridge: float, free_bias: bool = True) -> np.ndarray:
+    """What ``_Ridge(gram, cross, free_bias).solve(ridge)`` gives (ridge > 0), through one
+    Cholesky factorization per group of the centred, regularized covariance."""
+    mean_x, mean_y, cov, cxy = _moments(gram, cross, free_bias)
     d = cov.shape[1]
     w = np.empty_like(cxy)
     for g in range(cov.shape[0]):
@@ -148,12 +162,8 @@ class _Ridge:
     ``b = mean_y - mean_x W``, for ``cov_x = V L V^T`` and ``lam = ridge * trace(cov_x) / d``.
     ``ridge`` 0 keeps the directions whose eigenvalue exceeds 1e-12 of the largest (minimum norm)."""
 
-    def __init__(self, gram: np.ndarray, cross: np.ndarray):
-        n = np.maximum(gram[:, -1, -1], 1.0)[:, None]
-        self.mean_x = gram[:, :-1, -1] / n
-        self.mean_y = cross[:, -1, :] / n
-        cov = gram[:, :-1, :-1] / n[:, :, None] - self.mean_x[:, :, None] * self.mean_x[:, None, :]
-        cxy = cross[:, :-1, :] / n[:, :, None] - self.mean_x[:, :, None] * self.mean_y[:, None, :]
+    def __init__(self, gram: np.ndarray, cross: np.ndarray, free_bias: bool = True):
+        self.mean_x, self.mean_y, cov, cxy = _moments(gram, cross, free_bias)
         self.vals, self.vecs = np.linalg.eigh(cov)
         self.proj = self.vecs.transpose(0, 2, 1) @ cxy  # V^T C_xy
 
@@ -226,7 +236,11 @@ class _Site:
         index = np.flatnonzero(keep)
         if not index.size:
             return
-        per_sample = int(np.prod(y.shape[1:], dtype=np.int64)) // max(1, y.shape[self.site.channel_axis])
+        in_axis = 1 if self.node.op_type != "MatMul" else x.ndim - 1
+        # a dense layer run on [rows * tokens, C]: one row per calibration row first
+        x, self.in_axis = per_row(x, in_axis, len(keep))
+        y, self.out_axis = per_row(y, self.site.channel_axis, len(keep))
+        per_sample = int(np.prod(y.shape[1:], dtype=np.int64)) // max(1, y.shape[self.out_axis])
         width = self.normal.gram.shape[-1] * self.groups
         step = max(1, ROWS_BUDGET // max(1, per_sample * width))
         for start in range(0, index.size, step):
@@ -237,7 +251,6 @@ class _Site:
     def rows(self, x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The layer's input rows [R, groups, d] and target rows [R, groups, out] of the samples in ``keep``."""
         x, y = x[keep], y[keep]
-        axis = self.site.channel_axis
         if self.node.op_type == "Conv":
             if self.conv is None:
                 self.conv = _conv_of(self.node, x.shape, self.weight_shape)
@@ -249,14 +262,13 @@ class _Site:
             xr = p.reshape(len(x) * n_pos, g, -1)
             yr = np.moveaxis(y, 1, -1).reshape(len(x) * n_pos, g, -1)
             return xr, yr
-        in_axis = x.ndim - 1 if self.node.op_type == "MatMul" else 1
-        xr = np.moveaxis(x, in_axis, -1).reshape(-1, 1, x.shape[in_axis])
-        yr = np.moveaxis(y, axis, -1).reshape(-1, 1, y.shape[axis])
+        xr = np.moveaxis(x, self.in_axis, -1).reshape(-1, 1, x.shape[self.in_axis])
+        yr = np.moveaxis(y, self.out_axis, -1).reshape(-1, 1, y.shape[self.out_axis])
         return xr, yr
 
     def start(self, weights: Weights) -> None:
         """Start the normal equations from the layer's weights now (before this level's rows)."""
-        self.normal = _Normal(self.current(weights))
+        self.normal = _Normal(self.current(weights), free_bias=self.node.op_type != "MatMul" or _has_bias(weights, self.site))
 
     def current(self, weights: Weights) -> np.ndarray:
         """The layer's weights now, as the solution's [groups, d + 1, out] (its total bias last)."""
@@ -281,7 +293,19 @@ class _Site:
         else:
             new = coef[0] if site.out_axis == 1 else coef[0].T
         weights.set(site.weight, new.astype(w.dtype))
-        shift_layer(model, weights, site, bias - _total_bias(weights, site, len(bias)))
+        if self.normal.free_bias:
+            shift_layer(model, weights, site, bias - _total_bias(weights, site, len(bias)))
+
+
+def _has_bias(weights: Weights, site: LayerSite) -> bool:
+    """Whether the layer's pre-activation has a per-channel constant to change (without a new node)."""
+    if site.bias is not None:
+        return True
+    if site.chain:
+        _, init, axis, _ = site.chain[0]
+        c = weights.get(init)
+        return c.ndim > axis and c.shape[axis] > 1
+    return False
 
 
 def _total_bias(weights: Weights, site: LayerSite, channels: int) -> np.ndarray:
@@ -363,10 +387,14 @@ def _refit_level(model, weights: Weights, frontier: Frontier, sources: list[Fron
         node = nodes.get(s.node)
         if node is None:
             raise InternalError(f"refit: no node '{s.node}' in the zipped model")
+        if node.op_type not in _FITTED:
+            continue  # a lookup table (token embedding) keeps its merged rows
         fits.append(_Site(s, node, weights.get(s.weight)))
         fits[-1].start(weights)
+    if not fits:
+        return
     inputs = list(dict.fromkeys(f.x for f in fits))
-    changed = set().union(*({s.node} | {c[0] for c in s.chain} for s in group))
+    changed = set().union(*({f.site.node} | {c[0] for c in f.site.chain} for f in fits))
     plan: FrontierPlan = frontier.plan(inputs, changed, {})
     counter = {"chunk": 0, "row": 0}
 

@@ -90,16 +90,15 @@ def test_inspect_of_a_model_that_zips_fully_says_so(tiny):
 
 
 def _nan_guarded_softmax(path):
-    """The committed tiny ViT with its first attention's weights guarded as Hugging Face's BERT export
-    spells them: Where(IsNaN(p), 0, p) after the Softmax. onnxzip has no IsNaN handler, so the
-    zip cannot pass the attention weights, nor the values multiplied with them."""
+    """The committed tiny ViT with its first attention's weights passed through an op onnxzip has
+    no handler for: p * Sign(p) after the Softmax (the same weights), so the zip cannot pass the
+    attention weights, nor the values multiplied with them."""
     m = onnx.load(str(path))
     soft = next(n for n in m.graph.node if n.op_type == "Softmax")
     p = soft.output[0]
     readers = [n for n in m.graph.node if p in n.input]
-    guarded = [helper.make_node("IsNaN", [p], [p + "_nan"], name="nan_check"),
-               helper.make_node("Where", [p + "_nan", "zero_f", p], [p + "_safe"], name="nan_guard")]
-    m.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "zero_f"))
+    guarded = [helper.make_node("Sign", [p], [p + "_sign"], name="nan_check"),
+               helper.make_node("Mul", [p, p + "_sign"], [p + "_safe"], name="nan_guard")]
     for n in readers:
         n.input[list(n.input).index(p)] = p + "_safe"
     at = list(m.graph.node).index(soft) + 1
@@ -120,7 +119,7 @@ def test_an_op_on_attention_weights_limits_the_depth_to_before_the_attention(tin
     qkv = [l for l in info["layers"] if l["number"] == depth + 1]
     assert len(qkv) == 3  # the limit falls just before the first attention's q, k and v projections
     r = cli("inspect", a)
-    assert r.exit_code == 0 and "IsNaN 'nan_check'" in r.output and f"--stop-at {depth} of" in r.output
+    assert r.exit_code == 0 and "Sign 'nan_check'" in r.output and f"--stop-at {depth} of" in r.output
     assert onnxzip.check(a, b)["max_stop_at"] == depth
     z = onnxzip.zip_models(a, b, calib, params={"alpha": 0.3, "beta": 0.125}, stop_at=depth)
     assert [o.name for o in z.model.graph.output] == ["a/logits", "b/logits"]

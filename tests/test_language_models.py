@@ -93,12 +93,13 @@ def test_permuting_every_group_preserves_outputs(tiny, arch, exporter):
 
 
 @pytest.mark.parametrize("arch,exporter", COMMITTED)
-@pytest.mark.parametrize("repair", [False, True])
-def test_zip_with_permuted_self_gives_the_model_back(tiny, token_calib, tmp_path, arch, exporter, repair):
+@pytest.mark.parametrize("correction", ["none", "repair", "refit"])
+def test_zip_with_permuted_self_gives_the_model_back(tiny, token_calib, tmp_path, arch, exporter, correction):
     path = tiny(arch, exporter=exporter)
     other = _permuted_copy(path, tmp_path / "permuted.onnx")
     result = onnxzip.zip_models(path, other, token_calib(arch), method="zipit", params={"alpha": 0.3, "beta": 0.0},
-                                do_repair=repair, stop_at="all", tasks=["a", "b"])
+                                do_repair=correction == "repair", refit=correction == "refit", stop_at="all",
+                                tasks=["a", "b"])
     x = example_feeds(arch, 6, seed=8)
     want = run(path, x)[0]
     for got in run(result.model, x):
