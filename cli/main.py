@@ -291,7 +291,7 @@ def zip_cmd(
     tasks: Optional[str] = typer.Option(None, help="Task names, comma-separated (default: the task keys of --data or --eval, else the file stems). Outputs are named <task>/<output>."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Correct statistics after merging (REPAIR)."),
     repair_branches: bool = typer.Option(True, "--repair-branches/--no-repair-branches", help="Also correct (or refit) layers inside each task's branch."),
-    refit: bool = typer.Option(False, "--refit/--no-refit", help="Fit every zipped layer to the source models' outputs by least squares, in place of the statistics correction."),
+    refit: Optional[bool] = typer.Option(None, "--refit/--no-refit", help="Fit every zipped layer to the source models' outputs by least squares, in place of the statistics correction. Default: the refit, unless the correction alone agrees better with the ensemble on held-out samples."),
     refit_ridge: Optional[float] = typer.Option(None, help="--refit: one ridge strength (relative to the input variance) for every layer; default: chosen per layer on held-out rows."),
     repair_samples: Optional[int] = typer.Option(None, help="Calibration rows the repair measures (default: all up to 512, an evenly spread subset of more, fewer if they would not fit in memory; 0: all)."),
     all_positions: bool = typer.Option(True, "--all-positions/--sample-positions", help="Covariances over every position of every feature map (exact, the default), or over sampled positions of large maps, at least 128 rows per feature (faster, less accurate)."),

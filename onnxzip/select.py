@@ -29,6 +29,7 @@ from onnxzip.runtime import session
 
 __all__ = [
     "ALPHA_GRID", "BETA_GRID", "Holdout", "Candidate", "make_holdout", "fidelity", "search_alpha_beta",
+    "choose_correction",
     "choose_depth", "sweep", "check_depths",
 ]
 
@@ -171,8 +172,9 @@ def _merges_key(merges) -> str:
     return h.hexdigest()
 
 
-def _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, do_repair, repair_branches, merges=None):
-    z = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches, merges=merges)
+def _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, do_repair, repair_branches, merges=None,
+                        **zip_options):
+    z = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches, merges=merges, **zip_options)
     fid = fidelity(z.model, holdout, tasks, pair.providers)
     acc = None
     if labeled is not None:
@@ -253,6 +255,32 @@ def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=N
                 score(a, b)
         best = best_of(tried)
     return dict(best.params), tried
+
+
+def choose_correction(pair, holdout: Holdout, method: str, params: dict, stop_at=None, tasks=None, labeled=None,
+                      select_by: str = "fidelity", do_repair: bool = True, repair_branches: bool = True,
+                      repair_samples: int | None = None, progress=None):
+    """The zip with the least-squares refit or with the statistics correction alone (``do_repair``),
+    whichever scores higher on the held-out samples (ties keep the correction); returns (the zip,
+    every candidate)."""
+    from onnxzip.merge import compute_merges
+
+    tasks = tasks or pair.tasks
+    merges = compute_merges(pair.graphs[0], pair.stats, method, {**params, "num_models": len(pair.graphs)})
+    tried, zips = [], []
+    advance = stage(progress, "refit or correction", 2)
+    for refit in (False, True):
+        t = time.perf_counter()
+        z, fid, acc = _evaluate_candidate(pair, method, params, stop_at, tasks, holdout, labeled, do_repair,
+                                          repair_branches, merges, refit=refit, repair_samples=repair_samples)
+        value = acc["joint"] if select_by == "accuracy" else fid.joint
+        tried.append(Candidate(method, dict(params), z.stop_at, value, fid.to_dict(), acc, time.perf_counter() - t,
+                               extra={"refit": refit}))
+        zips.append(z)
+        if advance is not None:
+            advance(1)
+    best = 1 if tried[1].score > tried[0].score else 0
+    return zips[best], tried
 
 
 def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, depths=None,

@@ -19,7 +19,7 @@ from onnxzip.matchers import get_matcher, validate_params
 from onnxzip.normalize import check_input_layout
 from onnxzip.graph.build import require_depth
 from onnxzip.pipeline import ZipResult, collect_pair_stats, labeled_data, prepare_pair, resolve_stop_at, zip_prepared
-from onnxzip.select import choose_depth, make_holdout, search_alpha_beta
+from onnxzip.select import choose_correction, choose_depth, make_holdout, search_alpha_beta
 
 __all__ = ["zip_models"]
 
@@ -31,7 +31,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                select_data: dict | None = None, min_fidelity: float | None = None, max_flops: float | None = None,
                input_layout: str | None = None, repair_samples: int | None = None, allow_no_sharing: bool = False,
                classes: dict | None = None,
-               all_positions: bool = True, seed: int = 0, refit: bool = False,
+               all_positions: bool = True, seed: int = 0, refit: bool | None = None,
                refit_ridge: float | None = None) -> ZipResult:
     """Zip two models of the same architecture into one multi-task model.
 
@@ -49,8 +49,11 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         tasks: task names (default: the file stems), used as output prefixes.
         do_repair: correct statistics after merging (REPAIR).
         refit: fit every zipped layer to the sources' outputs by least squares, in place of the
-            statistics correction (:func:`onnxzip.refit.refit`); ``refit_ridge``: one relative
-            ridge for every layer (default: chosen per layer on held-out calibration rows).
+            statistics correction (:func:`onnxzip.refit.refit`). None (default): the refit, unless
+            the correction alone scores higher on the held-out samples
+            (:func:`onnxzip.select.choose_correction`; without held-out samples, the refit).
+            ``refit_ridge``: one relative ridge for every layer (default: chosen per layer on
+            held-out calibration rows).
         progress: an object with ``start(stage, total)`` and ``advance(n)`` (e.g. a progress bar):
             the statistics pass, each search and the repair are stages.
         holdout: share of calibration samples held out to score candidates (default 0.2 when
@@ -78,7 +81,7 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     _check_search_options(stop_at, search, select_by, select_data, min_fidelity, max_flops)
     check_input_layout(input_layout)
     if holdout is None:
-        holdout = 0.2 if (auto or auto_depth) else 0.0
+        holdout = 0.2 if (auto or auto_depth or refit is None) else 0.0
     if output is not None:
         check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)],
                           data_files(data))
@@ -90,12 +93,15 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
             require_depth(g, depth, pair.sources[k])
     collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
     params, selection = fixed, None
+    choice = _Choice(method, fixed, auto, search, select_by, select_data, min_fidelity, max_flops,
+                     allow_no_sharing, do_repair, repair_branches, progress)
     if auto or auto_depth:
-        choice = _Choice(method, fixed, auto, search, select_by, select_data, min_fidelity, max_flops,
-                         allow_no_sharing, do_repair, repair_branches, progress)
         params, stop_at, selection = choice.run(pair, stop_at)
-    result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches, progress=progress,
-                          repair_samples=repair_samples, refit=refit, refit_ridge=refit_ridge)
+    if refit is None and pair.holdout > 0:
+        result, selection = choice.correction(pair, params, stop_at, tasks, repair_samples, selection)
+    else:
+        result = zip_prepared(pair, method, params, stop_at, tasks, do_repair, repair_branches, progress=progress,
+                              repair_samples=repair_samples, refit=refit is not False, refit_ridge=refit_ridge)
     result.timings = {**pair.timings, **result.timings}
     result.selection = selection
     result.sources = [g.model for g in pair.graphs]  # normalized, inputs aligned to the zipped model's layout
@@ -145,6 +151,33 @@ class _Choice:
     repair_branches: bool
     progress: object
 
+    def holdout(self, pair):
+        if not hasattr(self, "_holdout"):
+            self._holdout = make_holdout(pair)
+            self._labeled = labeled_data(self.select_data, pair) if self.select_data else None
+        return self._holdout, self._labeled
+
+    def correction(self, pair, params: dict, stop_at, tasks, repair_samples, selection: dict | None):
+        """The zip with the refit or with the correction alone, whichever scores higher on the
+        held-out samples; the selection record gains the two candidates and the reason."""
+        t = time.perf_counter()
+        hold, labeled = self.holdout(pair)
+        result, tried = choose_correction(pair, hold, self.method, params, stop_at, tasks, labeled, self.select_by,
+                                          self.do_repair, self.repair_branches, repair_samples, self.progress)
+        selection = selection or {"holdout_samples": hold.size, "select_by": self.select_by, "candidates": [],
+                                  "reason": ""}
+        selection["candidates"] += [c.to_dict() for c in tried]
+        selection["refit"] = result.refit is not None
+        plain = "the statistics correction" if self.do_repair else "no correction"
+        what = "joint agreement with the ensemble" if self.select_by == "fidelity" else "joint accuracy"
+        reason = (f"{'refit' if result.refit is not None else plain}: {what} {max(c.score for c in tried):.3f} "
+                  f"against {min(c.score for c in tried):.3f} with {plain if result.refit is not None else 'the refit'}")
+        selection["reason"] = "; ".join(r for r in (selection.get("reason"), reason) if r)
+        seconds = time.perf_counter() - t
+        selection["search_seconds"] = selection.get("search_seconds", 0.0) + seconds
+        result.timings = {**result.timings, "refit or correction": seconds}
+        return result, selection
+
     def run(self, pair, stop_at) -> tuple[dict, int | str | None, dict]:
         """(parameters, depth, the selection record) chosen on held-out calibration samples;
         ``stop_at`` "auto" is chosen after alpha and beta (which are scored at the default depth)."""
@@ -152,8 +185,7 @@ class _Choice:
         if auto_depth:
             stop_at = None
         t = time.perf_counter()
-        hold = make_holdout(pair)
-        labeled = labeled_data(self.select_data, pair) if self.select_data else None
+        hold, labeled = self.holdout(pair)
         selection = {"holdout_samples": hold.size, "select_by": self.select_by, "candidates": []}
         params, reasons = dict(self.fixed), []
         common = dict(tasks=pair.tasks, labeled=labeled, select_by=self.select_by, do_repair=self.do_repair,

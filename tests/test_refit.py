@@ -11,7 +11,7 @@ import onnxzip
 from onnxzip.merge import compute_merges
 from onnxzip.permutation import permute_model, random_permutations
 from onnxzip.pipeline import load_layer_graph, prepare_pair, zip_prepared
-from onnxzip.refit import _cholesky_solve, _Ridge
+from onnxzip.refit import _ridge_solve
 from onnxzip.stats.collect import fetch_model
 from tests.onnx_builders import mlp
 from tests.tiny_models import images
@@ -79,18 +79,24 @@ def test_refit_equals_numpy_least_squares_on_all_the_data(tmp_path, spelling):
     np.testing.assert_allclose(fitted, design @ solution, rtol=1e-3, atol=1e-4 * np.abs(y).max())
 
 
-def test_ridge_solutions_agree_and_shrink():
+def test_ridge_solve_is_the_penalized_least_squares_solution():
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5)) + 2.0
-    y = x @ rng.normal(size=(5, 2)) + rng.normal(size=(200, 2)) * 0.1 - 1.0
-    d = np.concatenate([x, np.ones((200, 1))], axis=1)
+    n = 200
+    x = rng.normal(size=(n, 5)) @ rng.normal(size=(5, 5)) + 2.0
+    y = x @ rng.normal(size=(5, 2)) + rng.normal(size=(n, 2)) * 0.1 - 1.0
+    d = np.concatenate([x, np.ones((n, 1))], axis=1)
     gram, cross = (d.T @ d)[None], (d.T @ y)[None]
-    exact = np.linalg.lstsq(d, y, rcond=None)[0]
-    np.testing.assert_allclose(_Ridge(gram, cross).solve(0.0)[0], exact, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(_ridge_solve(gram, cross, 0.0)[0], np.linalg.lstsq(d, y, rcond=None)[0], rtol=1e-8, atol=1e-8)
+    trace = np.trace(np.cov(x.T, bias=True)) / 5
     for r in (1e-3, 1e-1, 10.0):
-        np.testing.assert_allclose(_cholesky_solve(gram, cross, r)[0], _Ridge(gram, cross).solve(r)[0], rtol=1e-8, atol=1e-10)
-    norms = [np.linalg.norm(_Ridge(gram, cross).solve(r)[0, :-1]) for r in (0.0, 1e-2, 1.0, 100.0)]
+        penalty = np.diag([r * trace] * 5 + [0.0])  # the bias is not penalized
+        want = np.linalg.solve(d.T @ d / n + penalty, d.T @ y / n)
+        np.testing.assert_allclose(_ridge_solve(gram, cross, r)[0], want, rtol=1e-8, atol=1e-10)
+    norms = [np.linalg.norm(_ridge_solve(gram, cross, r)[0, :-1]) for r in (0.0, 1e-2, 1.0, 100.0)]
     assert norms == sorted(norms, reverse=True)
+    # a fixed bias: the fit of x to y about zero, no constant
+    np.testing.assert_allclose(_ridge_solve(gram, cross, 0.0, free_bias=False)[0, :-1],
+                               np.linalg.lstsq(x, y, rcond=None)[0], rtol=1e-8, atol=1e-8)
 
 
 def test_refit_cli_flag(tiny, calib, tmp_path):
