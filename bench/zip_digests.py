@@ -68,7 +68,7 @@ def main() -> None:
                 runs = [(m, p, "all", r) for m, p, d, r in CONFIGS[:3]]
             for method, params, depth, repair in runs:
                 zip_models(a, b, SAMPLES / "calib.npz", output=out, method=method, params=params, stop_at=depth,
-                           tasks=["a", "b"], do_repair=repair, classes=cls or None)
+                           tasks=["a", "b"], do_repair=repair, classes=cls or None, refit=False)
                 label = f"{method} {json.dumps(params, sort_keys=True)} stop_at={depth} repair={repair}"
                 print(f"{name} | {label} | {digest(out, canonical)}", flush=True)
 

@@ -266,7 +266,7 @@ def choose_correction(pair, holdout: Holdout, method: str, params: dict, stop_at
     from onnxzip.merge import compute_merges
 
     tasks = tasks or pair.tasks
-    merges = compute_merges(pair.graphs[0], pair.stats, method, {**params, "num_models": len(pair.graphs)})
+    merges = compute_merges(pair.graphs[0], pair.stats, method, params, n_models=len(pair.graphs))
     tried, zips = [], []
     advance = stage(progress, "refit or correction", 2)
     for refit in (False, True):

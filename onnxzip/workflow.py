@@ -51,7 +51,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         refit: fit every zipped layer to the sources' outputs by least squares, in place of the
             statistics correction (:func:`onnxzip.refit.refit`). None (default): the refit, unless
             the correction alone scores higher on the held-out samples
-            (:func:`onnxzip.select.choose_correction`; without held-out samples, the refit).
+            (:func:`onnxzip.select.choose_correction`; with ``holdout`` 0, the refit); with
+            ``do_repair`` False, no refit unless True.
             ``refit_ridge``: one relative ridge for every layer (default: chosen per layer on
             held-out calibration rows).
         progress: an object with ``start(stage, total)`` and ``advance(n)`` (e.g. a progress bar):
@@ -73,6 +74,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
             outputs are scored against them (cosine) to assign calibration rows and score candidates.
     """
     fixed, auto = _matcher_params(method, params)
+    if refit is None and not do_repair:
+        refit = False  # no correction asked for: the merge as it is
     auto_depth = isinstance(stop_at, str) and stop_at == "auto"
     if not auto_depth and (min_fidelity is not None or max_flops is not None):
         raise OptionError("--min-fidelity and --max-flops go with --stop-at auto")
@@ -166,7 +169,7 @@ class _Choice:
                                           self.do_repair, self.repair_branches, repair_samples, self.progress)
         selection = selection or {"holdout_samples": hold.size, "select_by": self.select_by, "candidates": [],
                                   "reason": ""}
-        selection["candidates"] += [c.to_dict() for c in tried]
+        selection["correction_candidates"] = [c.to_dict() for c in tried]
         selection["refit"] = result.refit is not None
         plain = "the statistics correction" if self.do_repair else "no correction"
         what = "joint agreement with the ensemble" if self.select_by == "fidelity" else "joint accuracy"

@@ -164,7 +164,7 @@ def test_zip_sampling_options_reach_the_statistics(tiny, calib, tmp_path):
     def zip_with(name, *extra):
         out = tmp_path / f"{name}.onnx"
         r = runner.invoke(app, ["zip", str(a), str(b), "-d", str(calib), "-o", str(out), "--json", "--alpha", "0.3",
-                                "--beta", "0.125", *extra])
+                                "--beta", "0.125", "--no-refit", *extra])
         assert r.exit_code == 0, r.output
         weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
         return json.loads(r.output), weights

@@ -59,7 +59,8 @@ def test_the_default_zip_chooses_alpha_and_beta_without_labels_and_says_why():
     assert (r.params["alpha"], r.params["beta"]) == (r.selection["alpha_beta"]["alpha"], r.selection["alpha_beta"]["beta"])
     assert "highest joint agreement with the ensemble" in r.selection["reason"]
     paper = onnxzip.zip_models(A, B, CALIB, params=PAPER, tasks=["a", "b"])
-    assert paper.selection is None and (paper.params["alpha"], paper.params["beta"]) == (0.3, 0.125)
+    assert (paper.params["alpha"], paper.params["beta"]) == (0.3, 0.125)
+    assert "alpha_beta" not in paper.selection and "correction" in paper.selection["reason"]  # refit or not: chosen too
 
 
 def test_depth_search_never_settles_for_no_sharing_unless_allowed():
@@ -135,7 +136,8 @@ def test_every_search_reports_progress_to_its_end():
     onnxzip.zip_models(A, B, CALIB, params={"alpha": "auto", "beta": "auto"}, tasks=["a", "b"], stop_at="auto",
                        min_fidelity=0.0, progress=progress)
     names = [s[0] for s in progress.stages]
-    assert names[0] == "statistics" and "alpha, beta" in names and "depth" in names and names[-1] == "repair"
+    assert names[0] == "statistics" and "alpha, beta" in names and "depth" in names
+    assert progress.stages[-1] == ["refit or correction", 2, 2]  # the correction alone, then the refit
     search = progress.stages[names.index("alpha, beta")]
     assert search[1:] == [11, 11]  # the coordinate search's 11 candidates, each counted once
     pair = pipeline.prepare_pair(A, B, CALIB, tasks=["a", "b"], holdout=0.2)
