@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxzip.errors import InternalError
+from onnxzip.graph.samples import samples_first, samples_first_axis
 from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.accumulate import SplitMoments
@@ -532,10 +533,13 @@ class _LevelMoments:
             if self.owned and s.model >= 0 and chunk.owner is not None:
                 mask = mask & chunk.owner[s.model]
             x = values[s.preact]
+            axis = s.channel_axis
+            if s.samples is not None:  # samples to axis 0 (sequence-first attention)
+                x, axis = samples_first(x, s.samples, len(mask)), samples_first_axis(s.samples, axis % x.ndim)
             key = self.key(s)
             if key not in self.accs:
-                self.accs[key] = SplitMoments(x.shape[s.channel_axis], 1)
-            self.accs[key].update(x, s.channel_axis, mask[None])
+                self.accs[key] = SplitMoments(x.shape[axis], 1)
+            self.accs[key].update(x, axis, mask[None])
 
 
 def _reset_norms_on(frontier: _Frontier, weights: _Weights, norms) -> None:

@@ -39,6 +39,7 @@ class LayerSite:
     channel_axis: int
     chain: list = field(default_factory=list)  # (node, initializer, axis, sign)
     number: int = 0
+    samples: tuple | None = None  # where the pre-activation holds its samples, if not on axis 0
 
 
 @dataclass
@@ -431,7 +432,7 @@ def _site(g: LayerGraph, l: Layer, idx: int, k: int, node: str, weight: str, bia
     axis = g.channel_axis(l.preact)
     if axis is None:
         axis = l.out_space.axis if isinstance(l.out_space, GroupSpace) else 1
-    return LayerSite(idx, k, node, weight, bias, l.w_out_axis, preact, axis, chain, l.number)
+    return LayerSite(idx, k, node, weight, bias, l.w_out_axis, preact, axis, chain, l.number, g.sample_layout(l.preact))
 
 
 def _copy(n: onnx.NodeProto) -> onnx.NodeProto:

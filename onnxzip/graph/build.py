@@ -12,6 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxzip.errors import ModelLoadError, UnsupportedOpError
+from onnxzip.graph.samples import sample_layouts
 from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
 from onnxzip.graph.spaces import (
     Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, leaves,
@@ -225,8 +226,9 @@ class BuildContext:
 
     def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
         """``node`` mixes the channels of ``space``: fine for an output group, else a limit."""
-        for leaf in leaves(space):
-            self.crossed.setdefault(leaf.gid, []).append((node.name, node.op_type))
+        gids = [space.gid] if isinstance(space, (HeadSpace, HeadsOnly)) else [leaf.gid for leaf in leaves(space)]
+        for gid in gids:
+            self.crossed.setdefault(gid, []).append((node.name, node.op_type))
 
     def unsupported_op(self, node: onnx.NodeProto, reason: str) -> list[Space]:
         """Record that the zip cannot pass through ``node``; its outputs are blocked."""
@@ -264,7 +266,8 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
         notes: what normalization changed (kept on the graph for ``check``).
     """
     _name_nodes(model)
-    shapes = probe_shapes(model, feeds if feeds is not None else example_inputs(model))
+    feeds = feeds if feeds is not None else example_inputs(model)
+    shapes = probe_shapes(model, feeds)
     ctx = BuildContext(model, shapes)
     for k, node in enumerate(model.graph.node):
         ctx.topo = k
@@ -280,7 +283,24 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
                     _carry_head_axis(ctx, node, name, space)
     graph = _finish(ctx)
     graph.notes = list(notes)
+    graph.samples = _sample_layouts(ctx, feeds)
     return graph
+
+
+def _sample_layouts(ctx: BuildContext, feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """Where each tensor holds its samples (:mod:`onnxzip.graph.samples`), from a probe on two
+    samples when the batch axis is dynamic (one sample cannot tell the batch axis from others)."""
+    specs = declared_inputs(ctx.model)
+    batch = max((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), default=1)
+    shapes = ctx.shapes
+    if batch == 1 and specs and all(dims and not dims[0] for _, dims, _ in specs):
+        try:
+            shapes = probe_shapes(ctx.model, {k: np.concatenate([v, v]) for k, v in feeds.items()})
+            batch = 2
+        except ModelLoadError:
+            pass
+    consts = {n: ctx.const(n) for n in ctx.consts if ctx.consts[n].data_type == onnx.TensorProto.INT64 and len(ctx.consts[n].dims) <= 1}
+    return sample_layouts(ctx.model, shapes, batch, consts)
 
 
 def _carry_head_axis(ctx: BuildContext, node, name: str, space: Space) -> None:

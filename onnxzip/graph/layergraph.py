@@ -115,6 +115,12 @@ class LayerGraph:
     num_layers: int  # m: the paper's count of layers on the main path
     axes: dict = field(default_factory=dict)  # feature tensor -> its channel axis
     notes: list = field(default_factory=list)  # what normalization changed, in words
+    samples: dict = field(default_factory=dict)  # tensor -> (axis, outer, inner): where its samples lie (graph/samples.py)
+
+    def sample_layout(self, tensor: str) -> tuple | None:
+        """(axis, outer, inner) of ``tensor``'s samples; None for samples alone on axis 0 (or unknown)."""
+        layout = self.samples.get(tensor)
+        return None if layout is None or tuple(layout) == (0, 1, 1) else tuple(layout)
 
     def channel_axis(self, tensor: str) -> int | None:
         space = self.spaces.get(tensor)

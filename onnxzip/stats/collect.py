@@ -20,6 +20,7 @@ import onnx
 from onnx import helper
 
 from onnxzip.graph.layergraph import LayerGraph
+from onnxzip.graph.samples import samples_first, samples_first_axis
 from onnxzip.predictions import owner_masks
 from onnxzip.runtime import session
 from onnxzip.stats.accumulate import CovarianceAccumulator, SplitMoments, single_threaded_blas
@@ -105,14 +106,15 @@ def row_levels(index: np.ndarray) -> np.ndarray:
 CHANNELS_LAST = "::onnxzip_channels_last"
 
 
-def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict, also=()) -> tuple[onnx.ModelProto, dict]:
+def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict, also=(), keep=()) -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` that outputs a channel-last Transpose of each wanted feature map (and
     the tensors ``also``).
 
     ``wanted``: (tensor, channel axis) pairs. Returns the model and, per tensor, the name to fetch
     and its channel axis there. onnxruntime writes the transposed copy instead of the plain one
     (its blocked-layout convolutions reorder their outputs either way), and the accumulators then
-    read every row's features from contiguous memory.
+    read every row's features from contiguous memory. Tensors in ``keep`` (samples not on axis 0)
+    are fetched as they are.
     """
     axes: dict[str, set] = {}
     for tensor, axis in wanted:
@@ -124,7 +126,7 @@ def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict, also=()) -
         axis = next(iter(options))
         shape = shapes.get(tensor)
         rank = len(shape) if shape is not None else 0
-        if len(options) > 1 or rank < 3 or axis % rank in (0, rank - 1):
+        if len(options) > 1 or rank < 3 or axis % rank in (0, rank - 1) or tensor in keep:
             where[tensor] = (tensor, axis)
             continue
         axis %= rank
@@ -263,11 +265,15 @@ class _Stream:
         # the models run side by side, each on its share of the cores (no straggler waits inside an
         # op while the accumulator threads hold a core)
         threads = max(1, _worker_count(cap=64) // len(graphs))
-        self.fetch, self.where, self.sessions = [], [], []
+        self.fetch, self.where, self.sessions, self.layouts = [], [], [], []
         for k, g in enumerate(graphs):
             wanted = [(p.tensor, p.axis) for p in points[k]] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
-            model, w = channels_last_model(g.model, wanted, g.shapes, also=g.outputs[:1])
+            moved = {t: g.sample_layout(t) for t, _ in wanted if g.sample_layout(t)}
+            model, w = channels_last_model(g.model, wanted, g.shapes, also=g.outputs[:1], keep=moved)
             self.fetch.append(list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1])))
+            self.layouts.append({w[t][0]: layout for t, layout in moved.items()})
+            for t, layout in moved.items():  # the accumulators see the samples on axis 0
+                w[t] = (w[t][0], samples_first_axis(layout, w[t][1] % len(g.shapes[t])))
             self.where.append(w)
             self.sessions.append(session(model, providers, optimization="all", threads=threads, spinning=False))
         self.static = any(has_static_batch(g.model) for g in graphs)
@@ -299,7 +305,7 @@ class _Stream:
         the row owners."""
         graphs = self.graphs
         pool.reserve()
-        outs = list(runner.map(lambda k: _run(self.sessions[k], graphs[k], graphs[0], self.fetch[k], sub),
+        outs = list(runner.map(lambda k: _run(self.sessions[k], graphs[k], graphs[0], self.fetch[k], sub, self.layouts[k]),
                                range(len(graphs))))
         if not self.per_sample:
             self.per_sample = sum(r.nbytes for o in outs for r in o.values()) / rows
@@ -320,9 +326,12 @@ class _Stream:
         return owner
 
 
-def _run(sess, graph: LayerGraph, base: LayerGraph, names: list[str], batch) -> dict:
+def _run(sess, graph: LayerGraph, base: LayerGraph, names: list[str], batch, layouts: dict) -> dict:
     feeds = {name: batch.feeds[base.inputs[j]] for j, name in enumerate(graph.inputs)}
-    return dict(zip(names, sess.run(names, feeds)))
+    outs = dict(zip(names, sess.run(names, feeds)))
+    for name, layout in layouts.items():  # samples to axis 0 (sequence-first attention)
+        outs[name] = np.ascontiguousarray(samples_first(outs[name], layout, len(batch.valid)))
+    return outs
 
 
 def _worker_count(cap: int | None = None) -> int:
