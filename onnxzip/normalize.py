@@ -106,6 +106,12 @@ def _fold_batchnorm(m: onnx.ModelProto) -> list[str]:
     return [f"folded BatchNormalization ({kinds})"] if folded else []
 
 
+def _split_fused(m: onnx.ModelProto) -> list[str]:
+    from onnxzip.fused import split_fused_projections
+
+    return split_fused_projections(m)
+
+
 def _unused_domains(m: onnx.ModelProto) -> list[str]:
     dropped = drop_unused_domains(m)
     return [f"dropped unused opset domain(s) {', '.join(dropped)}"] if dropped else []
@@ -933,6 +939,7 @@ PASSES = [
     ("ReduceSum + Div as ReduceMean", _sum_to_mean),
     ("Gemm with alpha = beta = 1", _silent(normalize_gemm)),
     ("fold BatchNormalization", _fold_batchnorm),
+    ("split fused projections", _split_fused),
     ("topological order", _silent(toposort)),
     ("dense layers read Flatten", canonical_flatten),
     ("one use per initializer", _silent(unshare_initializers)),

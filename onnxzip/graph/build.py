@@ -15,7 +15,7 @@ from onnxzip.errors import ModelLoadError, UnsupportedOpError
 from onnxzip.graph.samples import sample_layouts
 from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, leaves,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, StackSpace, leaves,
 )
 from onnxzip.ops import get_handler
 from onnxzip.onnx_nodes import attr
@@ -96,6 +96,7 @@ class BuildContext:
         self.topo = 0
         self.axis_of: dict[str, int] = {}
         self.head_axis_of: dict[str, int] = {}  # attention tensors: where the head axis is
+        self.stack_axis_of: dict[str, int] = {}  # StackSpace tensors: where the part axis is
         self.group_heads: dict[int, int] = {}
         self.tie_parent: dict[int, int] = {}
         self.consumers: dict[str, int] = {}
@@ -170,7 +171,7 @@ class BuildContext:
 
     @staticmethod
     def is_feature(space: Space) -> bool:
-        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly))
+        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, StackSpace))
 
     def set_heads(self, gid: int, heads: int) -> bool:
         """Mark a group as ``heads`` heads; False if it was already split another way."""
@@ -324,6 +325,8 @@ def _resolve(ctx: BuildContext, space: Space) -> Space:
         return HeadSpace(ctx.find(space.gid), space.size, space.heads)
     if isinstance(space, HeadsOnly):
         return HeadsOnly(ctx.find(space.gid), space.heads)
+    if isinstance(space, StackSpace):
+        return StackSpace(tuple(_resolve(ctx, p) for p in space.parts), space.size, space.heads)
     return space
 
 
@@ -385,6 +388,8 @@ def _renumber(space: Space, remap: dict[int, int]) -> Space:
         return HeadSpace(remap[space.gid], space.size, space.heads)
     if isinstance(space, HeadsOnly):
         return HeadsOnly(remap[space.gid], space.heads)
+    if isinstance(space, StackSpace):
+        return StackSpace(tuple(_renumber(p, remap) for p in space.parts), space.size, space.heads)
     return space
 
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures
+from onnxzip.graph.spaces import (
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, StackSpace,
+)
 from onnxzip.ops.attention import merge_heads, split_heads, transpose_heads
 from onnxzip.ops.registry import register
+from onnxzip.ops.stack import (
+    gather_stack, reshape_stack, slice_stack, split_stack, squeeze_axis_map, stack_parts, transpose_stack, unit_axis_map,
+)
 
 
 def _nonfeature(ctx, node):
@@ -69,8 +74,14 @@ def map_axis(in_shape, out_shape, axis):
 def reshape(ctx, node, x, space):
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     axis = ctx.feature_axis(x)
+    if isinstance(space, StackSpace):
+        where = _axis_map(ctx, node, in_shape, out_shape)
+        out = reshape_stack(ctx, node, space, where) if where is not None else None
+        return [out] if out is not None else ctx.unsupported_op(node, "reshapes stacked q/k/v parts in an unknown way")
     if isinstance(space, HeadSpace):
         merged = merge_heads(ctx, node, space, in_shape, out_shape)
+        if merged is None:
+            merged = _move_heads(ctx, node, space, _axis_map(ctx, node, in_shape, out_shape))
         return merged if merged is not None else ctx.unsupported_op(node, "reshapes attention heads in an unknown way")
     if isinstance(space, HeadsOnly):
         found = map_axis(in_shape, out_shape, axis)
@@ -79,6 +90,10 @@ def reshape(ctx, node, x, space):
         ctx.head_axis_of[node.output[0]] = found[0]
         return [_moved(ctx, node, space, found[0])]
     found = map_axis(in_shape, out_shape, axis) if in_shape and out_shape is not None else None
+    if found is None and isinstance(space, ConcatSpace):
+        stacked = stack_parts(ctx, node, space, in_shape, out_shape, axis)
+        if stacked is not None:
+            return [stacked]
     if found is None and isinstance(space, GroupSpace):
         heads = split_heads(ctx, node, space, in_shape, out_shape, axis)
         if heads is not None:
@@ -93,11 +108,44 @@ def reshape(ctx, node, x, space):
     return [expanded]
 
 
+def _axis_map(ctx, node, in_shape, out_shape) -> list | None:
+    """Each input axis's output axis for a Squeeze/Unsqueeze, or a Reshape that only adds or
+    drops axes of size 1; None otherwise."""
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        axes = ctx.attr(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            if not ctx.is_const(node.input[1]):
+                return None
+            axes = ctx.const(node.input[1]).reshape(-1).tolist()
+        if axes is None:
+            if node.op_type == "Unsqueeze":
+                return None
+            axes = [k for k, d in enumerate(in_shape) if d == 1]
+        return squeeze_axis_map(len(in_shape), list(axes), node.op_type == "Unsqueeze")
+    return unit_axis_map(tuple(in_shape), tuple(out_shape))
+
+
+def _move_heads(ctx, node, space: HeadSpace, where):
+    """A head-structured tensor reshaped only by axes of size 1 (e.g. [B*H, L, d] <-> [B, H, L, d]
+    at one sample): head and within-head axes move."""
+    x, out = node.input[0], node.output[0]
+    if where is None:
+        return None
+    head, dim = where[ctx.head_axis_of[x]], where[ctx.feature_axis(x)]
+    if head is None or dim is None:
+        return None
+    ctx.set_axis(out, dim)
+    ctx.head_axis_of[out] = head
+    return [space]
+
+
 @register("Transpose")
 @on_features
 def transpose(ctx, node, x, space):
     rank = ctx.rank(x)
     perm = list(ctx.attr(node, "perm", list(range(rank))[::-1]))
+    if isinstance(space, StackSpace):
+        return [transpose_stack(ctx, node, space, perm)]
     if isinstance(space, (HeadSpace, HeadsOnly)):
         return transpose_heads(ctx, node, space, perm)
     return [_moved(ctx, node, space, perm.index(ctx.feature_axis(x)))]
@@ -259,6 +307,9 @@ def pad(ctx, node, x, space):
 @on_features
 def keep_channels(ctx, node, x, space):
     """Slice or Tile along other axes: the channels pass through when their count is unchanged."""
+    if isinstance(space, StackSpace) and node.op_type == "Slice":
+        out = slice_stack(ctx, node, space)
+        return [out] if out is not None else ctx.unsupported_op(node, "slices stacked q/k/v parts in an unknown way")
     axis = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
         return ctx.unsupported_op(node, f"{node.op_type} changes the channel axis")
@@ -269,6 +320,9 @@ def keep_channels(ctx, node, x, space):
 @on_features
 def split(ctx, node, x, space):
     rank = ctx.rank(x)
+    if isinstance(space, StackSpace):
+        outs = split_stack(ctx, node, space)
+        return outs if outs is not None else ctx.unsupported_op(node, "splits stacked q/k/v parts in an unknown way")
     axis = ctx.attr(node, "axis", 0) % rank
     ch = ctx.feature_axis(x)
     if axis == ch:
@@ -289,6 +343,9 @@ def gather(ctx, node):
     space = ctx.space(x)
     if not ctx.is_feature(space):
         return _nonfeature(ctx, node)
+    if isinstance(space, StackSpace):
+        out = gather_stack(ctx, node, space)
+        return [out] if out is not None else ctx.unsupported_op(node, "gathers stacked q/k/v parts in an unknown way")
     rank = ctx.rank(x)
     axis = ctx.attr(node, "axis", 0) % rank
     ch = ctx.feature_axis(x)
