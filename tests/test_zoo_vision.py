@@ -1,0 +1,72 @@
+"""Vision transformers as torchvision, timm and torch.nn export them zip at full depth (needs torch,
+timm, torchvision: ``-m exporter``): a model zipped with itself is given back, with and without the
+statistics correction, and two differently seeded models zip."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import onnxzip
+from onnxzip.pipeline import load_layer_graph
+
+pytestmark = pytest.mark.exporter
+
+CASES = [(k, e) for k in ("torchvision_vit", "timm_deit", "torch_encoder", "torch_mha") for e in ("torchscript", "dynamo")]
+CASES += [("torch_encoder_masked", "torchscript")]  # dynamo cannot export the masked encoder (data-dependent branch)
+
+
+def run(model, x):
+    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    zoo = pytest.importorskip("tests.zoo_vision")
+    cache = {}
+
+    def get(kind, exporter, seed=0):
+        key = (kind, exporter, seed)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{kind}-{exporter}-{seed}")
+            cache[key] = zoo.export(zoo.build(kind, seed), folder / "model.onnx", exporter)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("zoo-data") / "calib.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((48, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize("kind,exporter", CASES)
+def test_self_zip_at_full_depth_gives_the_model_back(exported, data, kind, exporter):
+    path = exported(kind, exporter)
+    graph = load_layer_graph(path)
+    assert graph.max_depth() == graph.num_layers, [u.reason for u in graph.unsupported]
+    assert any(g.attention_heads > 1 for g in graph.groups.values())
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    want = run(path, x)[0]
+    scale = np.abs(want).max()
+    for repair in (False, True):
+        result = onnxzip.zip_models(path, path, data, method="zipit", params={"alpha": 0.3, "beta": 0.0},
+                                    do_repair=repair, batch_size=16, tasks=["a", "b"])
+        assert result.stop_at == graph.num_layers - 1
+        for got in run(result.model, x):
+            assert np.abs(got - want).max() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("kind,exporter", CASES)
+def test_two_seeds_zip_at_full_depth(exported, data, kind, exporter):
+    a, b = exported(kind, exporter, 0), exported(kind, exporter, 1)
+    result = onnxzip.zip_models(a, b, data, method="zipit", params={"alpha": 0.3, "beta": 0.125}, batch_size=16,
+                                tasks=["a", "b"])
+    assert result.stop_at == result.num_layers - 1
+    outs = run(result.model, np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    assert len(outs) == 2 and all(o.shape == (4, 5) and np.isfinite(o).all() for o in outs)

@@ -1,0 +1,105 @@
+"""Tiny vision transformers from the libraries people export them from (torchvision, timm, torch.nn),
+for the ``exporter``-marked tests (tests/test_zoo_vision.py). Random weights; nothing is downloaded.
+
+torchvision's PyPI wheel is a CUDA build whose compiled ops fail to load next to a CPU torch
+("operator torchvision::nms does not exist"); its pure-Python model definitions are all these tests
+need, so the two missing op schemas are declared before it is imported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+KINDS = ["torchvision_vit", "timm_deit", "torch_encoder", "torch_encoder_masked", "torch_mha"]
+_LIB = []
+
+
+def _torch():
+    import torch
+
+    if not _LIB:
+        try:
+            lib = torch.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _LIB.append(lib)  # the schemas live as long as the library object
+        except RuntimeError:  # a torchvision with working ops already defined them
+            _LIB.append(None)
+    return torch
+
+
+def build(kind: str, seed: int):
+    torch = _torch()
+    nn = torch.nn
+    torch.manual_seed(seed)
+
+    class Encoder(nn.Module):  # nn.TransformerEncoder on patch tokens, optionally with a float mask
+        def __init__(self, masked: bool):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 32, 8, 8)
+            layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(32, 5)
+            self.masked = masked
+            self.bias = nn.Parameter(torch.randn(16, 16) * 0.3)  # an additive attention bias
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)
+            if self.masked:
+                causal = torch.triu(torch.full((16, 16), float("-inf")), diagonal=1)
+                t = self.enc(t, mask=causal + self.bias)
+            else:
+                t = self.enc(t)
+            return self.head(t.mean(1))
+
+    class MHA(nn.Module):  # nn.MultiheadAttention sequence-first and batch-first
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 32, 8, 8)
+            self.attn = nn.MultiheadAttention(32, 4)
+            self.attn2 = nn.MultiheadAttention(32, 2, batch_first=True)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).permute(2, 0, 1)
+            t = t + self.attn(t, t, t, need_weights=False)[0]
+            t = t.transpose(0, 1)
+            t = t + self.attn2(t, t, t)[0]
+            return self.head(t.mean(1))
+
+    if kind == "torchvision_vit":
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=5)
+    elif kind == "timm_deit":
+        import timm
+
+        m = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                              depth=2, num_heads=3, num_classes=5)
+    elif kind in ("torch_encoder", "torch_encoder_masked"):
+        m = Encoder(kind.endswith("masked"))
+    elif kind == "torch_mha":
+        m = MHA()
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():  # non-trivial norms, biases, tokens and positions, as after training
+        for name, p in m.named_parameters():
+            if p.dim() == 1 or "pos" in name or "token" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
+def export(model, path: Path, exporter: str) -> Path:
+    torch = _torch()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                              output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], output_names=["logits"],
+                              dynamic_shapes={"x": {0: torch.export.Dim("n", min=1, max=1024)}}, verbose=False)
+    return path
