@@ -146,7 +146,7 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
     for gid, group in graph.groups.items():
         if gid in merges:
             continue
-        if group.output or gid not in stats.groups:
+        if group.output or group.aligned or gid not in stats.groups:
             merges[gid] = fixed_merge(group.size, n_models)
             continue
         m, u = match(similarity(stats.groups[gid]), method=method, **params)

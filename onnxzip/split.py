@@ -430,7 +430,9 @@ def _site(g: LayerGraph, l: Layer, idx: int, k: int, node: str, weight: str, bia
         name = init if k == -1 else prefix + init
         chain.append((prefix + node_name if k != -1 else node_name, name, p.axis if p else 0, sign))
     axis = g.channel_axis(l.preact)
-    if axis is None:
+    space = g.spaces.get(l.preact)
+    if axis is None or (isinstance(space, GroupSpace) and isinstance(l.out_space, GroupSpace) and space.gid != l.out_space.gid):
+        # a token-mixing layer's output carries the channel group: its own features are on its out axis
         axis = l.out_space.axis if isinstance(l.out_space, GroupSpace) else 1
     return LayerSite(idx, k, node, weight, bias, l.w_out_axis, preact, axis, chain, l.number, g.sample_layout(l.preact))
 

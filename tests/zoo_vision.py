@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-KINDS = ["torchvision_vit", "timm_deit", "torch_encoder", "torch_encoder_masked", "torch_mha"]
+KINDS = ["torchvision_vit", "timm_deit", "torch_encoder", "torch_encoder_masked", "torch_mha", "timm_mixer"]
 _LIB = []
 
 
@@ -78,6 +78,10 @@ def build(kind: str, seed: int):
 
         m = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
                               depth=2, num_heads=3, num_classes=5)
+    elif kind == "timm_mixer":
+        from timm.models.mlp_mixer import MlpMixer
+
+        m = MlpMixer(img_size=32, patch_size=8, embed_dim=32, num_blocks=2, num_classes=5)
     elif kind in ("torch_encoder", "torch_encoder_masked"):
         m = Encoder(kind.endswith("masked"))
     elif kind == "torch_mha":
@@ -88,6 +92,8 @@ def build(kind: str, seed: int):
         for name, p in m.named_parameters():
             if p.dim() == 1 or "pos" in name or "token" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif p.abs().max() == 0:  # zeros-initialized heads (torchvision, timm): outputs would not depend on the input
+                p.normal_(0, 0.1)
     return m.eval()
 
 

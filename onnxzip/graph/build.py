@@ -97,6 +97,9 @@ class BuildContext:
         self.axis_of: dict[str, int] = {}
         self.head_axis_of: dict[str, int] = {}  # attention tensors: where the head axis is
         self.stack_axis_of: dict[str, int] = {}  # StackSpace tensors: where the part axis is
+        self.carried: dict[str, GroupSpace] = {}  # token-mixing MLP tensors: the channel group they carry
+        self.aligned: set[int] = set()  # groups of token positions: the same in every model
+        self.token_bias: set = set()  # (Add node, bias) pairs that a token-mixing layer owns
         self.group_heads: dict[int, int] = {}
         self.tie_parent: dict[int, int] = {}
         self.consumers: dict[str, int] = {}
@@ -277,6 +280,7 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
             outs = ctx.unsupported_op(node, f"onnxzip has no handler for op type {node.domain + '.' if node.domain else ''}{node.op_type}")
         else:
             outs = handler(ctx, node)
+        _carry_channels(ctx, node, outs)
         for name, space in zip(node.output, outs):
             if name:
                 ctx.spaces[name] = space
@@ -302,6 +306,18 @@ def _sample_layouts(ctx: BuildContext, feeds: dict[str, np.ndarray]) -> dict[str
             pass
     consts = {n: ctx.const(n) for n in ctx.consts if ctx.consts[n].data_type == onnx.TensorProto.INT64 and len(ctx.consts[n].dims) <= 1}
     return sample_layouts(ctx.model, shapes, batch, consts)
+
+
+def _carry_channels(ctx: BuildContext, node, outs: list) -> None:
+    """Inside a token-mixing MLP, element-wise ops and biases keep the channel group it carries."""
+    src = node.input[0] if node.input else ""
+    carried = ctx.carried.get(src) or (ctx.carried.get(node.input[1]) if len(node.input) > 1 else None)
+    if carried is None or not outs or node.output[0] in ctx.carried:
+        return
+    feeding = next(i for i in node.input if i in ctx.carried)
+    same = ctx.space(feeding)
+    if isinstance(outs[0], GroupSpace) and isinstance(same, GroupSpace) and ctx.find(outs[0].gid) == ctx.find(same.gid):
+        ctx.carried[node.output[0]] = GroupSpace(carried.gid, carried.size, node.output[0], carried.axis)
 
 
 def _carry_head_axis(ctx: BuildContext, node, name: str, space: Space) -> None:
@@ -420,6 +436,11 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
                 space = spaces.get(order[i].output)
                 if isinstance(space, GroupSpace) and space.gid == g.gid:
                     g.tensors.append((order[i].output, space.axis))
+    for old_root in ctx.aligned:
+        gid = remap.get(ctx.find(old_root))
+        if gid in groups:
+            groups[gid].aligned = True
+            groups[gid].tensors = []  # averaged, never matched: nothing to measure
     for old_root, heads in ctx.group_heads.items():
         gid = remap.get(ctx.find(old_root))
         if gid in groups:

@@ -89,6 +89,7 @@ class FeatureGroup:
     blocked_by: list = field(default_factory=list)  # nodes that cannot zip through it
     attention_heads: int = 1  # > 1: channels form attention heads of size // heads (attention); merges keep heads whole
     attention_tie: int | None = None  # groups with the same tie share one assignment of attention heads
+    aligned: bool = False  # token positions (MLP-Mixer's token mixing): the same in every model, averaged
 
 
 @dataclass

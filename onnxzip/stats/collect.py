@@ -477,6 +477,8 @@ def _channel_axis(graph: LayerGraph, layer) -> int:
     from onnxzip.graph.spaces import GroupSpace
 
     space = graph.spaces.get(layer.preact)
-    if isinstance(space, GroupSpace):
+    out = layer.out_space
+    if isinstance(space, GroupSpace) and not (isinstance(out, GroupSpace) and out.gid != space.gid):
         return space.axis
-    return layer.out_space.axis if isinstance(layer.out_space, GroupSpace) else 1
+    # the tensor carries another group (a token-mixing layer's output carries the channels)
+    return out.axis if isinstance(out, GroupSpace) else 1
