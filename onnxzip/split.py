@@ -265,7 +265,13 @@ class _Builder:
             for k, g in enumerate(self.graphs):
                 p = g.params[j]
                 v = np.moveaxis(self.value(k, p.initializer).astype(np.float64), p.axis, 0)
-                part = np.tensordot(self.merges[pa.gid].merge_of(k), v, axes=(1, 0))
+                if pa.heads:
+                    m = self.merges.head_merge(pa.gid, pa.heads, k)
+                elif pa.space is not None:
+                    m = self.merges.merge(pa.space, k)
+                else:
+                    m = self.merges[pa.gid].merge_of(k)
+                part = np.tensordot(m, v, axes=(1, 0))
                 total = part if total is None else total + part
             self.new_inits[pa.initializer] = np.moveaxis(total, 0, pa.axis).astype(self.value(0, pa.initializer).dtype)
 

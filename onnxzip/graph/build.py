@@ -224,8 +224,15 @@ class BuildContext:
         self.layers.append(layer)
 
     def add_param(self, node: onnx.NodeProto, index: int, axis: int, space: Space) -> None:
-        for leaf in leaves(space):
-            self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, leaf.gid, topo=self.topo))
+        if isinstance(space, HeadsOnly):  # one value per head
+            self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, space.gid,
+                                            topo=self.topo, heads=space.heads))
+            return
+        parts = leaves(space)
+        whole = space if isinstance(space, ConcatSpace) else None
+        for leaf in parts:
+            self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, leaf.gid,
+                                            topo=self.topo, space=whole))
             return
 
     def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
@@ -356,6 +363,8 @@ def _finish(ctx: BuildContext) -> LayerGraph:
         layer.out_space = _resolve(ctx, layer.out_space)
     for p in ctx.params:
         p.gid = ctx.find(p.gid)
+        if p.space is not None:
+            p.space = _resolve(ctx, p.space)
     _number_layers(model, ctx.layers)
     _bias_chains(model, ctx)
     order = sorted(ctx.layers, key=lambda l: (l.number, l.depth, l.topo))
@@ -365,6 +374,8 @@ def _finish(ctx: BuildContext) -> LayerGraph:
         layer.in_space, layer.out_space = _renumber(layer.in_space, remap), _renumber(layer.out_space, remap)
     for p in ctx.params:
         p.gid = remap[p.gid]
+        if p.space is not None:
+            p.space = _renumber(p.space, remap)
     groups = _groups(ctx, order, remap, spaces, [o.name for o in model.graph.output])
     num_layers = max((l.number for l in order), default=0)
     unsupported = _depth_limits(ctx, groups, order, num_layers)

@@ -75,6 +75,8 @@ class ChannelParam:
     gid: int
     depth: int = 0
     topo: int = 0
+    heads: int = 0  # > 0: one value per attention head of group gid (a relative position bias)
+    space: Space | None = None  # a concatenation of groups (LayerNorm after a channel Concat); else gid's group
 
 
 @dataclass

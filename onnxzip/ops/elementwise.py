@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.graph.spaces import Blocked, GroupSpace, InputSpace, NoFeatures
+from onnxzip.graph.spaces import Blocked, GroupSpace, HeadsOnly, InputSpace, NoFeatures
 from onnxzip.ops.registry import register
 
 UNARY = (
@@ -115,6 +115,9 @@ def binary(ctx, node):
                 if node.op_type == "Add" and ctx.attach_bias(node, k, feats[0][1], pos):
                     continue
                 ctx.add_param(node, k, pos, result)
+                continue
+            if node.op_type in ("Add", "Sub", "Mul", "Div") and isinstance(result, HeadsOnly) and shape[pos] == result.heads:
+                ctx.add_param(node, k, pos, result)  # a per-head constant (Swin's relative position bias)
                 continue
             return ctx.unsupported_op(node, f"constant of shape {list(shape)} varies along the channel axis")
         # a run-time computed operand without features (a shape-derived scalar, say)

@@ -291,8 +291,14 @@ def pad(ctx, node, x, space):
     rank = ctx.rank(x)
     pads = ctx.attr(node, "pads", None)
     if pads is None:
-        if len(node.input) < 2 or not ctx.is_const(node.input[1]):
-            return ctx.unsupported_op(node, "pads computed at run time")
+        if len(node.input) < 2 or ctx.is_feature(ctx.space(node.input[1])):
+            return ctx.unsupported_op(node, "pads computed from features")
+        if not ctx.is_const(node.input[1]):
+            # pads computed from shapes (Swin pads to whole windows): the channels must keep their count
+            axis = ctx.feature_axis(x)
+            if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
+                return ctx.unsupported_op(node, "pads the channel axis")
+            return [_moved(ctx, node, space, axis)]
         pads = ctx.const(node.input[1]).tolist()
     axes = _axes(ctx, node, rank, input_index=3) or list(range(rank))
     axis = ctx.feature_axis(x)
