@@ -15,7 +15,7 @@ from onnxzip.pipeline import load_layer_graph
 
 pytestmark = pytest.mark.exporter
 
-CASES = [(k, e) for k in ("torchvision_vit", "timm_deit", "torch_encoder", "torch_mha", "timm_mixer")
+CASES = [(k, e) for k in ("torchvision_vit", "timm_deit", "torch_encoder", "torch_mha", "timm_mixer", "torchvision_swin")
          for e in ("torchscript", "dynamo")]
 CASES += [("torch_encoder_masked", "torchscript")]  # dynamo cannot export the masked encoder (data-dependent branch)
 

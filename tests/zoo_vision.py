@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-KINDS = ["torchvision_vit", "timm_deit", "torch_encoder", "torch_encoder_masked", "torch_mha", "timm_mixer"]
+KINDS = ["torchvision_vit", "timm_deit", "torch_encoder", "torch_encoder_masked", "torch_mha", "timm_mixer", "torchvision_swin"]
 _LIB = []
 
 
@@ -78,6 +78,11 @@ def build(kind: str, seed: int):
 
         m = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
                               depth=2, num_heads=3, num_classes=5)
+    elif kind == "torchvision_swin":
+        from torchvision.models.swin_transformer import SwinTransformer
+
+        m = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                            num_classes=5)
     elif kind == "timm_mixer":
         from timm.models.mlp_mixer import MlpMixer
 
