@@ -271,7 +271,7 @@ class _Builder:
                     m = self.merges.merge(pa.space, k)
                 else:
                     m = self.merges[pa.gid].merge_of(k)
-                part = np.tensordot(m, v, axes=(1, 0))
+                part = _merge_values(m, v)
                 total = part if total is None else total + part
             self.new_inits[pa.initializer] = np.moveaxis(total, 0, pa.axis).astype(self.value(0, pa.initializer).dtype)
 
@@ -441,6 +441,20 @@ def _site(g: LayerGraph, l: Layer, idx: int, k: int, node: str, weight: str, bia
         # a token-mixing layer's output carries the channel group: its own features are on its out axis
         axis = l.out_space.axis if isinstance(l.out_space, GroupSpace) else 1
     return LayerSite(idx, k, node, weight, bias, l.w_out_axis, preact, axis, chain, l.number, g.sample_layout(l.preact))
+
+
+def _merge_values(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``m @ v`` along v's first axis, where infinite entries (an attention mask's -inf) stay infinite
+    wherever a member with weight holds them (0 * inf would be NaN)."""
+    finite = np.isfinite(v)
+    if finite.all():
+        return np.tensordot(m, v, axes=(1, 0))
+    out = np.tensordot(m, np.where(finite, v, 0.0), axes=(1, 0))
+    used = (m != 0).astype(np.float64)
+    for sign in (1.0, -1.0):
+        hit = np.tensordot(used, (~finite & (np.sign(v) == sign)).astype(np.float64), axes=(1, 0)) > 0
+        out[hit] = sign * np.inf
+    return out
 
 
 def _copy(n: onnx.NodeProto) -> onnx.NodeProto:

@@ -70,3 +70,12 @@ def test_sample_layouts_follow_the_batch_through_transposes_and_flattening():
     back = samples_first(r, layouts["r"], batch=4)  # [samples, outer, inner, C]
     assert back.shape == (4, 5, 1, 3) and samples_first_axis(layouts["r"], 1) == 3
     np.testing.assert_array_equal(back.reshape(4, 5, 3), x)
+
+
+def test_merged_parameters_keep_an_attention_masks_infinities():
+    from onnxzip.split import _merge_values
+
+    m = np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    v = np.array([[1.0, -np.inf], [3.0, 2.0], [-np.inf, 4.0]])
+    got = _merge_values(m, v)
+    np.testing.assert_array_equal(got, [[2.0, -np.inf], [-np.inf, 4.0]])

@@ -11,7 +11,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-KINDS = ["torchvision_vit", "timm_deit", "torch_encoder", "torch_encoder_masked", "torch_mha", "timm_mixer", "torchvision_swin"]
+KINDS = ["torchvision_vit", "timm_deit", "torch_encoder", "torch_encoder_masked", "torch_mha", "timm_mixer", "torchvision_swin", "torch_sdpa_masked",
+         "torch_sdpa_causal"]
 _LIB = []
 
 
@@ -68,6 +69,29 @@ def build(kind: str, seed: int):
             t = t + self.attn2(t, t, t)[0]
             return self.head(t.mean(1))
 
+    class SDPA(nn.Module):  # fused qkv, scaled_dot_product_attention with a per-head masked bias or is_causal
+        def __init__(self, causal: bool):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 32, 8, 8)
+            self.qkv, self.proj = nn.Linear(32, 96), nn.Linear(32, 32)
+            self.bias = nn.Parameter(torch.randn(1, 4, 16, 16) * 0.3)
+            self.register_buffer("mask", torch.triu(torch.ones(16, 16, dtype=torch.bool), 1))
+            self.causal = causal
+            self.fc1, self.fc2, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 5)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)
+            n = t.shape[0]
+            q, k, v = self.qkv(t).reshape(n, 16, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            sdpa = nn.functional.scaled_dot_product_attention
+            if self.causal:
+                a = sdpa(q, k, v, is_causal=True)
+            else:
+                a = sdpa(q, k, v, attn_mask=self.bias.masked_fill(self.mask, float("-inf")))
+            t = t + self.proj(a.transpose(1, 2).contiguous().reshape(n, 16, 32))
+            t = t + self.fc2(nn.functional.gelu(self.fc1(t)))
+            return self.head(t.mean(1))
+
     if kind == "torchvision_vit":
         from torchvision.models.vision_transformer import VisionTransformer
 
@@ -89,6 +113,8 @@ def build(kind: str, seed: int):
         m = MlpMixer(img_size=32, patch_size=8, embed_dim=32, num_blocks=2, num_classes=5)
     elif kind in ("torch_encoder", "torch_encoder_masked"):
         m = Encoder(kind.endswith("masked"))
+    elif kind.startswith("torch_sdpa"):
+        m = SDPA(kind.endswith("causal"))
     elif kind == "torch_mha":
         m = MHA()
     else:
