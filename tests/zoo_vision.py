@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 KINDS = ["torchvision_vit", "timm_deit", "torch_encoder", "torch_encoder_masked", "torch_mha", "timm_mixer", "torchvision_swin", "torch_sdpa_masked",
-         "torch_sdpa_causal"]
+         "torch_sdpa_causal", "torch_chunked"]
 _LIB = []
 
 
@@ -92,6 +92,23 @@ def build(kind: str, seed: int):
             t = t + self.fc2(nn.functional.gelu(self.fc1(t)))
             return self.head(t.mean(1))
 
+    class Chunked(nn.Module):  # q, k, v = c_attn(x).split(D) (GPT-2); gate, up = gate_up(x).chunk(2) (SwiGLU)
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 32, 8, 8)
+            self.c_attn, self.c_proj = nn.Linear(32, 96), nn.Linear(32, 32)
+            self.gate_up, self.down, self.head = nn.Linear(32, 128), nn.Linear(64, 32), nn.Linear(32, 5)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)
+            n = t.shape[0]
+            q, k, v = (z.reshape(n, 16, 4, 8).transpose(1, 2) for z in self.c_attn(t).split(32, dim=2))
+            w = (q @ k.transpose(-2, -1) / 8 ** 0.5).softmax(-1)
+            t = t + self.c_proj((w @ v).transpose(1, 2).reshape(n, 16, 32))
+            g, u = self.gate_up(t).chunk(2, dim=-1)
+            t = t + self.down(nn.functional.silu(g) * u)
+            return self.head(t.mean(1))
+
     if kind == "torchvision_vit":
         from torchvision.models.vision_transformer import VisionTransformer
 
@@ -115,6 +132,8 @@ def build(kind: str, seed: int):
         m = Encoder(kind.endswith("masked"))
     elif kind.startswith("torch_sdpa"):
         m = SDPA(kind.endswith("causal"))
+    elif kind == "torch_chunked":
+        m = Chunked()
     elif kind == "torch_mha":
         m = MHA()
     else:

@@ -50,8 +50,12 @@ def example_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarr
     return feeds
 
 
-def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
-    """Run the model once with every node output fetched; return every tensor's shape."""
+def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], values: dict | None = None) -> dict[str, tuple]:
+    """Run the model once with every node output fetched; return every tensor's shape.
+
+    ``values``, if given, receives the small integer tensors (shape computations: Slice bounds,
+    Reshape targets) as the run computed them.
+    """
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -64,13 +68,16 @@ def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
     sess = session(m, optimization="disable")
     try:
         names = [o.name for o in sess.get_outputs()]
-        values = sess.run(names, feeds)
+        outs = sess.run(names, feeds)
     except Exception as e:
         raise ModelLoadError(
             f"onnxruntime cannot run the model on an example batch ({str(e).splitlines()[0][:300]}); "
             "check that it runs in onnxruntime, or pass calibration data with the real input shapes"
         ) from e
-    shapes = {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+    shapes = {n: tuple(np.shape(v)) for n, v in zip(names, outs)}
+    if values is not None:
+        values.update({n: v for n, v in zip(names, outs)
+                       if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.integer) and v.size <= 16})
     for k, v in feeds.items():
         shapes[k] = tuple(v.shape)
     for t in model.graph.initializer:
@@ -84,6 +91,7 @@ class BuildContext:
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple]):
         self.model = model
         self.consts = {t.name: t for t in model.graph.initializer}
+        self.probed: dict[str, np.ndarray] = {}  # small integer tensors of the probe run (shape computations)
         self._const_values: dict[str, np.ndarray] = {}
         self.shapes = shapes
         self.spaces: dict[str, Space] = {}
@@ -119,6 +127,15 @@ class BuildContext:
         if name not in self._const_values:
             self._const_values[name] = numpy_helper.to_array(self.consts[name])
         return self._const_values[name]
+
+    def int_value(self, name: str) -> np.ndarray | None:
+        """An integer initializer, or a small integer tensor computed from shapes, as the probe saw
+        it (a Slice bound computed from a shape); None for anything else."""
+        if self.is_const(name):
+            return self.const(name)
+        if isinstance(self.space(name), NoFeatures) and name in self.probed:
+            return self.probed[name]
+        return None
 
     def space(self, name: str) -> Space:
         if not name or name in self.consts:
@@ -278,8 +295,10 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
     """
     _name_nodes(model)
     feeds = feeds if feeds is not None else example_inputs(model)
-    shapes = probe_shapes(model, feeds)
+    small: dict[str, np.ndarray] = {}
+    shapes = probe_shapes(model, feeds, small)
     ctx = BuildContext(model, shapes)
+    ctx.probed = small
     for k, node in enumerate(model.graph.node):
         ctx.topo = k
         handler = get_handler(node.op_type) if node.domain in ("", "ai.onnx") else None

@@ -316,10 +316,58 @@ def keep_channels(ctx, node, x, space):
     if isinstance(space, StackSpace) and node.op_type == "Slice":
         out = slice_stack(ctx, node, space)
         return [out] if out is not None else ctx.unsupported_op(node, "slices stacked q/k/v parts in an unknown way")
+    if isinstance(space, ConcatSpace) and node.op_type == "Slice":
+        start = _slice_start(ctx, node, ctx.feature_axis(x))
+        if start is not None:
+            width = ctx.shape(node.output[0])[ctx.feature_axis(x)]
+            outs = _cut_parts(ctx, node, space, [start, width], ["", node.output[0]])
+            if outs is not None:
+                return outs[1:]
     axis = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
         return ctx.unsupported_op(node, f"{node.op_type} changes the channel axis")
     return [_moved(ctx, node, space, axis)]
+
+
+def _cut_parts(ctx, node, space: ConcatSpace, widths: list[int], outputs: list[str]):
+    """Consecutive channel ranges of ``widths`` of a concatenation, each made of whole parts (a
+    fused projection cut by Split or Slice on its channels): each range's parts, or None."""
+    axis = ctx.feature_axis(node.input[0])
+    parts, outs, k = list(space.parts), [], 0
+    for width, out in zip(widths, outputs):
+        taken, size = [], 0
+        while size < width and k < len(parts):
+            taken.append(parts[k])
+            size += parts[k].size
+            k += 1
+        if size != width:
+            return None
+        if not taken:
+            outs.append(NoFeatures())
+        elif len(taken) == 1 and isinstance(taken[0], GroupSpace):
+            outs.append(GroupSpace(taken[0].gid, taken[0].size, out, axis))
+        else:
+            ctx.set_axis(out, axis)
+            outs.append(ConcatSpace(tuple(taken), size))
+    return outs
+
+
+def _slice_start(ctx, node, axis: int) -> int | None:
+    """Where a Slice with constant bounds and step 1 starts on ``axis`` (None if it does not only
+    cut that axis that way)."""
+    ins = [node.input[k] if len(node.input) > k else "" for k in range(5)]
+    vals = [ctx.int_value(i) if i else None for i in ins]
+    if any(v is None for v in vals[1:3]) or any(i and v is None for i, v in zip(ins[3:], vals[3:])):
+        return None
+    starts, ends = vals[1].reshape(-1).tolist(), vals[2].reshape(-1).tolist()
+    rank = ctx.rank(node.input[0])
+    axes = [a % rank for a in vals[3].reshape(-1).tolist()] if ins[3] else list(range(len(starts)))
+    steps = vals[4].reshape(-1).tolist() if ins[4] else [1] * len(starts)
+    if axis not in axes or steps[axes.index(axis)] != 1:
+        return None
+    size = ctx.shape(node.input[0])[axis]
+    start = starts[axes.index(axis)]
+    return max(0, min(size, start + size if start < 0 else start))
 
 
 @register("Split")
@@ -329,6 +377,9 @@ def split(ctx, node, x, space):
     if isinstance(space, StackSpace):
         outs = split_stack(ctx, node, space)
         return outs if outs is not None else ctx.unsupported_op(node, "splits stacked q/k/v parts in an unknown way")
+    if isinstance(space, ConcatSpace) and ctx.attr(node, "axis", 0) % ctx.rank(x) == ctx.feature_axis(x):
+        outs = _cut_parts(ctx, node, space, [ctx.shape(o)[ctx.feature_axis(x)] for o in node.output], node.output)
+        return outs if outs is not None else ctx.unsupported_op(node, "splits concatenated groups across a group")
     axis = ctx.attr(node, "axis", 0) % rank
     ch = ctx.feature_axis(x)
     if axis == ch:
