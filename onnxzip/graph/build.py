@@ -23,6 +23,8 @@ from onnxzip.runtime import session
 
 __all__ = ["build_layer_graph", "probe_shapes", "example_inputs", "BuildContext"]
 
+MOVED_SAMPLES = "::onnxzip_moved_samples"  # probe_shapes' note in ``values``
+
 _ONNX_TO_NP = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
@@ -78,6 +80,9 @@ def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], values: d
     if values is not None:
         values.update({n: v for n, v in zip(names, outs)
                        if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.integer) and v.size <= 16})
+        # float tensors whose first axis is not the batch of one: the samples may lie elsewhere
+        values[MOVED_SAMPLES] = any(isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating) and v.ndim
+                                    and v.shape[0] != 1 for v in outs)
     for k, v in feeds.items():
         shapes[k] = tuple(v.shape)
     for t in model.graph.initializer:
@@ -324,6 +329,8 @@ def _sample_layouts(ctx: BuildContext, feeds: dict[str, np.ndarray]) -> dict[str
     specs = declared_inputs(ctx.model)
     batch = max((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), default=1)
     shapes = ctx.shapes
+    if batch == 1 and not ctx.probed.get(MOVED_SAMPLES, True):
+        return {}  # every activation of one sample has 1 on axis 0: the samples stay there
     if batch == 1 and specs and all(dims and not dims[0] for _, dims, _ in specs):
         try:
             shapes = probe_shapes(ctx.model, {k: np.concatenate([v, v]) for k, v in feeds.items()})
