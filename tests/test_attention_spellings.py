@@ -79,3 +79,14 @@ def test_merged_parameters_keep_an_attention_masks_infinities():
     v = np.array([[1.0, -np.inf], [3.0, 2.0], [-np.inf, 4.0]])
     got = _merge_values(m, v)
     np.testing.assert_array_equal(got, [[2.0, -np.inf], [-np.inf, 4.0]])
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_mixer_token_mixing_passes_the_channels_and_matches_its_hidden_units_pooled(tiny, exporter):
+    graph = load_layer_graph(tiny("mixer", exporter=exporter))
+    assert graph.max_depth() == graph.num_layers, [u.reason for u in graph.unsupported]
+    aligned = [g for g in graph.groups.values() if g.aligned]
+    assert [g.size for g in aligned] == [16, 16]  # the token positions each token MLP writes
+    assert len(graph.pooled) == 2  # its hidden units, measured averaged over the channels
+    residual = graph.groups[graph.layers[0].out_space.gid]
+    assert residual.size == 8 and not residual.aligned

@@ -155,8 +155,26 @@ def build(arch: str, seed: int):
             super().__init__(d, heads, blocks=2)
             self.blocks[0]["attn"], self.blocks[1]["attn"] = MHA(d, heads), FusedQKV(d, heads)
 
-    model = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "dw": DW, "cat": Cat, "vit": ViT, "mha": FusedViT}[arch]()
-    if arch in ("vit", "mha"):  # non-trivial LayerNorm parameters, as after training
+    class Mixer(nn.Module):  # MLP-Mixer: token-mixing MLPs on the token axis, channel MLPs on the channels
+        def __init__(self, d=8, tokens=16, blocks=2):
+            super().__init__()
+            self.patch = nn.Conv2d(1, d, 2, 2)
+            self.blocks = nn.ModuleList(nn.ModuleDict({
+                "ln1": nn.LayerNorm(d), "tok1": nn.Linear(tokens, 8), "tok2": nn.Linear(8, tokens),
+                "ln2": nn.LayerNorm(d), "fc1": nn.Linear(d, 2 * d), "fc2": nn.Linear(2 * d, d),
+            }) for _ in range(blocks))
+            self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)
+            for b in self.blocks:
+                x = x + b["tok2"](nn.functional.gelu(b["tok1"](b["ln1"](x).transpose(1, 2)))).transpose(1, 2)
+                x = x + b["fc2"](nn.functional.gelu(b["fc1"](b["ln2"](x))))
+            return self.head(self.ln(x).mean(1))
+
+    model = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "dw": DW, "cat": Cat, "vit": ViT, "mha": FusedViT,
+             "mixer": Mixer}[arch]()
+    if arch in ("vit", "mha", "mixer"):  # non-trivial LayerNorm parameters, as after training
         g = t.Generator().manual_seed(seed + 2000)
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):

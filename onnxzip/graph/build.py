@@ -320,6 +320,11 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
     graph = _finish(ctx)
     graph.notes = list(notes)
     graph.samples = _sample_layouts(ctx, feeds)
+    preacts = {l.preact for l in graph.layers}
+    for g in graph.groups.values():
+        for t, _ in g.tensors:
+            if t in ctx.carried and t not in preacts:  # a token MLP's hidden units: pooled over the channels
+                graph.pooled[t] = ctx.carried[t].axis
     return graph
 
 

@@ -119,6 +119,7 @@ class LayerGraph:
     axes: dict = field(default_factory=dict)  # feature tensor -> its channel axis
     notes: list = field(default_factory=list)  # what normalization changed, in words
     samples: dict = field(default_factory=dict)  # tensor -> (axis, outer, inner): where its samples lie (graph/samples.py)
+    pooled: dict = field(default_factory=dict)  # measured tensor -> an axis to average over first (the channels a token MLP carries)
 
     def sample_layout(self, tensor: str) -> tuple | None:
         """(axis, outer, inner) of ``tensor``'s samples; None for samples alone on axis 0 (or unknown)."""

@@ -119,13 +119,13 @@ def _mix_tokens(ctx, node, a, weight):
 
     For the channel group it is a per-channel op: every channel is mixed across tokens alike, so
     the group passes through untouched (its weights have no channel axis). Its own outputs are a
-    new group on the last axis (the token MLP's hidden units, matched like any hidden layer); the
-    channel group is carried along (``ctx.carried``) to the layer that maps back to tokens, whose
-    outputs are token positions, the same in every model (an aligned group: averaged, not matched).
+    new group on the last axis (the token MLP's hidden units); the channel group is carried along
+    (``ctx.carried``) to the layer that maps back to tokens, whose outputs are token positions, the
+    same in every model (an aligned group: averaged, not matched).
 
-    The hidden units are aligned too: their samples are (sample, channel) pairs, and the channels
-    of two models differ, so their statistics cannot pair the models' rows; the token MLP's weights
-    are averaged as they are (plain weight averaging, exact for a model zipped with itself).
+    The hidden units are matched like any hidden layer's, on statistics averaged over the channels
+    first (:attr:`LayerGraph.pooled`): their samples are (sample, channel) pairs, and the channels of
+    two models differ, so only a channel-free summary pairs the models' rows.
     """
     space = ctx.space(a)
     rank = ctx.rank(a)
@@ -138,7 +138,6 @@ def _mix_tokens(ctx, node, a, weight):
         out_space=out_space, w_out_axis=1, w_in_axis=0, weight_shape=tuple(weight.shape),
     ))
     ctx.carried[out] = GroupSpace(space.gid, space.size, out, space.axis + ctx.rank(out) - rank)
-    ctx.aligned.add(out_space.gid)
     return [out_space]
 
 

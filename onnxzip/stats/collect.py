@@ -219,7 +219,7 @@ def collect_stats(
     """
     n_models = len(graphs)
     base = graphs[0]
-    points = [g.measure_points() for g in graphs]
+    points = [[_pooled_point(g, p) for p in g.measure_points()] for g in graphs]
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
         dim = n_models * base.groups[p.gid].size
@@ -269,7 +269,7 @@ class _Stream:
         for k, g in enumerate(graphs):
             wanted = [(p.tensor, p.axis) for p in points[k]] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
             moved = {t: g.sample_layout(t) for t, _ in wanted if g.sample_layout(t)}
-            model, w = channels_last_model(g.model, wanted, g.shapes, also=g.outputs[:1], keep=moved)
+            model, w = channels_last_model(_with_pooled(g), wanted, g.shapes, also=g.outputs[:1], keep=moved)
             self.fetch.append(list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1])))
             self.layouts.append({w[t][0]: layout for t, layout in moved.items()})
             for t, layout in moved.items():  # the accumulators see the samples on axis 0
@@ -324,6 +324,36 @@ class _Stream:
             self.plan = _balance(tasks, outs, workers)
         pool.submit([[(fn, outs, sub.valid, (owner, level)) for fn in self.plan[w]] for w in range(workers)])
         return owner
+
+
+POOLED = "::onnxzip_pooled"
+
+
+def _pooled_point(graph: LayerGraph, point):
+    """A measure point averaged over another axis first (``graph.pooled``) reads the pooled tensor."""
+    if point.tensor not in graph.pooled:
+        return point
+    from onnxzip.graph.spaces import GroupSpace
+
+    return GroupSpace(point.gid, point.size, point.tensor + POOLED, point.axis)
+
+
+def _with_pooled(graph: LayerGraph) -> onnx.ModelProto:
+    """The model with a ReduceMean (keepdims) of each pooled tensor over its pooled axis."""
+    if not graph.pooled:
+        return graph.model
+    m = onnx.ModelProto()
+    m.CopyFrom(graph.model)
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 18)
+    for tensor, axis in graph.pooled.items():
+        out = tensor + POOLED
+        if opset >= 18:
+            axes = out + "/axes"
+            m.graph.initializer.append(onnx.numpy_helper.from_array(np.array([axis], dtype=np.int64), axes))
+            m.graph.node.append(helper.make_node("ReduceMean", [tensor, axes], [out], name=out, keepdims=1))
+        else:
+            m.graph.node.append(helper.make_node("ReduceMean", [tensor], [out], name=out, axes=[axis], keepdims=1))
+    return m
 
 
 def _run(sess, graph: LayerGraph, base: LayerGraph, names: list[str], batch, layouts: dict) -> dict:
