@@ -114,8 +114,7 @@ def _probe(m: onnx.ModelProto, cands: list, feeds: dict) -> dict[str, np.ndarray
         p.graph.node.append(helper.make_node("Mul", [y, f"{y}{_PROBE}/0"], [zero]))
         p.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), f"{y}{_PROBE}/0"))
         p.graph.node.append(helper.make_node("Add", [zero, idx], [coded]))
-        inside, ends = _closure(m, y)
-        fetch += ends
+        fetch += _closure(m, y)[1]
     from onnxzip.normalize import toposort
 
     toposort(p)

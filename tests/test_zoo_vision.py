@@ -17,7 +17,8 @@ pytestmark = pytest.mark.exporter
 
 CASES = [(k, e) for k in ("torchvision_vit", "timm_deit", "torch_encoder", "torch_mha", "timm_mixer", "torchvision_swin")
          for e in ("torchscript", "dynamo")]
-CASES += [(k, e) for k in ("torch_sdpa_causal", "torch_chunked") for e in ("torchscript", "dynamo")]
+CASES += [(k, e) for k in ("torch_sdpa_causal", "torch_chunked", "timm_vit_avgpool_nobias", "timm_deit_distilled",
+                          "timm_vit_reg_tokens") for e in ("torchscript", "dynamo")]
 # dynamo (torch 2.13) cannot export these: the masked encoder takes a data-dependent branch, and
 # scaled_dot_product_attention with a float mask fails to reshape its output at a dynamic batch
 CASES += [("torch_encoder_masked", "torchscript"), ("torch_sdpa_masked", "torchscript")]

@@ -12,7 +12,8 @@ import warnings
 from pathlib import Path
 
 KINDS = ["torchvision_vit", "timm_deit", "torch_encoder", "torch_encoder_masked", "torch_mha", "timm_mixer", "torchvision_swin", "torch_sdpa_masked",
-         "torch_sdpa_causal", "torch_chunked"]
+         "torch_sdpa_causal", "torch_chunked",
+         "timm_vit_avgpool_nobias", "timm_deit_distilled", "timm_vit_reg_tokens"]
 _LIB = []
 
 
@@ -124,6 +125,16 @@ def build(kind: str, seed: int):
 
         m = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
                             num_classes=5)
+    elif kind in ("timm_vit_avgpool_nobias", "timm_deit_distilled", "timm_vit_reg_tokens"):
+        import timm
+
+        name, extra = {
+            "timm_vit_avgpool_nobias": ("vit_tiny_patch16_224", dict(qkv_bias=False, class_token=False, global_pool="avg")),
+            "timm_deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+            "timm_vit_reg_tokens": ("vit_tiny_patch16_224", dict(reg_tokens=2, no_embed_class=True)),
+        }[kind]
+        m = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                              num_classes=5, **extra)
     elif kind == "timm_mixer":
         from timm.models.mlp_mixer import MlpMixer
 

@@ -353,13 +353,13 @@ def _cut_parts(ctx, node, space: ConcatSpace, widths: list[int], outputs: list[s
 
 
 def _slice_start(ctx, node, axis: int) -> int | None:
-    """Where a Slice with constant bounds and step 1 starts on ``axis`` (None if it does not only
-    cut that axis that way)."""
+    """Where a Slice with bounds known at build time and step 1 starts on ``axis`` (None if it
+    does not cut that axis that way); the width comes from the output's shape."""
     ins = [node.input[k] if len(node.input) > k else "" for k in range(5)]
     vals = [ctx.int_value(i) if i else None for i in ins]
     if any(v is None for v in vals[1:3]) or any(i and v is None for i, v in zip(ins[3:], vals[3:])):
         return None
-    starts, ends = vals[1].reshape(-1).tolist(), vals[2].reshape(-1).tolist()
+    starts = vals[1].reshape(-1).tolist()
     rank = ctx.rank(node.input[0])
     axes = [a % rank for a in vals[3].reshape(-1).tolist()] if ins[3] else list(range(len(starts)))
     steps = vals[4].reshape(-1).tolist() if ins[4] else [1] * len(starts)
