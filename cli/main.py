@@ -642,7 +642,8 @@ def _group_table(groups: list) -> Table:
         gt.add_column(col, overflow="fold")
     for g in groups:
         prod = ", ".join(g["producers"][:3]) + (" ..." if len(g["producers"]) > 3 else "")
-        where = "output (averaged, not matched)" if g["output"] else f"{len(g['measured_at'])} tensor(s)"
+        where = "output (averaged, not matched)" if g["output"] else (
+            "token positions (averaged, not matched)" if g.get("aligned") else f"{len(g['measured_at'])} tensor(s)")
         if g["attention_heads"] > 1:
             tied = g["attention_tie"] is not None and g["attention_tie"] != g["group"]
             where += f"; {g['attention_heads']} attention heads" + (f" (tied with g{g['attention_tie']})" if tied else "")

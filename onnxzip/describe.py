@@ -49,6 +49,7 @@ def graph_summary(graph: LayerGraph) -> dict:
             "producers": [graph.layers[i].node for i in g.producers],
             "measured_at": [t for t, _ in g.tensors],
             "output": g.output,
+            "aligned": g.aligned,
             "attention_heads": g.attention_heads,
             "attention_tie": g.attention_tie,
             "rotary": g.rotary,

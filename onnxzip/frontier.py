@@ -244,7 +244,13 @@ class Frontier:
         graph_inputs = []
         for i in plan.inputs:
             v = self.values[i][0]
-            graph_inputs.append(helper.make_tensor_value_info(i, NP_TO_ONNX[v.dtype], [None] + list(v.shape[1:])))
+            # rows on axis 0, except where a dimension differs between chunks (samples elsewhere:
+            # sequence-first attention) or the value has no axis (a shape computation's scalar)
+            dims = [None] + list(v.shape[1:]) if v.ndim else []
+            for other in self.values[i][1:]:
+                if other is not None:
+                    dims = [d if d == e else None for d, e in zip(dims, (None,) + other.shape[1:])]
+            graph_inputs.append(helper.make_tensor_value_info(i, NP_TO_ONNX[v.dtype], dims))
         names = {i for n in plan.closure for i in node_inputs(n)}
         inits = [self.model.graph.initializer[self.weights.index[n]] for n in names if n in self.weights.index]
         graph = helper.make_graph(plan.closure, "repair_level", graph_inputs,

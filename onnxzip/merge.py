@@ -60,6 +60,28 @@ class Merges(dict):
             return np.kron(np.eye(space.outer), np.kron(u, np.eye(space.inner)))
         raise TypeError(f"no unmerge for {space!r}")
 
+    def merge(self, space: Space, k: int) -> np.ndarray:
+        """Model k's merge for a group or a channel concatenation of groups (block diagonal)."""
+        if isinstance(space, GroupSpace):
+            return self[space.gid].merge_of(k)
+        if isinstance(space, ConcatSpace):
+            blocks = [self.merge(p, k) for p in space.parts]
+            out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
+            r = c = 0
+            for b in blocks:
+                out[r:r + b.shape[0], c:c + b.shape[1]] = b
+                r += b.shape[0]
+                c += b.shape[1]
+            return out
+        raise TypeError(f"no merge for {space!r}")
+
+    def head_merge(self, gid: int, heads: int, k: int) -> np.ndarray:
+        """Model k's merge of whole heads (heads x heads): the share of each of its heads in each
+        merged head, for per-head parameters; a permutation of heads stays one."""
+        m = self[gid].merge_of(k)
+        d = m.shape[0] // heads
+        return m.reshape(heads, d, heads, d).sum(axis=(1, 3)) / d
+
 
 # Weight of the tie-break below: far under the differences that decide real matches.
 TIE_BREAK = 1e-4
@@ -157,7 +179,7 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
     for gid, group in graph.groups.items():
         if gid in merges:
             continue
-        if group.output or gid not in stats.groups:
+        if group.output or group.aligned or gid not in stats.groups:
             merges[gid] = fixed_merge(group.size, n_models)
             continue
         if group.rotary:  # more than two models: heads are not paired yet, channels must stay in place

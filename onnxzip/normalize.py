@@ -109,6 +109,18 @@ def _fold_batchnorm(m: onnx.ModelProto) -> list[str]:
     return [f"folded BatchNormalization ({kinds})"] if folded else []
 
 
+def _split_fused(m: onnx.ModelProto) -> list[str]:
+    from onnxzip.fused import split_fused_projections
+
+    return split_fused_projections(m)
+
+
+def _identity_gathers(m: onnx.ModelProto) -> list[str]:
+    from onnxzip.strided import identity_gathers_to_reshapes
+
+    return identity_gathers_to_reshapes(m)
+
+
 def _unused_domains(m: onnx.ModelProto) -> list[str]:
     dropped = drop_unused_domains(m)
     return [f"dropped unused opset domain(s) {', '.join(dropped)}"] if dropped else []
@@ -897,6 +909,8 @@ PASSES = [
     ("ReduceSum + Div as ReduceMean", _sum_to_mean),
     ("Gemm with alpha = beta = 1", _silent(normalize_gemm)),
     ("fold BatchNormalization", _fold_batchnorm),
+    ("split fused projections", _split_fused),
+    ("identity as_strided as Reshape", _identity_gathers),
     ("topological order", _silent(toposort)),
     ("dense layers read Flatten", canonical_flatten),
     ("one use per initializer", _silent(unshare_initializers)),

@@ -23,7 +23,7 @@ def random_permutations(graph: LayerGraph, seed: int = 0) -> dict[int, np.ndarra
     perms = {}
     head_orders: dict[int, np.ndarray] = {}
     for gid, g in graph.groups.items():
-        if g.output:
+        if g.output or g.aligned:
             perms[gid] = np.arange(g.size)
         elif g.attention_heads > 1:  # whole heads move together (shared by tied groups), channels move within heads
             d = g.size // g.attention_heads
@@ -44,6 +44,6 @@ def permute_model(graph: LayerGraph, perms: dict[int, np.ndarray]) -> onnx.Model
     for gid, g in graph.groups.items():
         p = np.zeros((g.size, g.size))
         p[np.arange(g.size), perms[gid]] = 1.0  # new j <- old perm[j]
-        merges[gid] = GroupMerge(p, p.T.copy(), fixed=g.output)
+        merges[gid] = GroupMerge(p, p.T.copy(), fixed=g.output or g.aligned)
     model, _ = build_zipped_model([graph], merges, graph.num_layers, ["model"])
     return model

@@ -29,6 +29,7 @@ import onnx
 import scipy.linalg
 
 from onnxzip.errors import InternalError
+from onnxzip.graph.samples import samples_first, samples_first_axis
 from onnxzip.merge import Merges
 from onnxzip.onnx_nodes import attr
 from onnxzip.frontier import RUN_BUDGET_BYTES, Frontier, FrontierPlan, Weights, subset_rows
@@ -212,9 +213,14 @@ class _Site:
         if not index.size:
             return
         in_axis = 1 if self.node.op_type != "MatMul" else x.ndim - 1
-        # a dense layer run on [rows * tokens, C]: one row per calibration row first
-        x, self.in_axis = per_row(x, in_axis, len(keep))
-        y, self.out_axis = per_row(y, self.site.channel_axis, len(keep))
+        layout = getattr(self.site, "samples", None)
+        if layout is not None:  # samples off axis 0 (sequence-first attention): the input shares the layout
+            self.in_axis = samples_first_axis(layout, in_axis % x.ndim)
+            self.out_axis = samples_first_axis(layout, self.site.channel_axis % y.ndim)
+            x, y = samples_first(x, layout, len(keep)), samples_first(y, layout, len(keep))
+        else:  # a dense layer run on [rows * tokens, C]: one row per calibration row first
+            x, self.in_axis = per_row(x, in_axis, len(keep))
+            y, self.out_axis = per_row(y, self.site.channel_axis, len(keep))
         per_sample = int(np.prod(y.shape[1:], dtype=np.int64)) // max(1, y.shape[self.out_axis])
         width = self.normal.gram.shape[-1] * self.groups
         step = max(1, ROWS_BUDGET // max(1, per_sample * width))
@@ -362,8 +368,10 @@ def _refit_level(model, weights: Weights, frontier: Frontier, sources: list[Fron
         node = nodes.get(s.node)
         if node is None:
             raise InternalError(f"refit: no node '{s.node}' in the zipped model")
-        if node.op_type not in _FITTED:
-            continue  # a lookup table (token embedding) keeps its merged rows
+        if node.op_type not in _FITTED or graphs[0].layers[s.index].token_mixing:
+            # a lookup table (token embedding) keeps its merged rows; a token-mixing layer's rows
+            # are (sample, channel) pairs, and the merged model's channels are not the sources'
+            continue
         fits.append(_Site(s, node, weights.get(s.weight)))
         fits[-1].start(weights)
     if not fits:

@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from onnxzip.frontier import RUN_BUDGET_BYTES, Chunk, Frontier, Weights, node_inputs, subset_rows
+from onnxzip.graph.samples import samples_first, samples_first_axis
 from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.accumulate import SplitMoments
@@ -264,7 +265,11 @@ class _LevelMoments:
             mask = chunk.valid
             if self.owned and s.model >= 0 and chunk.owner is not None:
                 mask = mask & chunk.owner[s.model]
-            x, axis = per_row(values[s.preact], s.channel_axis, len(mask))
+            x, axis = values[s.preact], s.channel_axis
+            if s.samples is not None:  # samples to axis 0 (sequence-first attention)
+                x, axis = samples_first(x, s.samples, len(mask)), samples_first_axis(s.samples, axis % x.ndim)
+            else:  # one row per calibration row (a dense layer on [rows * tokens, C])
+                x, axis = per_row(x, axis, len(mask))
             key = self.key(s)
             if key not in self.accs:
                 self.accs[key] = SplitMoments(x.shape[axis], 1)

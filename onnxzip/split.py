@@ -39,6 +39,7 @@ class LayerSite:
     channel_axis: int
     chain: list = field(default_factory=list)  # (node, initializer, axis, sign)
     number: int = 0
+    samples: tuple | None = None  # where the pre-activation holds its samples, if not on axis 0
 
 
 @dataclass
@@ -267,7 +268,13 @@ class _Builder:
             for k, g in enumerate(self.graphs):
                 p = g.params[j]
                 v = np.moveaxis(self.value(k, p.initializer).astype(np.float64), p.axis, 0)
-                part = np.tensordot(self.merges[pa.gid].merge_of(k), v, axes=(1, 0))
+                if pa.heads:
+                    m = self.merges.head_merge(pa.gid, pa.heads, k)
+                elif pa.space is not None:
+                    m = self.merges.merge(pa.space, k)
+                else:
+                    m = self.merges[pa.gid].merge_of(k)
+                part = _merge_values(m, v)
                 total = part if total is None else total + part
             self.new_inits[pa.initializer] = np.moveaxis(total, 0, pa.axis).astype(self.value(0, pa.initializer).dtype)
 
@@ -432,9 +439,25 @@ def _site(g: LayerGraph, l: Layer, idx: int, k: int, node: str, weight: str, bia
         name = init if k == -1 else prefix + init
         chain.append((prefix + node_name if k != -1 else node_name, name, p.axis if p else 0, sign))
     axis = g.channel_axis(l.preact)
-    if axis is None:
+    space = g.spaces.get(l.preact)
+    if axis is None or (isinstance(space, GroupSpace) and isinstance(l.out_space, GroupSpace) and space.gid != l.out_space.gid):
+        # a token-mixing layer's output carries the channel group: its own features are on its out axis
         axis = l.out_space.axis if isinstance(l.out_space, GroupSpace) else 1
-    return LayerSite(idx, k, node, weight, bias, l.w_out_axis, preact, axis, chain, l.number)
+    return LayerSite(idx, k, node, weight, bias, l.w_out_axis, preact, axis, chain, l.number, g.sample_layout(l.preact))
+
+
+def _merge_values(m: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``m @ v`` along v's first axis, where infinite entries (an attention mask's -inf) stay infinite
+    wherever a member with weight holds them (0 * inf would be NaN)."""
+    finite = np.isfinite(v)
+    if finite.all():
+        return np.tensordot(m, v, axes=(1, 0))
+    out = np.tensordot(m, np.where(finite, v, 0.0), axes=(1, 0))
+    used = (m != 0).astype(np.float64)
+    for sign in (1.0, -1.0):
+        hit = np.tensordot(used, (~finite & (np.sign(v) == sign)).astype(np.float64), axes=(1, 0)) > 0
+        out[hit] = sign * np.inf
+    return out
 
 
 def _copy(n: onnx.NodeProto) -> onnx.NodeProto:

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-ARCHS = ["mlp", "cnn", "resnet", "dw", "cat", "vit"]
+ARCHS = ["mlp", "cnn", "resnet", "dw", "cat", "vit", "mha", "mixer"]
 DEFAULT_OPSET = 17
 # onnx_ir (what torch's dynamo exporter saves with) keeps tensors under this many bytes inline
 DYNAMO_EXTERNAL_THRESHOLD = 256

@@ -13,7 +13,7 @@ from onnxzip.permutation import permute_model, random_permutations
 from onnxzip.pipeline import load_layer_graph
 from tests.tiny_models import images
 
-ARCHS = ["mlp", "cnn", "resnet", "dw", "cat", "vit"]
+ARCHS = ["mlp", "cnn", "resnet", "dw", "cat", "vit", "mha", "mixer"]
 
 
 def run(model, x):

@@ -218,8 +218,51 @@ def build(arch: str, seed: int):
                 x = x + b["fc2"](nn.functional.gelu(b["fc1"](b["ln2"](x))))
             return self.head(self.ln(x)[:, 0])
 
-    model = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "dw": DW, "cat": Cat, "vit": ViT}[arch]()
-    if arch == "vit":  # non-trivial LayerNorm parameters, as after training
+    class FusedQKV(nn.Module):  # timm-style: one Linear to 3*d, cut by reshape/permute/unbind
+        def __init__(self, d, heads):
+            super().__init__()
+            self.h, self.dh = heads, d // heads
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+        def forward(self, x):
+            n, tokens, d = x.shape
+            q, k, v = self.qkv(x).reshape(n, tokens, 3, self.h, self.dh).permute(2, 0, 3, 1, 4).unbind(0)
+            w = (q @ k.transpose(-2, -1) * self.dh ** -0.5).softmax(dim=-1)
+            return self.proj((w @ v).transpose(1, 2).reshape(n, tokens, d))
+
+    class MHA(nn.Module):  # torch's nn.MultiheadAttention (fused in_proj, sequence-first inside)
+        def __init__(self, d, heads):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    class FusedViT(ViT):  # the ViT with nn.MultiheadAttention in block 1 and a fused qkv in block 2
+        def __init__(self, d=8, heads=2):
+            super().__init__(d, heads, blocks=2)
+            self.blocks[0]["attn"], self.blocks[1]["attn"] = MHA(d, heads), FusedQKV(d, heads)
+
+    class Mixer(nn.Module):  # MLP-Mixer: token-mixing MLPs on the token axis, channel MLPs on the channels
+        def __init__(self, d=8, tokens=16, blocks=2):
+            super().__init__()
+            self.patch = nn.Conv2d(1, d, 2, 2)
+            self.blocks = nn.ModuleList(nn.ModuleDict({
+                "ln1": nn.LayerNorm(d), "tok1": nn.Linear(tokens, 8), "tok2": nn.Linear(8, tokens),
+                "ln2": nn.LayerNorm(d), "fc1": nn.Linear(d, 2 * d), "fc2": nn.Linear(2 * d, d),
+            }) for _ in range(blocks))
+            self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)
+            for b in self.blocks:
+                x = x + b["tok2"](nn.functional.gelu(b["tok1"](b["ln1"](x).transpose(1, 2)))).transpose(1, 2)
+                x = x + b["fc2"](nn.functional.gelu(b["fc1"](b["ln2"](x))))
+            return self.head(self.ln(x).mean(1))
+
+    model = {"mlp": MLP, "cnn": CNN, "resnet": ResNet, "dw": DW, "cat": Cat, "vit": ViT, "mha": FusedViT,
+             "mixer": Mixer}[arch]()
+    if arch in ("vit", "mha", "mixer"):  # non-trivial LayerNorm parameters, as after training
         g = t.Generator().manual_seed(seed + 2000)
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):

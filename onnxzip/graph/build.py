@@ -12,15 +12,19 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxzip.errors import ModelLoadError, UnsupportedOpError
+from onnxzip.graph.samples import sample_layouts
 from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HalfHeads, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, leaves,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HalfHeads, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space,
+    StackSpace, leaves,
 )
 from onnxzip.ops import get_handler
 from onnxzip.onnx_nodes import attr
 from onnxzip.runtime import session
 
 __all__ = ["build_layer_graph", "probe_shapes", "example_inputs", "BuildContext"]
+
+MOVED_SAMPLES = "::onnxzip_moved_samples"  # probe_shapes' note in ``values``
 
 _ONNX_TO_NP = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
@@ -49,8 +53,12 @@ def example_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarr
     return feeds
 
 
-def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
-    """Run the model once with every node output fetched; return every tensor's shape."""
+def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], values: dict | None = None) -> dict[str, tuple]:
+    """Run the model once with every node output fetched; return every tensor's shape.
+
+    ``values``, if given, receives the small integer tensors (shape computations: Slice bounds,
+    Reshape targets) as the run computed them.
+    """
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -63,7 +71,7 @@ def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
     sess = session(m, optimization="disable")
     try:
         names = [o.name for o in sess.get_outputs()]
-        values = sess.run(names, feeds)
+        outs = sess.run(names, feeds)
     except Exception as e:
         raise ModelLoadError(
             f"onnxruntime cannot run the model on an example batch ({str(e).splitlines()[0][:300]}); "
@@ -71,7 +79,13 @@ def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
             + ("; token ids must be smaller than the embedding table's rows (the vocabulary)"
                if "out of data bounds" in str(e) else "")
         ) from e
-    shapes = {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+    shapes = {n: tuple(np.shape(v)) for n, v in zip(names, outs)}
+    if values is not None:
+        values.update({n: v for n, v in zip(names, outs)
+                       if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.integer) and v.size <= 16})
+        # float tensors whose first axis is not the batch of one: the samples may lie elsewhere
+        values[MOVED_SAMPLES] = any(isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating) and v.ndim
+                                    and v.shape[0] != 1 for v in outs)
     for k, v in feeds.items():
         shapes[k] = tuple(v.shape)
     for t in model.graph.initializer:
@@ -85,6 +99,7 @@ class BuildContext:
     def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple]):
         self.model = model
         self.consts = {t.name: t for t in model.graph.initializer}
+        self.probed: dict[str, np.ndarray] = {}  # small integer tensors of the probe run (shape computations)
         self._const_values: dict[str, np.ndarray] = {}
         self.shapes = shapes
         self.spaces: dict[str, Space] = {}
@@ -97,6 +112,10 @@ class BuildContext:
         self.topo = 0
         self.axis_of: dict[str, int] = {}
         self.head_axis_of: dict[str, int] = {}  # attention tensors: where the head axis is
+        self.stack_axis_of: dict[str, int] = {}  # StackSpace tensors: where the part axis is
+        self.carried: dict[str, GroupSpace] = {}  # token-mixing MLP tensors: the channel group they carry
+        self.aligned: set[int] = set()  # groups of token positions: the same in every model
+        self.token_bias: set = set()  # (Add node, bias) pairs that a token-mixing layer owns
         self.group_heads: dict[int, int] = {}
         self.tie_parent: dict[int, int] = {}
         self.rotary: set[int] = set()  # groups whose within-head channel order is fixed (see fix_within_heads)
@@ -117,6 +136,15 @@ class BuildContext:
         if name not in self._const_values:
             self._const_values[name] = numpy_helper.to_array(self.consts[name])
         return self._const_values[name]
+
+    def int_value(self, name: str) -> np.ndarray | None:
+        """An integer initializer, or a small integer tensor computed from shapes, as the probe saw
+        it (a Slice bound computed from a shape); None for anything else."""
+        if self.is_const(name):
+            return self.const(name)
+        if isinstance(self.space(name), NoFeatures) and name in self.probed:
+            return self.probed[name]
+        return None
 
     def space(self, name: str) -> Space:
         if not name or name in self.consts:
@@ -172,7 +200,7 @@ class BuildContext:
 
     @staticmethod
     def is_feature(space: Space) -> bool:
-        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, HalfHeads))
+        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, HalfHeads, StackSpace))
 
     def set_heads(self, gid: int, heads: int) -> bool:
         """Mark a group as ``heads`` heads; False if it was already split another way."""
@@ -227,8 +255,15 @@ class BuildContext:
         self.layers.append(layer)
 
     def add_param(self, node: onnx.NodeProto, index: int, axis: int, space: Space) -> None:
-        for leaf in leaves(space):
-            self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, leaf.gid, topo=self.topo))
+        if isinstance(space, HeadsOnly):  # one value per head
+            self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, space.gid,
+                                            topo=self.topo, heads=space.heads))
+            return
+        parts = leaves(space)
+        whole = space if isinstance(space, ConcatSpace) else None
+        for leaf in parts:
+            self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, leaf.gid,
+                                            topo=self.topo, space=whole))
             return
 
     def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
@@ -297,8 +332,11 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
         notes: what normalization changed (kept on the graph for ``check``).
     """
     _name_nodes(model)
-    shapes = probe_shapes(model, feeds if feeds is not None else example_inputs(model))
+    feeds = feeds if feeds is not None else example_inputs(model)
+    small: dict[str, np.ndarray] = {}
+    shapes = probe_shapes(model, feeds, small)
     ctx = BuildContext(model, shapes)
+    ctx.probed = small
     for k, node in enumerate(model.graph.node):
         ctx.topo = k
         handler = get_handler(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -307,6 +345,7 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
         else:
             outs = handler(ctx, node)
         ctx.join_blocked(node, outs)
+        _carry_channels(ctx, node, outs)
         for name, space in zip(node.output, outs):
             if name:
                 ctx.spaces[name] = space
@@ -314,7 +353,43 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
                     _carry_head_axis(ctx, node, name, space)
     graph = _finish(ctx)
     graph.notes = list(notes)
+    graph.samples = _sample_layouts(ctx, feeds)
+    preacts = {l.preact for l in graph.layers}
+    for g in graph.groups.values():
+        for t, _ in g.tensors:
+            if t in ctx.carried and t not in preacts:  # a token MLP's hidden units: pooled over the channels
+                graph.pooled[t] = ctx.carried[t].axis
     return graph
+
+
+def _sample_layouts(ctx: BuildContext, feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """Where each tensor holds its samples (:mod:`onnxzip.graph.samples`), from a probe on two
+    samples when the batch axis is dynamic (one sample cannot tell the batch axis from others)."""
+    specs = declared_inputs(ctx.model)
+    batch = max((np.shape(v)[0] for v in feeds.values() if np.ndim(v)), default=1)
+    shapes = ctx.shapes
+    if batch == 1 and not ctx.probed.get(MOVED_SAMPLES, True):
+        return {}  # every activation of one sample has 1 on axis 0: the samples stay there
+    if batch == 1 and specs and all(dims and not dims[0] for _, dims, _ in specs):
+        try:
+            shapes = probe_shapes(ctx.model, {k: np.concatenate([v, v]) for k, v in feeds.items()})
+            batch = 2
+        except ModelLoadError:
+            pass
+    consts = {n: ctx.const(n) for n in ctx.consts if ctx.consts[n].data_type == onnx.TensorProto.INT64 and len(ctx.consts[n].dims) <= 1}
+    return sample_layouts(ctx.model, shapes, batch, consts)
+
+
+def _carry_channels(ctx: BuildContext, node, outs: list) -> None:
+    """Inside a token-mixing MLP, element-wise ops and biases keep the channel group it carries."""
+    src = node.input[0] if node.input else ""
+    carried = ctx.carried.get(src) or (ctx.carried.get(node.input[1]) if len(node.input) > 1 else None)
+    if carried is None or not outs or node.output[0] in ctx.carried:
+        return
+    feeding = next(i for i in node.input if i in ctx.carried)
+    same = ctx.space(feeding)
+    if isinstance(outs[0], GroupSpace) and isinstance(same, GroupSpace) and ctx.find(outs[0].gid) == ctx.find(same.gid):
+        ctx.carried[node.output[0]] = GroupSpace(carried.gid, carried.size, node.output[0], carried.axis)
 
 
 def _carry_head_axis(ctx: BuildContext, node, name: str, space: Space) -> None:
@@ -340,6 +415,8 @@ def _resolve(ctx: BuildContext, space: Space) -> Space:
         return HeadsOnly(ctx.find(space.gid), space.heads)
     if isinstance(space, HalfHeads):
         return HalfHeads(ctx.find(space.gid), space.size, space.heads, space.half)
+    if isinstance(space, StackSpace):
+        return StackSpace(tuple(_resolve(ctx, p) for p in space.parts), space.size, space.heads)
     return space
 
 
@@ -353,6 +430,8 @@ def _finish(ctx: BuildContext) -> LayerGraph:
         layer.out_space = _resolve(ctx, layer.out_space)
     for p in ctx.params:
         p.gid = ctx.find(p.gid)
+        if p.space is not None:
+            p.space = _resolve(ctx, p.space)
     _number_layers(model, ctx.layers)
     _bias_chains(model, ctx)
     order = sorted(ctx.layers, key=lambda l: (l.number, l.depth, l.topo))
@@ -362,6 +441,8 @@ def _finish(ctx: BuildContext) -> LayerGraph:
         layer.in_space, layer.out_space = _renumber(layer.in_space, remap), _renumber(layer.out_space, remap)
     for p in ctx.params:
         p.gid = remap[p.gid]
+        if p.space is not None:
+            p.space = _renumber(p.space, remap)
     groups = _groups(ctx, order, remap, spaces, [o.name for o in model.graph.output])
     num_layers = max((l.number for l in order), default=0)
     unsupported = _depth_limits(ctx, groups, order, num_layers)
@@ -403,6 +484,8 @@ def _renumber(space: Space, remap: dict[int, int]) -> Space:
         return HeadsOnly(remap[space.gid], space.heads)
     if isinstance(space, HalfHeads):
         return HalfHeads(remap[space.gid], space.size, space.heads, space.half)
+    if isinstance(space, StackSpace):
+        return StackSpace(tuple(_renumber(p, remap) for p in space.parts), space.size, space.heads)
     return space
 
 
@@ -437,6 +520,11 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
         gid = remap.get(ctx.find(old))
         if gid in groups:
             groups[gid].rotary = True
+    for old_root in ctx.aligned:
+        gid = remap.get(ctx.find(old_root))
+        if gid in groups:
+            groups[gid].aligned = True
+            groups[gid].tensors = []  # averaged, never matched: nothing to measure
     for old_root, heads in ctx.group_heads.items():
         gid = remap.get(ctx.find(old_root))
         if gid in groups:

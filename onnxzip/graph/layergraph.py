@@ -41,6 +41,7 @@ class Layer:
     number: int = 0  # the paper's layer number (1-based, shortcuts share their block's number)
     depth: int = 0  # longest path of weight layers from the inputs, this one included
     topo: int = 0  # position of the node in the graph
+    token_mixing: bool = False  # contracts the token axis (MLP-Mixer): its rows are (sample, channel) pairs
 
     @property
     def kind(self) -> str:
@@ -78,6 +79,8 @@ class ChannelParam:
     gid: int
     depth: int = 0
     topo: int = 0
+    heads: int = 0  # > 0: one value per attention head of group gid (a relative position bias)
+    space: Space | None = None  # a concatenation of groups (LayerNorm after a channel Concat); else gid's group
 
 
 @dataclass
@@ -93,6 +96,7 @@ class FeatureGroup:
     attention_heads: int = 1  # > 1: channels form attention heads of size // heads (attention); merges keep heads whole
     attention_tie: int | None = None  # groups with the same tie share one assignment of attention heads
     rotary: bool = False  # attention heads rotated by position (RoPE): channels keep their place within a head
+    aligned: bool = False  # token positions (MLP-Mixer's token mixing): the same in every model, averaged
 
 
 @dataclass
@@ -119,6 +123,13 @@ class LayerGraph:
     num_layers: int  # m: the paper's count of layers on the main path
     axes: dict = field(default_factory=dict)  # feature tensor -> its channel axis
     notes: list = field(default_factory=list)  # what normalization changed, in words
+    samples: dict = field(default_factory=dict)  # tensor -> (axis, outer, inner): where its samples lie (graph/samples.py)
+    pooled: dict = field(default_factory=dict)  # measured tensor -> an axis to average over first (the channels a token MLP carries)
+
+    def sample_layout(self, tensor: str) -> tuple | None:
+        """(axis, outer, inner) of ``tensor``'s samples; None for samples alone on axis 0 (or unknown)."""
+        layout = self.samples.get(tensor)
+        return None if layout is None or tuple(layout) == (0, 1, 1) else tuple(layout)
 
     def channel_axis(self, tensor: str) -> int | None:
         space = self.spaces.get(tensor)

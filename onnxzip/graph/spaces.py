@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Space", "InputSpace", "NoFeatures", "Blocked", "GroupSpace", "ConcatSpace", "ExpandSpace", "HeadSpace",
-    "HeadsOnly", "HalfHeads", "leaves",
+    "HeadsOnly", "HalfHeads", "StackSpace", "leaves",
 ]
 
 
@@ -106,6 +106,21 @@ class HalfHeads(Space):
     half: int
 
 
+@dataclass(frozen=True)
+class StackSpace(Space):
+    """Equal parts of a channel concatenation, each on its own index of a new axis.
+
+    A fused q/k/v projection's output (a :class:`ConcatSpace` of three groups) reshaped to
+    ``[..., 3, D]`` or ``[..., 3, heads, D/heads]``: ``parts`` are the groups, ``size`` the channels
+    of one part; the builder records the tensor's part axis (``stack_axis_of``), channel axis and,
+    with ``heads`` > 1, head axis. Picking one index of the part axis gives that part's group.
+    """
+
+    parts: tuple
+    size: int
+    heads: int = 1
+
+
 def leaves(space: Space) -> list[GroupSpace]:
     """The group spaces a (composite) space is made of, in channel order."""
     if isinstance(space, GroupSpace):
@@ -114,4 +129,6 @@ def leaves(space: Space) -> list[GroupSpace]:
         return [leaf for p in space.parts for leaf in leaves(p)]
     if isinstance(space, ExpandSpace):
         return leaves(space.part)
+    if isinstance(space, StackSpace):
+        return [leaf for p in space.parts for leaf in leaves(p)]
     return []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.graph.spaces import Blocked, GroupSpace, InputSpace, NoFeatures
+from onnxzip.graph.spaces import Blocked, GroupSpace, HeadsOnly, InputSpace, NoFeatures
 from onnxzip.ops.registry import register
 from onnxzip.ops.rotary import within_head_constant
 from onnxzip.ops.shape import constant_lookup
@@ -118,6 +118,9 @@ def binary(ctx, node):
                 if node.op_type == "Add" and ctx.attach_bias(node, k, feats[0][1], pos):
                     continue
                 ctx.add_param(node, k, pos, result)
+                continue
+            if node.op_type in ("Add", "Sub", "Mul", "Div") and isinstance(result, HeadsOnly) and shape[pos] == result.heads:
+                ctx.add_param(node, k, pos, result)  # a per-head constant (Swin's relative position bias)
                 continue
             if node.op_type == "Mul" and within_head_constant(ctx, feats[0][1], result, shape, out_rank):
                 continue

@@ -88,13 +88,20 @@ def matmul(ctx, node):
         rank = ctx.rank(a)
         space = _check_input(ctx, node, a, rank - 1)
         if space is None:
-            return ctx.unsupported_op(node, "MatMul input's feature axis is not the last axis")
+            return _mix_tokens(ctx, node, a, weight)
         out = node.output[0]
         out_space = ctx.new_group(weight.shape[1], out, ctx.rank(out) - 1)
-        ctx.add_layer(Layer(
+        layer = Layer(
             node=node.name, op_type="MatMul", weight=b, bias=None, input=a, output=out, in_space=space,
             out_space=out_space, w_out_axis=1, w_in_axis=0, weight_shape=tuple(weight.shape),
-        ))
+        )
+        ctx.add_layer(layer)
+        carried = ctx.carried.get(a)
+        if carried is not None:  # the token MLP's last layer: back to the channels it carried
+            layer.token_mixing = True
+            ctx.aligned.add(out_space.gid)
+            _attach_token_bias(ctx, node, layer, weight.shape[1])
+            return [GroupSpace(carried.gid, carried.size, out, carried.axis)]
         return [out_space]
     if ctx.is_const(a) and not ctx.is_const(b):
         return ctx.unsupported_op(node, "MatMul with the weight as the left operand")
@@ -106,3 +113,44 @@ def matmul(ctx, node):
     if outs is not None:
         return outs
     return ctx.unsupported_op(node, "MatMul between two activations that is not an attention score or context product")
+
+
+def _mix_tokens(ctx, node, a, weight):
+    """A dense layer over another axis than the channels (MLP-Mixer's token mixing).
+
+    For the channel group it is a per-channel op: every channel is mixed across tokens alike, so
+    the group passes through untouched (its weights have no channel axis). Its own outputs are a
+    new group on the last axis (the token MLP's hidden units); the channel group is carried along
+    (``ctx.carried``) to the layer that maps back to tokens, whose outputs are token positions, the
+    same in every model (an aligned group: averaged, not matched).
+
+    The hidden units are matched like any hidden layer's, on statistics averaged over the channels
+    first (:attr:`LayerGraph.pooled`): their samples are (sample, channel) pairs, and the channels of
+    two models differ, so only a channel-free summary pairs the models' rows.
+    """
+    space = ctx.space(a)
+    rank = ctx.rank(a)
+    if not isinstance(space, GroupSpace) or space.axis == rank - 1 or a in ctx.carried:
+        return ctx.unsupported_op(node, "MatMul input's feature axis is not the last axis")
+    out = node.output[0]
+    out_space = ctx.new_group(weight.shape[1], out, ctx.rank(out) - 1)
+    ctx.add_layer(Layer(
+        node=node.name, op_type="MatMul", weight=node.input[1], bias=None, input=a, output=out, in_space=InputSpace(),
+        out_space=out_space, w_out_axis=1, w_in_axis=0, weight_shape=tuple(weight.shape), token_mixing=True,
+    ))
+    ctx.carried[out] = GroupSpace(space.gid, space.size, out, space.axis + ctx.rank(out) - rank)
+    return [out_space]
+
+
+def _attach_token_bias(ctx, node, layer: Layer, width: int) -> None:
+    """The bias Add right after a token-mixing layer is that layer's (its channels are tokens)."""
+    out = node.output[0]
+    users = [n for n in ctx.model.graph.node if out in n.input]
+    if len(users) != 1 or users[0].op_type != "Add" or out in ctx.graph_outputs:
+        return
+    add = users[0]
+    other = add.input[1] if add.input[0] == out else add.input[0]
+    if ctx.is_const(other) and tuple(ctx.shape(other)) == (width,):
+        layer.bias = other
+        layer.output = add.output[0]
+        ctx.token_bias.add((add.name, other))

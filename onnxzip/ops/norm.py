@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxzip.graph.spaces import GroupSpace
+from onnxzip.graph.spaces import ConcatSpace, GroupSpace
 from onnxzip.ops.registry import register
 
 
@@ -34,11 +34,14 @@ def layernorm(ctx, node):
         return [space for _ in node.output]
     rank = ctx.rank(x)
     axis = ctx.attr(node, "axis", -1) % rank
-    if not isinstance(space, GroupSpace) or axis != rank - 1 or space.axis != rank - 1:
+    concat = isinstance(space, ConcatSpace) and ctx.feature_axis(x) == rank - 1
+    if axis != rank - 1 or not (concat or (isinstance(space, GroupSpace) and space.axis == rank - 1)):
         return ctx.unsupported_op(node, "LayerNormalization over more than the channel axis")
     for k in range(1, len(node.input)):
         if node.input[k]:
             if not ctx.is_const(node.input[k]):
                 return ctx.unsupported_op(node, "LayerNormalization parameters computed at run time")
             ctx.add_param(node, k, len(ctx.shape(node.input[k])) - 1, space)
+    if concat:  # Swin's patch merging: LayerNorm over 4 neighbours' channels side by side
+        ctx.set_axis(node.output[0], rank - 1)
     return [ctx.follow(space, node.output[0])] + [ctx.space("") for _ in node.output[1:]]

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures
-from onnxzip.ops.attention import merge_heads, move_heads, split_heads, transpose_heads
 from onnxzip.graph.layergraph import Layer
+from onnxzip.graph.spaces import (
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, StackSpace,
+)
+from onnxzip.ops.attention import merge_heads, move_heads, split_heads, transpose_heads
 from onnxzip.ops.registry import register
 from onnxzip.ops.rotary import join_halves, slice_half
+from onnxzip.ops.stack import (
+    gather_stack, reshape_stack, slice_stack, split_stack, squeeze_axis_map, stack_parts, transpose_stack, unit_axis_map,
+)
 
 
 def _nonfeature(ctx, node):
@@ -71,8 +76,14 @@ def map_axis(in_shape, out_shape, axis):
 def reshape(ctx, node, x, space):
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     axis = ctx.feature_axis(x)
+    if isinstance(space, StackSpace):
+        where = _axis_map(ctx, node, in_shape, out_shape)
+        out = reshape_stack(ctx, node, space, where) if where is not None else None
+        return [out] if out is not None else ctx.unsupported_op(node, "reshapes stacked q/k/v parts in an unknown way")
     if isinstance(space, HeadSpace):
         merged = merge_heads(ctx, node, space, in_shape, out_shape) or move_heads(ctx, node, space, in_shape, out_shape)
+        if merged is None:
+            merged = _move_heads(ctx, node, space, _axis_map(ctx, node, in_shape, out_shape))
         if merged is not None:
             return merged
         producer = ctx.producer.get(x)
@@ -86,6 +97,10 @@ def reshape(ctx, node, x, space):
         ctx.head_axis_of[node.output[0]] = found[0]
         return [_moved(ctx, node, space, found[0])]
     found = map_axis(in_shape, out_shape, axis) if in_shape and out_shape is not None else None
+    if found is None and isinstance(space, ConcatSpace):
+        stacked = stack_parts(ctx, node, space, in_shape, out_shape, axis)
+        if stacked is not None:
+            return [stacked]
     if found is None and isinstance(space, GroupSpace):
         heads = split_heads(ctx, node, space, in_shape, out_shape, axis)
         if heads is not None:
@@ -100,11 +115,44 @@ def reshape(ctx, node, x, space):
     return [expanded]
 
 
+def _axis_map(ctx, node, in_shape, out_shape) -> list | None:
+    """Each input axis's output axis for a Squeeze/Unsqueeze, or a Reshape that only adds or
+    drops axes of size 1; None otherwise."""
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        axes = ctx.attr(node, "axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            if not ctx.is_const(node.input[1]):
+                return None
+            axes = ctx.const(node.input[1]).reshape(-1).tolist()
+        if axes is None:
+            if node.op_type == "Unsqueeze":
+                return None
+            axes = [k for k, d in enumerate(in_shape) if d == 1]
+        return squeeze_axis_map(len(in_shape), list(axes), node.op_type == "Unsqueeze")
+    return unit_axis_map(tuple(in_shape), tuple(out_shape))
+
+
+def _move_heads(ctx, node, space: HeadSpace, where):
+    """A head-structured tensor reshaped only by axes of size 1 (e.g. [B*H, L, d] <-> [B, H, L, d]
+    at one sample): head and within-head axes move."""
+    x, out = node.input[0], node.output[0]
+    if where is None:
+        return None
+    head, dim = where[ctx.head_axis_of[x]], where[ctx.feature_axis(x)]
+    if head is None or dim is None:
+        return None
+    ctx.set_axis(out, dim)
+    ctx.head_axis_of[out] = head
+    return [space]
+
+
 @register("Transpose")
 @on_features
 def transpose(ctx, node, x, space):
     rank = ctx.rank(x)
     perm = list(ctx.attr(node, "perm", list(range(rank))[::-1]))
+    if isinstance(space, StackSpace):
+        return [transpose_stack(ctx, node, space, perm)]
     if isinstance(space, (HeadSpace, HeadsOnly)):
         return transpose_heads(ctx, node, space, perm)
     return [_moved(ctx, node, space, perm.index(ctx.feature_axis(x)))]
@@ -253,8 +301,14 @@ def pad(ctx, node, x, space):
     rank = ctx.rank(x)
     pads = ctx.attr(node, "pads", None)
     if pads is None:
-        if len(node.input) < 2 or not ctx.is_const(node.input[1]):
-            return ctx.unsupported_op(node, "pads computed at run time")
+        if len(node.input) < 2 or ctx.is_feature(ctx.space(node.input[1])):
+            return ctx.unsupported_op(node, "pads computed from features")
+        if not ctx.is_const(node.input[1]):
+            # pads computed from shapes (Swin pads to whole windows): the channels must keep their count
+            axis = ctx.feature_axis(x)
+            if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
+                return ctx.unsupported_op(node, "pads the channel axis")
+            return [_moved(ctx, node, space, axis)]
         pads = ctx.const(node.input[1]).tolist()
     axes = _axes(ctx, node, rank, input_index=3) or list(range(rank))
     axis = ctx.feature_axis(x)
@@ -269,6 +323,16 @@ def pad(ctx, node, x, space):
 @on_features
 def keep_channels(ctx, node, x, space):
     """Slice or Tile along other axes: the channels pass through when their count is unchanged."""
+    if isinstance(space, StackSpace) and node.op_type == "Slice":
+        out = slice_stack(ctx, node, space)
+        return [out] if out is not None else ctx.unsupported_op(node, "slices stacked q/k/v parts in an unknown way")
+    if isinstance(space, ConcatSpace) and node.op_type == "Slice":
+        start = _slice_start(ctx, node, ctx.feature_axis(x))
+        if start is not None:
+            width = ctx.shape(node.output[0])[ctx.feature_axis(x)]
+            outs = _cut_parts(ctx, node, space, [start, width], ["", node.output[0]])
+            if outs is not None:
+                return outs[1:]
     axis = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
         half = slice_half(ctx, node, space) if node.op_type == "Slice" and isinstance(space, HeadSpace) else None
@@ -278,10 +342,57 @@ def keep_channels(ctx, node, x, space):
     return [_moved(ctx, node, space, axis)]
 
 
+def _cut_parts(ctx, node, space: ConcatSpace, widths: list[int], outputs: list[str]):
+    """Consecutive channel ranges of ``widths`` of a concatenation, each made of whole parts (a
+    fused projection cut by Split or Slice on its channels): each range's parts, or None."""
+    axis = ctx.feature_axis(node.input[0])
+    parts, outs, k = list(space.parts), [], 0
+    for width, out in zip(widths, outputs):
+        taken, size = [], 0
+        while size < width and k < len(parts):
+            taken.append(parts[k])
+            size += parts[k].size
+            k += 1
+        if size != width:
+            return None
+        if not taken:
+            outs.append(NoFeatures())
+        elif len(taken) == 1 and isinstance(taken[0], GroupSpace):
+            outs.append(GroupSpace(taken[0].gid, taken[0].size, out, axis))
+        else:
+            ctx.set_axis(out, axis)
+            outs.append(ConcatSpace(tuple(taken), size))
+    return outs
+
+
+def _slice_start(ctx, node, axis: int) -> int | None:
+    """Where a Slice with bounds known at build time and step 1 starts on ``axis`` (None if it
+    does not cut that axis that way); the width comes from the output's shape."""
+    ins = [node.input[k] if len(node.input) > k else "" for k in range(5)]
+    vals = [ctx.int_value(i) if i else None for i in ins]
+    if any(v is None for v in vals[1:3]) or any(i and v is None for i, v in zip(ins[3:], vals[3:])):
+        return None
+    starts = vals[1].reshape(-1).tolist()
+    rank = ctx.rank(node.input[0])
+    axes = [a % rank for a in vals[3].reshape(-1).tolist()] if ins[3] else list(range(len(starts)))
+    steps = vals[4].reshape(-1).tolist() if ins[4] else [1] * len(starts)
+    if axis not in axes or steps[axes.index(axis)] != 1:
+        return None
+    size = ctx.shape(node.input[0])[axis]
+    start = starts[axes.index(axis)]
+    return max(0, min(size, start + size if start < 0 else start))
+
+
 @register("Split")
 @on_features
 def split(ctx, node, x, space):
     rank = ctx.rank(x)
+    if isinstance(space, StackSpace):
+        outs = split_stack(ctx, node, space)
+        return outs if outs is not None else ctx.unsupported_op(node, "splits stacked q/k/v parts in an unknown way")
+    if isinstance(space, ConcatSpace) and ctx.attr(node, "axis", 0) % ctx.rank(x) == ctx.feature_axis(x):
+        outs = _cut_parts(ctx, node, space, [ctx.shape(o)[ctx.feature_axis(x)] for o in node.output], node.output)
+        return outs if outs is not None else ctx.unsupported_op(node, "splits concatenated groups across a group")
     axis = ctx.attr(node, "axis", 0) % rank
     ch = ctx.feature_axis(x)
     if axis == ch:
@@ -306,6 +417,9 @@ def gather(ctx, node):
             return embedded
     if not ctx.is_feature(space):
         return _nonfeature(ctx, node)
+    if isinstance(space, StackSpace):
+        out = gather_stack(ctx, node, space)
+        return [out] if out is not None else ctx.unsupported_op(node, "gathers stacked q/k/v parts in an unknown way")
     rank = ctx.rank(x)
     axis = ctx.attr(node, "axis", 0) % rank
     ch = ctx.feature_axis(x)

@@ -20,6 +20,7 @@ import onnx
 from onnx import helper
 
 from onnxzip.graph.layergraph import LayerGraph
+from onnxzip.graph.samples import samples_first, samples_first_axis
 from onnxzip.predictions import owner_masks
 from onnxzip.runtime import session
 from onnxzip.stats.accumulate import CovarianceAccumulator, SplitMoments, single_threaded_blas
@@ -105,14 +106,15 @@ def row_levels(index: np.ndarray) -> np.ndarray:
 CHANNELS_LAST = "::onnxzip_channels_last"
 
 
-def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict, also=()) -> tuple[onnx.ModelProto, dict]:
+def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict, also=(), keep=()) -> tuple[onnx.ModelProto, dict]:
     """A copy of ``model`` that outputs a channel-last Transpose of each wanted feature map (and
     the tensors ``also``).
 
     ``wanted``: (tensor, channel axis) pairs. Returns the model and, per tensor, the name to fetch
     and its channel axis there. onnxruntime writes the transposed copy instead of the plain one
     (its blocked-layout convolutions reorder their outputs either way), and the accumulators then
-    read every row's features from contiguous memory.
+    read every row's features from contiguous memory. Tensors in ``keep`` (samples not on axis 0)
+    are fetched as they are.
     """
     axes: dict[str, set] = {}
     for tensor, axis in wanted:
@@ -124,7 +126,7 @@ def channels_last_model(model: onnx.ModelProto, wanted, shapes: dict, also=()) -
         axis = next(iter(options))
         shape = shapes.get(tensor)
         rank = len(shape) if shape is not None else 0
-        if len(options) > 1 or rank < 3 or axis % rank in (0, rank - 1):
+        if len(options) > 1 or rank < 3 or axis % rank in (0, rank - 1) or tensor in keep:
             where[tensor] = (tensor, axis)
             continue
         axis %= rank
@@ -217,7 +219,7 @@ def collect_stats(
     """
     n_models = len(graphs)
     base = graphs[0]
-    points = [g.measure_points() for g in graphs]
+    points = [[_pooled_point(g, p) for p in g.measure_points()] for g in graphs]
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
         dim = n_models * base.groups[p.gid].size
@@ -263,11 +265,15 @@ class _Stream:
         # the models run side by side, each on its share of the cores (no straggler waits inside an
         # op while the accumulator threads hold a core)
         threads = max(1, _worker_count(cap=64) // len(graphs))
-        self.fetch, self.where, self.sessions = [], [], []
+        self.fetch, self.where, self.sessions, self.layouts = [], [], [], []
         for k, g in enumerate(graphs):
             wanted = [(p.tensor, p.axis) for p in points[k]] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
-            model, w = channels_last_model(g.model, wanted, g.shapes, also=g.outputs[:1])
+            moved = {t: g.sample_layout(t) for t, _ in wanted if g.sample_layout(t)}
+            model, w = channels_last_model(_with_pooled(g), wanted, g.shapes, also=g.outputs[:1], keep=moved)
             self.fetch.append(list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1])))
+            self.layouts.append({w[t][0]: layout for t, layout in moved.items()})
+            for t, layout in moved.items():  # the accumulators see the samples on axis 0
+                w[t] = (w[t][0], samples_first_axis(layout, w[t][1] % len(g.shapes[t])))
             self.where.append(w)
             self.sessions.append(session(model, providers, optimization="all", threads=threads, spinning=False))
         self.static = any(has_static_batch(g.model) for g in graphs)
@@ -299,7 +305,7 @@ class _Stream:
         the row owners."""
         graphs = self.graphs
         pool.reserve()
-        outs = list(runner.map(lambda k: _run(self.sessions[k], graphs[k], graphs[0], self.fetch[k], sub),
+        outs = list(runner.map(lambda k: _run(self.sessions[k], graphs[k], graphs[0], self.fetch[k], sub, self.layouts[k]),
                                range(len(graphs))))
         if not self.per_sample:
             self.per_sample = sum(r.nbytes for o in outs for r in o.values()) / rows
@@ -320,9 +326,42 @@ class _Stream:
         return owner
 
 
-def _run(sess, graph: LayerGraph, base: LayerGraph, names: list[str], batch) -> dict:
+POOLED = "::onnxzip_pooled"
+
+
+def _pooled_point(graph: LayerGraph, point):
+    """A measure point averaged over another axis first (``graph.pooled``) reads the pooled tensor."""
+    if point.tensor not in graph.pooled:
+        return point
+    from onnxzip.graph.spaces import GroupSpace
+
+    return GroupSpace(point.gid, point.size, point.tensor + POOLED, point.axis)
+
+
+def _with_pooled(graph: LayerGraph) -> onnx.ModelProto:
+    """The model with a ReduceMean (keepdims) of each pooled tensor over its pooled axis."""
+    if not graph.pooled:
+        return graph.model
+    m = onnx.ModelProto()
+    m.CopyFrom(graph.model)
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 18)
+    for tensor, axis in graph.pooled.items():
+        out = tensor + POOLED
+        if opset >= 18:
+            axes = out + "/axes"
+            m.graph.initializer.append(onnx.numpy_helper.from_array(np.array([axis], dtype=np.int64), axes))
+            m.graph.node.append(helper.make_node("ReduceMean", [tensor, axes], [out], name=out, keepdims=1))
+        else:
+            m.graph.node.append(helper.make_node("ReduceMean", [tensor], [out], name=out, axes=[axis], keepdims=1))
+    return m
+
+
+def _run(sess, graph: LayerGraph, base: LayerGraph, names: list[str], batch, layouts: dict) -> dict:
     feeds = {name: batch.feeds[base.inputs[j]] for j, name in enumerate(graph.inputs)}
-    return dict(zip(names, sess.run(names, feeds)))
+    outs = dict(zip(names, sess.run(names, feeds)))
+    for name, layout in layouts.items():  # samples to axis 0 (sequence-first attention)
+        outs[name] = np.ascontiguousarray(samples_first(outs[name], layout, len(batch.valid)))
+    return outs
 
 
 def _worker_count(cap: int | None = None) -> int:
@@ -485,6 +524,8 @@ def _channel_axis(graph: LayerGraph, layer) -> int:
     from onnxzip.graph.spaces import GroupSpace
 
     space = graph.spaces.get(layer.preact)
-    if isinstance(space, GroupSpace):
+    out = layer.out_space
+    if isinstance(space, GroupSpace) and not (isinstance(out, GroupSpace) and out.gid != space.gid):
         return space.axis
-    return layer.out_space.axis if isinstance(layer.out_space, GroupSpace) else 1
+    # the tensor carries another group (a token-mixing layer's output carries the channels)
+    return out.axis if isinstance(out, GroupSpace) else 1

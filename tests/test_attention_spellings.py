@@ -1,0 +1,93 @@
+"""Attention as torch.nn and timm spell it (committed tiny "mha" models: nn.MultiheadAttention with
+its fused in_proj and sequence-first internals, and a fused qkv Linear cut by reshape/permute/unbind)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxzip
+from onnxzip.graph.samples import sample_layouts, samples_first, samples_first_axis
+from onnxzip.pipeline import load_layer_graph
+from tests.test_invariants import _permuted_copy
+from tests.tiny_models import images
+
+
+def run(model, x):
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_fused_projections_become_one_group_per_part_and_the_zip_reaches_full_depth(tiny, exporter):
+    graph = load_layer_graph(tiny("mha", exporter=exporter))
+    assert any("split 2 fused projection(s)" in n for n in graph.notes)
+    assert graph.max_depth() == graph.num_layers, [u.reason for u in graph.unsupported]
+    heads = [g for g in graph.groups.values() if g.attention_heads == 2]
+    assert len(heads) == 4  # per block: q with k, and v with the output projection's input
+    ties = {}
+    for g in heads:
+        ties.setdefault(g.attention_tie, []).append(g.gid)
+    assert sorted(len(v) for v in ties.values()) == [2, 2]
+    # nn.MultiheadAttention computes sequence-first: some pre-activations hold samples off axis 0
+    assert any(graph.sample_layout(l.preact) for l in graph.layers)
+
+
+@pytest.mark.parametrize("method,params", [("permute", {}), ("zipit", {"beta": 0.0})])
+def test_zip_with_permuted_self_gives_the_model_back_with_the_correction(tiny, calib, tmp_path, method, params):
+    path = tiny("mha")
+    other = _permuted_copy(path, tmp_path)
+    x = images(16, seed=8)
+    want = run(path, x)[0]
+    for refit in (False, True):
+        result = onnxzip.zip_models(path, other, calib, method=method, params=params, do_repair=True, tasks=["a", "b"],
+                                    batch_size=7, refit=refit)  # odd batches: the last one is short
+        assert (result.refit if refit else result.repair) is not None
+        for got in run(result.model, x):
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_layouts_follow_the_batch_through_transposes_and_flattening():
+    # x [N, T, C] -> Transpose -> [T, N, C] -> Reshape -> [T*N, C] -> Relu
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["t", "shape"], ["r"]),
+        helper.make_node("Relu", ["r"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([-1, 3], dtype=np.int64), "shape")])
+    model = helper.make_model(graph)
+    shapes = {"x": (2, 5, 3), "t": (5, 2, 3), "r": (10, 3), "y": (10, 3), "shape": (2,)}
+    layouts = sample_layouts(model, shapes, batch=2)
+    assert layouts["x"] == (0, 1, 1) and layouts["t"] == (1, 1, 1)
+    assert layouts["r"] == layouts["y"] == (0, 5, 1)  # 5 token blocks of 2 samples
+    x = np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32)
+    r = x.transpose(1, 0, 2).reshape(-1, 3)
+    back = samples_first(r, layouts["r"], batch=4)  # [samples, outer, inner, C]
+    assert back.shape == (4, 5, 1, 3) and samples_first_axis(layouts["r"], 1) == 3
+    np.testing.assert_array_equal(back.reshape(4, 5, 3), x)
+
+
+def test_merged_parameters_keep_an_attention_masks_infinities():
+    from onnxzip.split import _merge_values
+
+    m = np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    v = np.array([[1.0, -np.inf], [3.0, 2.0], [-np.inf, 4.0]])
+    got = _merge_values(m, v)
+    np.testing.assert_array_equal(got, [[2.0, -np.inf], [-np.inf, 4.0]])
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_mixer_token_mixing_passes_the_channels_and_matches_its_hidden_units_pooled(tiny, exporter):
+    graph = load_layer_graph(tiny("mixer", exporter=exporter))
+    assert graph.max_depth() == graph.num_layers, [u.reason for u in graph.unsupported]
+    aligned = [g for g in graph.groups.values() if g.aligned]
+    assert [g.size for g in aligned] == [16, 16]  # the token positions each token MLP writes
+    assert len(graph.pooled) == 2  # its hidden units, measured averaged over the channels
+    residual = graph.groups[graph.layers[0].out_space.gid]
+    assert residual.size == 8 and not residual.aligned
