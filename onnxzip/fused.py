@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxzip.onnx_nodes import attr, toposort
 from onnxzip.runtime import session
 
 __all__ = ["split_fused_projections"]
@@ -43,8 +44,8 @@ def _candidates(m: onnx.ModelProto) -> list[tuple]:
     for n in m.graph.node:
         if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2 and n.input[0] not in inits:
             width = inits[n.input[1]].dims[1]
-        elif n.op_type == "Gemm" and n.input[1] in inits and not _attr(n, "transA", 0):
-            width = inits[n.input[1]].dims[0 if _attr(n, "transB", 0) else 1]
+        elif n.op_type == "Gemm" and n.input[1] in inits and not attr(n, "transA", 0):
+            width = inits[n.input[1]].dims[0 if attr(n, "transB", 0) else 1]
         else:
             continue
         y, bias = n.output[0], None
@@ -61,13 +62,6 @@ def _candidates(m: onnx.ModelProto) -> list[tuple]:
             continue
         found.append((n, bias, y, int(width)))
     return found
-
-
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _closure(m: onnx.ModelProto, y: str) -> tuple[list[str], list[str]]:
@@ -115,7 +109,6 @@ def _probe(m: onnx.ModelProto, cands: list, feeds: dict) -> dict[str, np.ndarray
         p.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), f"{y}{_PROBE}/0"))
         p.graph.node.append(helper.make_node("Add", [zero, idx], [coded]))
         fetch += _closure(m, y)[1]
-    from onnxzip.normalize import toposort
 
     toposort(p)
     have = {o.name for o in p.graph.output}
@@ -173,7 +166,6 @@ def split_fused_projections(m: onnx.ModelProto, feeds: dict | None = None) -> li
         split += 1
     if not split:
         return []
-    from onnxzip.normalize import toposort
 
     toposort(m)
     return [f"split {split} fused projection(s) (one Linear to several layers' outputs, e.g. q/k/v) into one layer per part"]
@@ -183,7 +175,7 @@ def _split(m: onnx.ModelProto, node, bias, y: str, width: int, k: int) -> None:
     inits = {t.name: t for t in m.graph.initializer}
     w = numpy_helper.to_array(inits[node.input[1]])
     d = width // k
-    out_axis = 1 if node.op_type == "MatMul" or not _attr(node, "transB", 0) else 0
+    out_axis = 1 if node.op_type == "MatMul" or not attr(node, "transB", 0) else 0
     gemm_bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
     b = numpy_helper.to_array(inits[gemm_bias]) if gemm_bias else None
     add_bias = None

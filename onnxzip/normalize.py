@@ -31,7 +31,8 @@ import onnx.version_converter
 from onnx import helper, numpy_helper
 
 from onnxzip.errors import ModelLoadError, OptionError
-from onnxzip.onnx_nodes import attr, prune
+from onnxzip.fused import split_fused_projections
+from onnxzip.onnx_nodes import attr, prune, toposort
 from onnxzip.runtime import session
 
 __all__ = [
@@ -110,7 +111,6 @@ def _fold_batchnorm(m: onnx.ModelProto) -> list[str]:
 
 
 def _split_fused(m: onnx.ModelProto) -> list[str]:
-    from onnxzip.fused import split_fused_projections
 
     return split_fused_projections(m)
 
@@ -372,26 +372,6 @@ def unshare_initializers(m: onnx.ModelProto) -> None:
             copy.name = new
             g.initializer.append(copy)
             node.input[k] = new
-
-
-def toposort(m: onnx.ModelProto) -> None:
-    """Order nodes so that every tensor is produced before it is used (onnx-graphsurgeon's
-    toposort; the node protos themselves are kept as they are)."""
-    g = m.graph
-    available = {t.name for t in g.initializer} | {i.name for i in g.input} | {""}
-    available |= {o for n in g.node for o in n.output}
-    missing = next((i for n in g.node for i in n.input if i not in available), None)
-    if missing is not None:
-        raise ModelLoadError(f"the graph uses tensor '{missing}' that nothing produces; the model is malformed, re-export it")
-    graph = gs.import_onnx(onnx.ModelProto(graph=onnx.GraphProto(node=g.node, input=g.input, output=g.output), opset_import=m.opset_import))
-    position = {id(node): k for k, node in enumerate(graph.nodes)}
-    try:
-        graph.toposort()
-    except Exception as e:  # a cycle
-        raise ModelLoadError(f"the graph has a cycle ({e}); the model is malformed, re-export it") from None
-    order = [g.node[position[id(node)]] for node in graph.nodes]
-    del g.node[:]
-    g.node.extend(order)
 
 
 # ------------------------------------------------------------------------------------------------

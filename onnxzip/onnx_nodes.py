@@ -1,12 +1,15 @@
-"""Small graph helpers every module uses: a node's attributes, and dead-code removal through
-onnx-graphsurgeon."""
+"""Small graph helpers every module uses: a node's attributes; dead-code removal and topological
+order through onnx-graphsurgeon."""
 
 from __future__ import annotations
 
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import helper
 
-__all__ = ["attr", "attrs", "prune"]
+from onnxzip.errors import ModelLoadError
+
+__all__ = ["attr", "attrs", "prune", "toposort"]
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -27,8 +30,6 @@ def prune(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` without the nodes and initializers no graph output depends on (onnx-graphsurgeon's
     cleanup); node order, names, opsets and IR version are kept. onnx-graphsurgeon does not carry
     ``metadata_props`` through its export: they are copied back."""
-    import onnx_graphsurgeon as gs
-
     graph = gs.import_onnx(model)
     graph.cleanup()
     out = gs.export_onnx(graph, do_type_check=False)
@@ -37,3 +38,23 @@ def prune(model: onnx.ModelProto) -> onnx.ModelProto:
     out.opset_import.extend(model.opset_import)
     out.metadata_props.extend(model.metadata_props)
     return out
+
+
+def toposort(m: onnx.ModelProto) -> None:
+    """Order nodes so that every tensor is produced before it is used (onnx-graphsurgeon's
+    toposort; the node protos themselves are kept as they are)."""
+    g = m.graph
+    available = {t.name for t in g.initializer} | {i.name for i in g.input} | {""}
+    available |= {o for n in g.node for o in n.output}
+    missing = next((i for n in g.node for i in n.input if i not in available), None)
+    if missing is not None:
+        raise ModelLoadError(f"the graph uses tensor '{missing}' that nothing produces; the model is malformed, re-export it")
+    graph = gs.import_onnx(onnx.ModelProto(graph=onnx.GraphProto(node=g.node, input=g.input, output=g.output), opset_import=m.opset_import))
+    position = {id(node): k for k, node in enumerate(graph.nodes)}
+    try:
+        graph.toposort()
+    except Exception as e:  # a cycle
+        raise ModelLoadError(f"the graph has a cycle ({e}); the model is malformed, re-export it") from None
+    order = [g.node[position[id(node)]] for node in graph.nodes]
+    del g.node[:]
+    g.node.extend(order)

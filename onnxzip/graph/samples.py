@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnxzip.onnx_nodes import attr
+
 __all__ = ["sample_layouts", "samples_first", "samples_first_axis", "STANDARD"]
 
 STANDARD = (0, 1, 1)
@@ -38,13 +40,6 @@ def _locate(shape: tuple, stride: int, batch: int) -> tuple[int, int] | None:
         if after <= stride and stride % after == 0 and _prod(shape[k:]) % (stride * batch) == 0:
             return k, stride // after
     return None
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def sample_layouts(model: onnx.ModelProto, shapes: dict, batch: int, consts: dict | None = None) -> dict[str, tuple]:
@@ -97,26 +92,26 @@ def _follow(node, src, in_shape, axis, inner, stride, out_shape, consts) -> int 
     if op in _FLAT and node.input[0] == src:
         return stride
     if op == "Transpose":
-        perm = list(_attr(node, "perm", list(range(len(in_shape)))[::-1]))
+        perm = list(attr(node, "perm", list(range(len(in_shape)))[::-1]))
         k = perm.index(axis)
         return inner * _prod(out_shape[k + 1:])
     if op == "Gather" and node.input[0] == src:
-        g = _attr(node, "axis", 0) % len(in_shape)
+        g = attr(node, "axis", 0) % len(in_shape)
         if g == axis:
             return None
         idx = consts.get(node.input[1])
         idx_rank = np.ndim(idx) if idx is not None else len(out_shape) - len(in_shape) + 1
         k = axis if g > axis else axis + idx_rank - 1
     elif op.startswith("Reduce") or op in ("ArgMax", "ArgMin"):
-        keep = _attr(node, "keepdims", 1)
-        axes = _attr(node, "axes", None)
+        keep = attr(node, "keepdims", 1)
+        axes = attr(node, "axes", None)
         if axes is None and len(node.input) > 1 and node.input[1]:
             value = consts.get(node.input[1])
             axes = None if value is None else np.asarray(value).reshape(-1).tolist()
         if axes is not None and not isinstance(axes, int):
             axes = [int(a) % len(in_shape) for a in axes]
         else:
-            axes = [_attr(node, "axis", 0) % len(in_shape)] if op in ("ArgMax", "ArgMin") else None
+            axes = [attr(node, "axis", 0) % len(in_shape)] if op in ("ArgMax", "ArgMin") else None
         if axes is None or axis in axes:
             return None
         k = axis if keep else axis - sum(1 for a in axes if a < axis)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxzip.graph.spaces import GroupSpace, HeadsOnly, HeadSpace
+from onnxzip.ops.axes import map_axis
 
 __all__ = ["split_heads", "merge_heads", "move_heads", "attention_matmul", "transpose_heads"]
 
@@ -48,7 +49,6 @@ def merge_heads(ctx, node, space: HeadSpace, in_shape, out_shape):
 def move_heads(ctx, node, space: HeadSpace, in_shape, out_shape):
     """A Reshape that keeps the within-head axis whole and the head axis whole (a no-op reshape, or
     batch and heads folded into one axis as the dynamo exporter spells attention); None otherwise."""
-    from onnxzip.ops.shape import map_axis
 
     x, out = node.input[0], node.output[0]
     head, dim = ctx.head_axis_of.get(x), ctx.feature_axis(x)

@@ -8,6 +8,7 @@ from onnxzip.graph.layergraph import Layer
 from onnxzip.graph.spaces import (
     Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, StackSpace,
 )
+from onnxzip.ops.axes import map_axis
 from onnxzip.ops.attention import merge_heads, move_heads, split_heads, transpose_heads
 from onnxzip.ops.registry import register
 from onnxzip.ops.rotary import join_halves, slice_half
@@ -53,22 +54,6 @@ def _moved(ctx, node, space, axis):
 @register("Shape", "Size", "NonZero", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike")
 def shape_only(ctx, node):
     return [NoFeatures() for _ in node.output]
-
-
-def map_axis(in_shape, out_shape, axis):
-    """Where channel axis ``axis`` of ``in_shape`` lands after a row-major reshape.
-
-    Returns (out_axis, outer, inner): the output axis holds ``outer x C x inner`` entries per
-    channel block, or None when the channels are split across output axes.
-    """
-    c = in_shape[axis]
-    inner_in = int(np.prod(in_shape[axis + 1:], dtype=np.int64))
-    for k in range(len(out_shape)):
-        inner_out = int(np.prod(out_shape[k + 1:], dtype=np.int64))
-        span = inner_out * out_shape[k]
-        if inner_out <= inner_in and inner_in % inner_out == 0 and span >= inner_in * c and span % (inner_in * c) == 0:
-            return k, span // (inner_in * c), inner_in // inner_out
-    return None
 
 
 @register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
