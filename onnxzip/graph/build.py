@@ -14,7 +14,8 @@ from onnx import helper, numpy_helper
 from onnxzip.errors import ModelLoadError, UnsupportedOpError
 from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space, leaves,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, SelectSpace, Space,
+    channel_sources, leaves,
 )
 from onnxzip.ops import get_handler
 from onnxzip.onnx_nodes import attr
@@ -49,8 +50,11 @@ def example_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarr
     return feeds
 
 
-def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple]:
-    """Run the model once with every node output fetched; return every tensor's shape."""
+def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], small_ints: dict | None = None) -> dict[str, tuple]:
+    """Run the model once with every node output fetched; return every tensor's shape.
+
+    ``small_ints``, if given, receives the values of the small integer tensors computed at run
+    time (shape arithmetic: the bounds of a Slice computed from a Shape)."""
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -70,6 +74,10 @@ def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[s
             "check that it runs in onnxruntime, or pass calibration data with the real input shapes"
         ) from e
     shapes = {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+    if small_ints is not None:
+        for n, v in zip(names, values):
+            if isinstance(v, np.ndarray) and v.dtype.kind in "iu" and v.size <= 64:
+                small_ints[n] = v
     for k, v in feeds.items():
         shapes[k] = tuple(v.shape)
     for t in model.graph.initializer:
@@ -97,6 +105,8 @@ class BuildContext:
         self.head_axis_of: dict[str, int] = {}  # attention tensors: where the head axis is
         self.group_heads: dict[int, int] = {}
         self.tie_parent: dict[int, int] = {}
+        self.pieces: dict[int, list[frozenset]] = {}
+        self.shape_values: dict[str, np.ndarray] = {}  # small integer tensors of the probe run  # gid -> channel sets every merge must keep apart
         self.consumers: dict[str, int] = {}
         for n in model.graph.node:
             for i in n.input:
@@ -128,6 +138,13 @@ class BuildContext:
         return None if s is None else len(s)
 
     attr = staticmethod(attr)  # handlers read attributes through the context
+
+    def int_value(self, name: str) -> np.ndarray | None:
+        """An integer tensor's value: a constant, or shape arithmetic measured on the probe run
+        (valid where it depends on channel and spatial sizes only, as channel Slice bounds do)."""
+        if self.is_const(name):
+            return self.const(name)
+        return self.shape_values.get(name)
 
     # ---- groups
     def find(self, gid: int) -> int:
@@ -169,7 +186,40 @@ class BuildContext:
 
     @staticmethod
     def is_feature(space: Space) -> bool:
-        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly))
+        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, SelectSpace))
+
+    def keep_apart(self, space: Space, positions) -> bool:
+        """Channels ``positions`` of ``space`` form a piece of their groups that merges keep whole
+        (a grouped Conv's block, one side of a channel split): no feature inside the piece is ever
+        merged with one outside it. False when the space's channels are not group channels."""
+        sources = channel_sources(space)
+        if sources is None:
+            return False
+        by_gid: dict[int, set] = {}
+        for p in positions:
+            gid, c = sources[p]
+            by_gid.setdefault(gid, set()).add(c)
+        for gid, chans in by_gid.items():
+            if len(chans) < self.group_size[gid]:
+                self.pieces.setdefault(gid, []).append(frozenset(chans))
+        return True
+
+    def select(self, space: Space, index, tensor: str, axis: int) -> Space | None:
+        """Channels ``index`` of ``space`` (a channel Split, Slice or permutation) at ``tensor``;
+        None when the space cannot be cut (flattened maps, attention heads)."""
+        index = tuple(int(i) for i in index)
+        if channel_sources(space) is None:
+            return None
+        if index == tuple(range(space.size)):
+            out = self.follow(space, tensor, axis)
+            if not isinstance(out, GroupSpace):
+                self.set_axis(tensor, axis)
+            return out
+        if len(set(index)) != len(index):
+            return None  # a channel read twice: not a selection
+        self.keep_apart(space, index)
+        self.set_axis(tensor, axis)
+        return SelectSpace(space, index, len(index))
 
     def set_heads(self, gid: int, heads: int) -> bool:
         """Mark a group as ``heads`` heads; False if it was already split another way."""
@@ -219,8 +269,12 @@ class BuildContext:
         self.layers.append(layer)
 
     def add_param(self, node: onnx.NodeProto, index: int, axis: int, space: Space) -> None:
+        """A per-channel parameter of ``space``; over a composite space (BatchNorm after a Concat) its
+        channels are merged part by part (``ChannelParam.space``)."""
+        composite = None if isinstance(space, GroupSpace) else space
         for leaf in leaves(space):
-            self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, leaf.gid, topo=self.topo))
+            self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, leaf.gid,
+                                            topo=self.topo, space=composite))
             return
 
     def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
@@ -264,8 +318,10 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
         notes: what normalization changed (kept on the graph for ``check``).
     """
     _name_nodes(model)
-    shapes = probe_shapes(model, feeds if feeds is not None else example_inputs(model))
+    small_ints: dict = {}
+    shapes = probe_shapes(model, feeds if feeds is not None else example_inputs(model), small_ints)
     ctx = BuildContext(model, shapes)
+    ctx.shape_values = small_ints
     for k, node in enumerate(model.graph.node):
         ctx.topo = k
         handler = get_handler(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -300,6 +356,8 @@ def _resolve(ctx: BuildContext, space: Space) -> Space:
         return ConcatSpace(tuple(_resolve(ctx, p) for p in space.parts), space.size)
     if isinstance(space, ExpandSpace):
         return ExpandSpace(_resolve(ctx, space.part), space.outer, space.inner, space.size)
+    if isinstance(space, SelectSpace):
+        return SelectSpace(_resolve(ctx, space.part), space.index, space.size)
     if isinstance(space, HeadSpace):
         return HeadSpace(ctx.find(space.gid), space.size, space.heads)
     if isinstance(space, HeadsOnly):
@@ -317,6 +375,8 @@ def _finish(ctx: BuildContext) -> LayerGraph:
         layer.out_space = _resolve(ctx, layer.out_space)
     for p in ctx.params:
         p.gid = ctx.find(p.gid)
+        if p.space is not None:
+            p.space = _resolve(ctx, p.space)
     _number_layers(model, ctx.layers)
     _bias_chains(model, ctx)
     order = sorted(ctx.layers, key=lambda l: (l.number, l.depth, l.topo))
@@ -326,6 +386,8 @@ def _finish(ctx: BuildContext) -> LayerGraph:
         layer.in_space, layer.out_space = _renumber(layer.in_space, remap), _renumber(layer.out_space, remap)
     for p in ctx.params:
         p.gid = remap[p.gid]
+        if p.space is not None:
+            p.space = _renumber(p.space, remap)
     groups = _groups(ctx, order, remap, spaces, [o.name for o in model.graph.output])
     num_layers = max((l.number for l in order), default=0)
     unsupported = _depth_limits(ctx, groups, order, num_layers)
@@ -361,6 +423,8 @@ def _renumber(space: Space, remap: dict[int, int]) -> Space:
         return ConcatSpace(tuple(_renumber(p, remap) for p in space.parts), space.size)
     if isinstance(space, ExpandSpace):
         return ExpandSpace(_renumber(space.part, remap), space.outer, space.inner, space.size)
+    if isinstance(space, SelectSpace):
+        return SelectSpace(_renumber(space.part, remap), space.index, space.size)
     if isinstance(space, HeadSpace):
         return HeadSpace(remap[space.gid], space.size, space.heads)
     if isinstance(space, HeadsOnly):
@@ -400,6 +464,12 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
         if gid in groups:
             groups[gid].attention_heads = heads
             groups[gid].attention_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
+    pieces: dict[int, list] = {}
+    for old, cut in ctx.pieces.items():
+        pieces.setdefault(remap.get(ctx.find(old)), []).extend(cut)
+    for gid, cut in pieces.items():
+        if gid in groups:
+            groups[gid].blocks = partition(groups[gid].size, cut)
     num_layers = max((l.number for l in order), default=0)
     for g in groups.values():
         # made only by final layers (no weight layer downstream: numbered m): the models' outputs
@@ -408,6 +478,20 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
             g.output = True
             g.tensors = []
     return groups
+
+
+def partition(size: int, pieces) -> tuple:
+    """The coarsest partition of ``range(size)`` that keeps each piece (a set of channels) apart
+    from the rest: channels end up in one block when every piece holds both or neither. Blocks
+    in order of their first channel; ``()`` when that is one block."""
+    label = [0] * size
+    for piece in pieces:
+        seen: dict = {}
+        label = [seen.setdefault((label[c], c in piece), len(seen)) for c in range(size)]
+    blocks: dict[int, list] = {}
+    for c, l in enumerate(label):
+        blocks.setdefault(l, []).append(c)
+    return tuple(tuple(b) for b in blocks.values()) if len(blocks) > 1 else ()
 
 
 def _depth_limits(ctx: BuildContext, groups: dict, order: list[Layer], num_layers: int) -> list[Unsupported]:

@@ -75,6 +75,7 @@ class ChannelParam:
     gid: int
     depth: int = 0
     topo: int = 0
+    space: object = None  # the parameter's channels when they span several groups (BatchNorm over a Concat)
 
 
 @dataclass
@@ -89,6 +90,10 @@ class FeatureGroup:
     blocked_by: list = field(default_factory=list)  # nodes that cannot zip through it
     attention_heads: int = 1  # > 1: channels form attention heads of size // heads (attention); merges keep heads whole
     attention_tie: int | None = None  # groups with the same tie share one assignment of attention heads
+    # a partition of the channels that merges must respect (grouped convolutions, channel splits):
+    # each block a tuple of channel indices; empty: no constraint. Merge and unmerge are block
+    # diagonal: a feature is only ever merged with features of its own block, in any model
+    blocks: tuple = ()
 
 
 @dataclass
