@@ -100,15 +100,17 @@ def similarity(group_stats, keys: np.ndarray | None = None) -> np.ndarray:
     same way, so that a model zipped with a copy of itself pairs each such feature with its twin.
     """
     corr = correlation_from_covariance(group_stats.covariance)
-    corr[corr > 1.0 - NEAR_ONE] = 1.0  # exact and near copies: the tie-breaks below decide
     mean = np.asarray(group_stats.mean, dtype=np.float64)
     std = np.sqrt(np.maximum(np.diagonal(group_stats.covariance), 0.0))
     scale = max(float(np.abs(mean).max(initial=0.0)), float(std.max(initial=0.0)), 1e-30)
     dist = (np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])) / scale
-    # and relative to the features' own size: small features (rarely firing ones) differ by far
-    # less than the group's scale, yet are as different from one another
-    dist += _relative(mean) + _relative(std)
     sim = corr - TIE_BREAK * dist
+    copies = np.argwhere(corr > 1.0 - NEAR_ONE)
+    if len(copies):
+        # exact and near copies all count as 1; told apart by their mean and std relative to
+        # their own size too (rarely firing features differ by far less than the group's scale)
+        i, j = copies[:, 0], copies[:, 1]
+        sim[i, j] = 1.0 - TIE_BREAK * (dist[i, j] + _relative(mean, i, j) + _relative(std, i, j))
     if keys is not None:
         still = np.flatnonzero(std <= CONSTANT * scale)
         if len(still) > 1:
@@ -119,10 +121,10 @@ def similarity(group_stats, keys: np.ndarray | None = None) -> np.ndarray:
     return sim
 
 
-def _relative(x: np.ndarray) -> np.ndarray:
-    """|x_i - x_j| / (|x_i| + |x_j|), 0 where both are 0."""
-    diff = np.abs(x[:, None] - x[None, :])
-    size = np.abs(x)[:, None] + np.abs(x)[None, :]
+def _relative(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """|x_i - x_j| / (|x_i| + |x_j|) for index pairs (i, j), 0 where both are 0."""
+    diff = np.abs(x[i] - x[j])
+    size = np.abs(x[i]) + np.abs(x[j])
     return np.where(size > 0, diff / np.where(size > 0, size, 1.0), 0.0)
 
 

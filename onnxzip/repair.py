@@ -547,9 +547,8 @@ class _LevelMoments:
 def norm_targets(norms, graphs, merges: Merges, stats: PairStats) -> dict:
     """Per trunk BatchNormalization: the mean and std its normalized output should have, the
     sources' own (input moments on calibration data through their stored statistics), averaged
-    through M. Nodes without measured input moments are left out (plain reset)."""
-    from onnxzip.onnx_nodes import attr
-
+    through M: (mean_t, std_t) of ``(x - running_mean) / sqrt(running_var)``. Nodes without
+    measured input moments are left out (plain reset)."""
     out = {}
     for n in norms:
         per_model = stats.preact.get(f"norm:{n.node}")
@@ -566,11 +565,11 @@ def norm_targets(norms, graphs, merges: Merges, stats: PairStats) -> dict:
             inits = {t.name: t for t in graphs[k].model.graph.initializer}
             mu = numpy_helper.to_array(inits[node.input[3]]).astype(np.float64).reshape(-1)
             var = numpy_helper.to_array(inits[node.input[4]]).astype(np.float64).reshape(-1)
-            scale = np.sqrt(var + float(attr(node, "epsilon", 1e-5)))
+            scale = np.sqrt(np.maximum(var, _EPS))  # (epsilon is the node's own business)
             mk = merges.merge(space, k)
             mean_t = mean_t + mk @ ((m - mu) / scale)
             std_t = std_t + mk @ (np.sqrt(np.maximum(v, 0.0)) / scale)
-        out[n.node] = (mean_t, std_t, float(attr(node_a, "epsilon", 1e-5)))
+        out[n.node] = (mean_t, std_t)
     return out
 
 
@@ -596,13 +595,14 @@ def _reset_norms_on(frontier: _Frontier, weights: _Weights, norms, targets: dict
         acc_mean, acc_var, _ = accs[n.input].moments([0])
         mean, var = weights.get(n.mean), weights.get(n.var)
         if targets and n.node in targets:
-            mean_t, std_t, eps = targets[n.node]
+            # (x - mean) / sqrt(var) gets the targets' mean and std on the merged model's x
+            mean_t, std_t = targets[n.node]
             std_now = np.sqrt(np.maximum(acc_var, 0.0))
-            old_scale = np.sqrt(np.maximum(var.astype(np.float64).reshape(-1), 0.0) + eps)
+            old_scale = np.sqrt(np.maximum(var.astype(np.float64).reshape(-1), 0.0))
             ok = (std_t > _EPS) & (std_now > _EPS)
             scale = np.where(ok, std_now / np.where(ok, std_t, 1.0), old_scale)
             acc_mean = acc_mean - mean_t * scale
-            acc_var = np.maximum(scale ** 2 - eps, 0.0)
+            acc_var = scale ** 2
         weights.set(n.mean, acc_mean.astype(mean.dtype).reshape(mean.shape))
         weights.set(n.var, acc_var.astype(var.dtype).reshape(var.shape))
     frontier.commit(plan, fetched, {})
