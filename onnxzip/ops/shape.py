@@ -123,6 +123,8 @@ def concat(ctx, node):
         if len(feats) != len(names):
             return ctx.unsupported_op(node, "concatenates features with model inputs or constants along channels")
         parts = tuple(s for _, s in feats)
+        if len(parts) == 1:  # a Concat of one tensor (torch.cat of a one-element list) is a copy
+            return [_moved(ctx, node, parts[0], ch)]
         space = ConcatSpace(parts, sum(p.size for p in parts))
         ctx.set_axis(out, ch)
         return [space]
