@@ -105,8 +105,8 @@ class BuildContext:
         self.head_axis_of: dict[str, int] = {}  # attention tensors: where the head axis is
         self.group_heads: dict[int, int] = {}
         self.tie_parent: dict[int, int] = {}
-        self.pieces: dict[int, list[frozenset]] = {}
-        self.shape_values: dict[str, np.ndarray] = {}  # small integer tensors of the probe run  # gid -> channel sets every merge must keep apart
+        self.pieces: dict[int, list[frozenset]] = {}  # gid -> channel sets every merge must keep apart
+        self.shape_values: dict[str, np.ndarray] = {}  # small integer tensors of the probe run
         self.consumers: dict[str, int] = {}
         for n in model.graph.node:
             for i in n.input:
