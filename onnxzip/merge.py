@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxzip.graph.layergraph import LayerGraph
-from onnxzip.graph.spaces import ConcatSpace, ExpandSpace, GroupSpace, InputSpace, Space
-from onnxzip.matchers import correlation_from_covariance, match
+from onnxzip.graph.spaces import ConcatSpace, ExpandSpace, GroupSpace, InputSpace, SelectSpace, Space
+from onnxzip.matchers import correlation_from_covariance, match, match_within_blocks
 from onnxzip.stats.collect import PairStats
 
 __all__ = ["GroupMerge", "Merges", "compute_merges"]
@@ -36,16 +36,24 @@ class GroupMerge:
 
 
 class Merges(dict):
-    """gid -> GroupMerge, with unmerge matrices for composite spaces."""
+    """gid -> GroupMerge, with merge and unmerge matrices for composite spaces."""
 
     def unmerge(self, space: Space, k: int) -> np.ndarray | None:
         """Model k's unmerge for a (possibly composite) space; None for the model inputs."""
         if isinstance(space, InputSpace) or space is None:
             return None
+        return self._composite(space, k, "unmerge")
+
+    def merge(self, space: Space, k: int) -> np.ndarray:
+        """Model k's merge for a (possibly composite) space: merged channels x model k's channels."""
+        return self._composite(space, k, "merge")
+
+    def _composite(self, space: Space, k: int, which: str) -> np.ndarray:
         if isinstance(space, GroupSpace):
-            return self[space.gid].unmerge_of(k)
+            gm = self[space.gid]
+            return gm.unmerge_of(k) if which == "unmerge" else gm.merge_of(k)
         if isinstance(space, ConcatSpace):
-            blocks = [self.unmerge(p, k) for p in space.parts]
+            blocks = [self._composite(p, k, which) for p in space.parts]
             rows = sum(b.shape[0] for b in blocks)
             cols = sum(b.shape[1] for b in blocks)
             out = np.zeros((rows, cols))
@@ -55,25 +63,15 @@ class Merges(dict):
                 r += b.shape[0]
                 c += b.shape[1]
             return out
+        if isinstance(space, SelectSpace):
+            # the merged model selects the same positions of the merged channels; the groups'
+            # blocks keep the selected channels' clusters inside the selection
+            idx = np.asarray(space.index, dtype=np.int64)
+            return self._composite(space.part, k, which)[np.ix_(idx, idx)]
         if isinstance(space, ExpandSpace):
-            u = self.unmerge(space.part, k)
+            u = self._composite(space.part, k, which)
             return np.kron(np.eye(space.outer), np.kron(u, np.eye(space.inner)))
-        raise TypeError(f"no unmerge for {space!r}")
-
-    def merge(self, space: Space, k: int) -> np.ndarray:
-        """Model k's merge for a group or a channel concatenation of groups (block diagonal)."""
-        if isinstance(space, GroupSpace):
-            return self[space.gid].merge_of(k)
-        if isinstance(space, ConcatSpace):
-            blocks = [self.merge(p, k) for p in space.parts]
-            out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
-            r = c = 0
-            for b in blocks:
-                out[r:r + b.shape[0], c:c + b.shape[1]] = b
-                r += b.shape[0]
-                c += b.shape[1]
-            return out
-        raise TypeError(f"no merge for {space!r}")
+        raise TypeError(f"no {which} for {space!r}")
 
     def head_merge(self, gid: int, heads: int, k: int) -> np.ndarray:
         """Model k's merge of whole heads (heads x heads): the share of each of its heads in each
@@ -85,25 +83,79 @@ class Merges(dict):
 
 # Weight of the tie-break below: far under the differences that decide real matches.
 TIE_BREAK = 1e-4
+# A feature whose std is at most this fraction of the group's scale is constant on the data.
+CONSTANT = 1e-6
+# Correlations this close to 1 count as 1: the statistics form their products in float32
+# (stats/accumulate.py), whose rounding (about 1e-6) can rank a near-copy above an exact copy.
+NEAR_ONE = 1e-5
 
 
-def similarity(group_stats) -> np.ndarray:
+def similarity(group_stats, keys: np.ndarray | None = None) -> np.ndarray:
     """The matchers' similarity: the correlation of the features (paper Sec. 4.3), with ties
     broken towards features of similar mean and spread.
 
     Features that are perfectly correlated (or constant) cannot be told apart by correlation, yet
     merging two of them with different means changes the model; ``TIE_BREAK`` times the relative
     distance of (mean, std) separates them without moving any match that correlation decides.
+
+    Correlations within float32 rounding of 1 count as 1, so that the tie-breaks, not rounding,
+    decide between a feature's exact copy and a near-copy.
+
+    Features constant on the calibration data (a ReLU that never fires, a saturated ReLU6) are
+    all alike there, yet may differ on other inputs; ``keys`` (one row per feature, e.g. the
+    mean and std of the pre-activations that make it) tells two constant features apart the
+    same way, so that a model zipped with a copy of itself pairs each such feature with its twin.
     """
     corr = correlation_from_covariance(group_stats.covariance)
     mean = np.asarray(group_stats.mean, dtype=np.float64)
     std = np.sqrt(np.maximum(np.diagonal(group_stats.covariance), 0.0))
     scale = max(float(np.abs(mean).max(initial=0.0)), float(std.max(initial=0.0)), 1e-30)
     dist = (np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])) / scale
-    return corr - TIE_BREAK * dist
+    sim = corr - TIE_BREAK * dist
+    copies = np.argwhere(corr > 1.0 - NEAR_ONE)
+    if len(copies):
+        # exact and near copies all count as 1; told apart by their mean and std relative to
+        # their own size too (rarely firing features differ by far less than the group's scale)
+        i, j = copies[:, 0], copies[:, 1]
+        sim[i, j] = 1.0 - TIE_BREAK * (dist[i, j] + _relative(mean, i, j) + _relative(std, i, j))
+    if keys is not None:
+        still = np.flatnonzero(std <= CONSTANT * scale)
+        if len(still) > 1:
+            k = np.asarray(keys, dtype=np.float64)[still]
+            k_scale = max(float(np.abs(k).max(initial=0.0)), 1e-30)
+            kd = np.abs(k[:, None, :] - k[None, :, :]).sum(axis=2) / k_scale
+            sim[np.ix_(still, still)] -= TIE_BREAK * kd
+    return sim
+
+
+def _relative(x: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """|x_i - x_j| / (|x_i| + |x_j|) for index pairs (i, j), 0 where both are 0."""
+    diff = np.abs(x[i] - x[j])
+    size = np.abs(x[i]) + np.abs(x[j])
+    return np.where(size > 0, diff / np.where(size > 0, size, 1.0), 0.0)
+
+
+def preact_keys(graph: LayerGraph, stats: PairStats, gid: int, n_models: int) -> np.ndarray | None:
+    """Per feature of group ``gid`` (all models stacked): mean and std of the pre-activation of
+    each layer that writes the whole group, on the same rows for every model."""
+    cols = []
+    for i in graph.groups[gid].producers:
+        out = graph.layers[i].out_space
+        if not isinstance(out, GroupSpace) or out.gid != gid:
+            continue
+        moments = stats.preact_on_all_rows(i) if hasattr(stats, "preact_on_all_rows") else None
+        if moments is None or len(moments) != n_models:
+            continue
+        mean = np.concatenate([np.asarray(m, dtype=np.float64) for m, _ in moments])
+        std = np.sqrt(np.maximum(np.concatenate([np.asarray(v, dtype=np.float64) for _, v in moments]), 0.0))
+        cols += [mean, std]
+    if not cols or any(len(c) != n_models * graph.groups[gid].size for c in cols):
+        return None
+    return np.stack(cols, axis=1)
 
 
 def fixed_merge(size: int, n_models: int) -> GroupMerge:
+    """Channel i of every model merged with channel i of the others (averaged)."""
     eye = np.eye(size)
     return GroupMerge(np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models), fixed=True)
 
@@ -186,6 +238,7 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
             eye = np.eye(group.size)
             merges[gid] = GroupMerge(np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models))
             continue
-        m, u = match(similarity(stats.groups[gid]), method=method, **params)
+        sim = similarity(stats.groups[gid], preact_keys(graph, stats, gid, n_models))
+        m, u = match_within_blocks(sim, group.blocks, method=method, **params)
         merges[gid] = GroupMerge(np.asarray(m, dtype=np.float64), np.asarray(u, dtype=np.float64))
     return merges

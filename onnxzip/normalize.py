@@ -667,6 +667,109 @@ def canonical_flatten(m: onnx.ModelProto) -> list[str]:
     return notes
 
 
+def channel_permutations(m: onnx.ModelProto) -> list[str]:
+    """A Reshape -> Transpose -> Reshape that only reorders channels becomes one ``Gather`` on axis 1.
+
+    ShuffleNet's channel shuffle ``[N, C, H, W] -> [N, g, C/g, H, W] -> swap -> [N, C, H, W]``
+    splits the channel axis in between, which no feature space can follow; as a Gather with
+    constant indices it is a known permutation of channels (a ``SelectSpace``). The element order
+    is measured by running the chain on an index-valued probe (whatever computes the Reshape
+    targets comes along). Returns one note per rewritten chain.
+    """
+    g = m.graph
+    cons = _consumers(m)
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    inits = {t.name for t in g.initializer}
+    chains = []
+    for last in g.node:
+        if last.op_type != "Reshape":
+            continue
+        chain, t = [last], last.input[0]
+        for want in ("Transpose", "Reshape"):
+            n = producer.get(t)
+            users = [u for u in cons.get(t, []) if u.op_type not in ("Shape", "Size")]
+            if n is None or n.op_type != want or n.domain not in ("", "ai.onnx") or t in outputs or len(users) != 1:
+                break
+            chain.append(n)
+            t = n.input[0]
+        if len(chain) == 3 and t not in inits:
+            chains.append((last, t))
+    if not chains:
+        return []
+    shapes = _static_shapes(m)
+    if any(not shapes.get(src) or None in shapes[src][1:] for _, src in chains):
+        shapes.update(_run_shapes(m, [src for _, src in chains]))
+    notes = []
+    for last, src in chains:
+        perm = _channel_order(m, last.output[0], src, shapes.get(src))
+        if perm is None:
+            continue
+        idx = last.output[0] + "__channels"
+        while idx in producer or idx in inits:
+            idx += "_"
+        g.initializer.append(numpy_helper.from_array(perm, idx))
+        inits.add(idx)
+        gather = helper.make_node("Gather", [src, idx], [last.output[0]], axis=1, name=(last.name or idx) + "/channels")
+        g.node.insert(list(g.node).index(last), gather)
+        g.node.remove(last)
+        notes.append(f"Reshape -> Transpose -> Reshape of {list(shapes.get(src))} is a channel permutation: now a Gather on axis 1")
+    if notes:
+        m.CopyFrom(prune(m))
+    return notes
+
+
+def _run_shapes(m: onnx.ModelProto, names: list[str]) -> dict[str, list]:
+    """Shapes of ``names`` from one onnxruntime run on zeros (symbolic dimensions 1); {} when
+    the model does not run that way."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    have = {o.name for o in probe.graph.output}
+    for n in dict.fromkeys(names):
+        if n not in have:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(n))
+    feeds = {}
+    types = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT64: np.int64,
+             onnx.TensorProto.INT32: np.int32, onnx.TensorProto.FLOAT16: np.float16}
+    for i in m.graph.input:
+        t = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        feeds[i.name] = np.zeros(dims, dtype=types.get(t.elem_type, np.float32))
+    try:
+        sess = session(probe, optimization="disable")
+        got = sess.run(list(dict.fromkeys(names)), feeds)
+    except Exception:
+        return {}
+    return {n: list(np.shape(v)) for n, v in zip(dict.fromkeys(names), got)}
+
+
+def _channel_order(m: onnx.ModelProto, x: str, src: str, shape) -> np.ndarray | None:
+    """For ``x`` computed from ``src`` (same shape, rank >= 3) by layout ops: the channel (axis 1)
+    of ``src`` that each channel of ``x`` is, when the ops only reorder channels; else None."""
+    if not shape or len(shape) < 3 or any(d is None or d <= 0 for d in shape[1:]):
+        return None
+    batch = shape[0] if shape[0] else 2
+    per = int(np.prod(shape[1:], dtype=np.int64))
+    if batch * per >= 1 << 24:  # float32 indices stay exact below 2^24
+        return None
+    nodes = _ancestors(m, x, stop=src)
+    if nodes is None:
+        return None
+    probe = np.arange(batch * per, dtype=np.float32).reshape([batch] + list(shape[1:]))
+    got = _run_subgraph(m, nodes, src, probe, x)
+    if got is None or got.shape != probe.shape:
+        return None
+    c = shape[1]
+    rows = got.astype(np.int64).reshape(batch, c, per // c)
+    perm = rows[0, :, 0] // (per // c)
+    want = probe.astype(np.int64).reshape(batch, c, per // c)[:, perm]
+    if not np.array_equal(rows, want) or not np.array_equal(np.sort(perm), np.arange(c)):
+        return None
+    if np.array_equal(perm, np.arange(c)):
+        return None
+    return perm.astype(np.int64)
+
+
 def _dense_input_axis(layer: onnx.NodeProto, inits: dict) -> int | None:
     """The input axis of a dense layer's constant kernel (Gemm or 2-D MatMul), else None."""
     if layer.op_type == "Gemm":
@@ -886,6 +989,7 @@ PASSES = [
     ("fold constants", _silent(fold_constants)),
     ("sink and compose Transposes", _transposes),
     ("remove Identity and Dropout aliases", _silent(remove_aliases)),
+    ("channel shuffles as Gather", channel_permutations),
     ("ReduceSum + Div as ReduceMean", _sum_to_mean),
     ("Gemm with alpha = beta = 1", _silent(normalize_gemm)),
     ("fold BatchNormalization", _fold_batchnorm),

@@ -18,7 +18,8 @@ __all__ = ["permute_model", "random_permutations"]
 
 
 def random_permutations(graph: LayerGraph, seed: int = 0) -> dict[int, np.ndarray]:
-    """A random permutation per feature group (identity for groups that reach an output)."""
+    """A random permutation per feature group (identity for groups that reach an output; within
+    each block for groups with blocks)."""
     rng = np.random.default_rng(seed)
     perms = {}
     head_orders: dict[int, np.ndarray] = {}
@@ -30,6 +31,12 @@ def random_permutations(graph: LayerGraph, seed: int = 0) -> dict[int, np.ndarra
             order = head_orders.setdefault(g.attention_tie if g.attention_tie is not None else gid, rng.permutation(g.attention_heads))
             within = (lambda: np.arange(d)) if g.rotary else (lambda: rng.permutation(d))  # rotary: channels stay in place
             perms[gid] = np.concatenate([order[h] * d + within() for h in range(g.attention_heads)])
+        elif g.blocks:  # channels move within their blocks (grouped convolutions, channel splits)
+            perm = np.arange(g.size)
+            for block in g.blocks:
+                b = np.asarray(block)
+                perm[b] = b[rng.permutation(len(b))]
+            perms[gid] = perm
         else:
             perms[gid] = rng.permutation(g.size)
     return perms

@@ -19,10 +19,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxzip.frontier import RUN_BUDGET_BYTES, Chunk, Frontier, Weights, node_inputs, subset_rows
 from onnxzip.graph.samples import samples_first, samples_first_axis
+from onnxzip.graph.spaces import leaves
 from onnxzip.merge import Merges
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.accumulate import SplitMoments
@@ -52,17 +53,22 @@ class RepairReport:
     samples: int
 
 
+def _writes_output(graph, layer) -> bool:
+    """The layer writes a group that reaches the outputs (logits): its branch copy is left alone."""
+    return any(graph.groups[leaf.gid].output for leaf in leaves(layer.out_space) if leaf.gid in graph.groups)
+
+
 def target_statistics(site: LayerSite, graphs, merges: Merges, stats: PairStats) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std the merged layer should have: the sources' own, averaged through M."""
     per_model = stats.preact[site.index]
     if site.model >= 0:
         mean, var = per_model[site.model]
         return mean, np.sqrt(var)
-    gid = graphs[0].layers[site.index].out_space.gid
-    mean = np.zeros(merges[gid].merge.shape[0])
+    space = graphs[0].layers[site.index].out_space
+    mean = np.zeros(merges.merge(space, 0).shape[0])
     std = np.zeros_like(mean)
     for k, (m, v) in enumerate(per_model):
-        mk = merges[gid].merge_of(k)
+        mk = merges.merge(space, k)
         mean += mk @ m
         std += mk @ np.sqrt(v)
     return mean, std
@@ -191,7 +197,7 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
     norms = list(layout.norm_sites)
     sites = [
         s for s in layout.sites
-        if s.model == -1 or (branches and not graphs[s.model].groups[graphs[s.model].layers[s.index].out_space.gid].output)
+        if s.model == -1 or (branches and not _writes_output(graphs[s.model], graphs[s.model].layers[s.index]))
     ]
     levels = sorted({(s.model >= 0, float(s.number)) for s in sites} | {(False, n.level) for n in norms})
     if not levels:
@@ -211,7 +217,7 @@ def repair(model: onnx.ModelProto, layout: ZipLayout, graphs, merges: Merges, st
     for level in levels:
         resets = [n for n in norms if not level[0] and n.level == level[1]]
         if resets:
-            _reset_norms_on(frontier, weights, resets)
+            _reset_norms_on(frontier, weights, resets, norm_targets(resets, graphs, merges, stats))
             passes += 1
         group = [s for s in sites if (s.model >= 0, float(s.number)) == level]
         if group:
@@ -276,8 +282,43 @@ class _LevelMoments:
             self.accs[key].update(x, axis, mask[None])
 
 
-def _reset_norms_on(frontier: Frontier, weights: Weights, norms) -> None:
-    """BatchNormalization reset: running mean and variance measured on the merged model (the paper)."""
+def norm_targets(norms, graphs, merges: Merges, stats: PairStats) -> dict:
+    """Per trunk BatchNormalization: the mean and std its normalized output should have, the
+    sources' own (input moments on calibration data through their stored statistics), averaged
+    through M: (mean_t, std_t) of ``(x - running_mean) / sqrt(running_var)``. Nodes without
+    measured input moments are left out (plain reset)."""
+    out = {}
+    for n in norms:
+        per_model = stats.preact.get(f"norm:{n.node}")
+        node_a = graphs[0].nodes_by_name.get(n.node)
+        space = graphs[0].spaces.get(n.input)
+        if per_model is None or node_a is None or space is None:
+            continue
+        index = [p.node for p in graphs[0].params if p.op_type == "BatchNormalization"]
+        index = list(dict.fromkeys(index)).index(n.node)
+        mean_t = std_t = 0.0
+        for k, (m, v) in enumerate(per_model):
+            nodes = list(dict.fromkeys(p.node for p in graphs[k].params if p.op_type == "BatchNormalization"))
+            node = graphs[k].nodes_by_name[nodes[index]]
+            inits = {t.name: t for t in graphs[k].model.graph.initializer}
+            mu = numpy_helper.to_array(inits[node.input[3]]).astype(np.float64).reshape(-1)
+            var = numpy_helper.to_array(inits[node.input[4]]).astype(np.float64).reshape(-1)
+            scale = np.sqrt(np.maximum(var, _EPS))  # (epsilon is the node's own business)
+            mk = merges.merge(space, k)
+            mean_t = mean_t + mk @ ((m - mu) / scale)
+            std_t = std_t + mk @ (np.sqrt(np.maximum(v, 0.0)) / scale)
+        out[n.node] = (mean_t, std_t)
+    return out
+
+
+def _reset_norms_on(frontier: Frontier, weights: Weights, norms, targets: dict | None = None) -> None:
+    """BatchNormalization reset: running mean and variance from the merged model's statistics.
+
+    The paper resets them to the merged model's input moments on the data. With ``targets``
+    (see :func:`norm_targets`) they are set so that the normalized output has the sources'
+    averaged moments instead: the same as the reset where the sources' stored statistics are
+    their inputs' moments on this data, and no change at all on a model zipped with itself.
+    """
     names = list(dict.fromkeys(n.input for n in norms))
     plan = frontier.plan(names, {n.node for n in norms}, {})
     accs: dict[str, SplitMoments] = {}
@@ -291,6 +332,15 @@ def _reset_norms_on(frontier: Frontier, weights: Weights, norms) -> None:
     for n in norms:
         acc_mean, acc_var, _ = accs[n.input].moments([0])
         mean, var = weights.get(n.mean), weights.get(n.var)
+        if targets and n.node in targets:
+            # (x - mean) / sqrt(var) gets the targets' mean and std on the merged model's x
+            mean_t, std_t = targets[n.node]
+            std_now = np.sqrt(np.maximum(acc_var, 0.0))
+            old_scale = np.sqrt(np.maximum(var.astype(np.float64).reshape(-1), 0.0))
+            ok = (std_t > _EPS) & (std_now > _EPS)
+            scale = np.where(ok, std_now / np.where(ok, std_t, 1.0), old_scale)
+            acc_mean = acc_mean - mean_t * scale
+            acc_var = scale ** 2
         weights.set(n.mean, acc_mean.astype(mean.dtype).reshape(mean.shape))
         weights.set(n.var, acc_var.astype(var.dtype).reshape(var.shape))
     frontier.commit(plan, fetched, {})

@@ -87,21 +87,23 @@ def _from_out_in(w: np.ndarray, out_axis: int, in_axis: int) -> np.ndarray:
 
 def merged_layer(layers: list[Layer], weights: list[np.ndarray], biases: list[np.ndarray | None],
                  merges: Merges) -> tuple[np.ndarray, np.ndarray | None]:
-    """W* = sum_k M_k,out W_k U_k,in and b* = sum_k M_k,out b_k (method.md)."""
+    """W* = sum_k M_k,out W_k U_k,in and b* = sum_k M_k,out b_k (method.md).
+
+    A depthwise Conv is per channel (W* = M W); a grouped Conv's weight holds each output block's
+    kernels over its own input block, and the merges are block diagonal over those blocks: the
+    rule applies block by block.
+    """
     ref = layers[0]
     total = None
     bias = None
-    out_gid = ref.out_space.gid
     for k, (layer, w, b) in enumerate(zip(layers, weights, biases)):
-        m = merges[out_gid].merge_of(k)
+        m = merges.merge(ref.out_space, k)
         w = _as_out_in(w.astype(np.float64), layer.w_out_axis, layer.w_in_axis)
-        if layer.per_channel:
-            wk = np.tensordot(m, w, axes=(1, 0))
-        else:
+        wk = np.tensordot(m, w, axes=(1, 0)) if layer.group == 1 or layer.per_channel else _blockwise_out(layer, m, w)
+        if not layer.per_channel:
             u = merges.unmerge(layer.in_space, k)
-            wk = np.tensordot(m, w, axes=(1, 0))
             if u is not None:
-                wk = np.moveaxis(np.tensordot(wk, u, axes=(1, 0)), -1, 1)
+                wk = _apply_in(layer, wk, u)
         total = wk if total is None else total + wk
         if b is not None:
             bk = m @ b.astype(np.float64).reshape(-1)
@@ -109,8 +111,51 @@ def merged_layer(layers: list[Layer], weights: list[np.ndarray], biases: list[np
     return _from_out_in(total, ref.w_out_axis, ref.w_in_axis), bias
 
 
+def _conv_blocks(layer: Layer, size: int, axis_name: str):
+    """The ``layer.group`` equal blocks of ``size`` channels (slices)."""
+    g = layer.group
+    if size % g:
+        raise InternalError(f"layer {layer.node}: {size} {axis_name} channels in {g} groups")
+    n = size // g
+    return [slice(i * n, (i + 1) * n) for i in range(g)]
+
+
+def _check_block_diagonal(layer: Layer, mat: np.ndarray, rows: list, cols: list) -> None:
+    rest = mat.copy()
+    for r, c in zip(rows, cols):
+        rest[r, c] = 0.0
+    if np.abs(rest).max(initial=0.0) > 1e-12:
+        raise InternalError(f"layer {layer.node}: a merge crosses the blocks of a grouped Conv (group={layer.group})")
+
+
+def _blockwise_out(layer: Layer, m: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """M W for a grouped Conv weight [out, in/group, ...]: merge within each output block."""
+    blocks = _conv_blocks(layer, w.shape[0], "output")
+    _check_block_diagonal(layer, m, blocks, blocks)
+    out = np.zeros((m.shape[0],) + w.shape[1:])
+    for b in blocks:
+        out[b] = np.tensordot(m[b, b], w[b], axes=(1, 0))
+    return out
+
+
+def _apply_in(layer: Layer, w: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """W U on the input axis of an [out, in, ...] weight; per block for a grouped Conv."""
+    if layer.group == 1:
+        return np.moveaxis(np.tensordot(w, u, axes=(1, 0)), -1, 1)
+    outs = _conv_blocks(layer, w.shape[0], "output")
+    ins = _conv_blocks(layer, u.shape[0], "input")
+    _check_block_diagonal(layer, u, ins, ins)
+    out = np.zeros((w.shape[0], u.shape[1] // layer.group) + w.shape[2:])
+    for bo, bi in zip(outs, ins):
+        out[bo] = np.moveaxis(np.tensordot(w[bo], u[bi, bi], axes=(1, 0)), -1, 1)
+    return out
+
+
 def fold_unmerge(layer: Layer, w: np.ndarray, u: np.ndarray) -> np.ndarray:
     """W U on the layer's input axis: a branch layer reading merged features."""
+    if layer.group > 1 and not layer.per_channel:
+        moved = _as_out_in(w.astype(np.float64), layer.w_out_axis, layer.w_in_axis)
+        return _from_out_in(_apply_in(layer, moved, u), layer.w_out_axis, layer.w_in_axis)
     moved = np.moveaxis(w.astype(np.float64), layer.w_in_axis, -1)
     return np.moveaxis(moved @ u, -1, layer.w_in_axis)
 

@@ -105,3 +105,103 @@ def conv_bn(seed: int, folded: bool, nhwc_input: bool = False, opset: int = 17) 
     graph = helper.make_graph(nodes, "convbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _conv(rng, name, x, out, c_in, c_out, group=1, k=3, inits=None, nodes=None):
+    w = (rng.standard_normal((c_out, c_in // group, k, k)) / np.sqrt(c_in // group * k * k)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(c_out)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, f"{name}.w"), numpy_helper.from_array(b, f"{name}.b")]
+    nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [out], pads=[k // 2] * 4, group=group, name=name))
+
+
+def _head(rng, x, c, nodes, inits, classes=5):
+    w = (rng.standard_normal((classes, c)) / np.sqrt(c)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "fc.w"), numpy_helper.from_array(np.zeros(classes, np.float32), "fc.b")]
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"),
+              helper.make_node("Flatten", ["pooled"], ["flat"], axis=1, name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], transB=1, name="fc")]
+
+
+def cnn_family(kind: str, seed: int = 0) -> onnx.ModelProto:
+    """A small CNN on x [N, 1, 8, 8] in one of the spellings real convolutional families export:
+
+    * "grouped": ResNeXt-style 1x1 -> grouped 3x3 (group 4) -> 1x1, residual, grouped 3x3 at the end;
+    * "shuffle": ShuffleNetV2-style channel Split, Concat and channel shuffle
+      (Reshape [N, 2, C/2, H, W] -> Transpose -> Reshape), with a depthwise Conv;
+    * "dense": DenseNet-style BatchNormalization + Relu + Conv over a growing channel Concat.
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    relu = lambda x, y: nodes.append(helper.make_node("Relu", [x], [y], name=f"relu_{y}"))  # noqa: E731
+
+    def bn(name, x, out, c):
+        scale = (1 + 0.2 * rng.standard_normal(c)).astype(np.float32)
+        bias, mean = (0.1 * rng.standard_normal((2, c))).astype(np.float32)
+        var = (0.5 + rng.random(c)).astype(np.float32)
+        for p, v in zip(("s", "b", "m", "v"), (scale, bias, mean, var)):
+            inits.append(numpy_helper.from_array(v, f"{name}.{p}"))
+        nodes.append(helper.make_node("BatchNormalization", [x] + [f"{name}.{p}" for p in "sbmv"], [out], name=name))
+
+    if kind == "grouped":
+        _conv(rng, "stem", "x", "s0", 1, 16, k=3, inits=inits, nodes=nodes)
+        relu("s0", "r0")
+        _conv(rng, "c1", "r0", "p1", 16, 8, k=1, inits=inits, nodes=nodes)
+        relu("p1", "r1")
+        _conv(rng, "c2", "r1", "p2", 8, 8, group=4, inits=inits, nodes=nodes)
+        relu("p2", "r2")
+        _conv(rng, "c3", "r2", "p3", 8, 16, k=1, inits=inits, nodes=nodes)
+        nodes.append(helper.make_node("Add", ["p3", "r0"], ["sum"], name="residual"))
+        relu("sum", "r3")
+        _conv(rng, "c4", "r3", "p4", 16, 8, group=2, inits=inits, nodes=nodes)
+        relu("p4", "r4")
+        _head(rng, "r4", 8, nodes, inits)
+    elif kind == "shuffle":
+        _conv(rng, "stem", "x", "s0", 1, 8, inits=inits, nodes=nodes)
+        relu("s0", "r0")
+        _conv(rng, "b1", "r0", "p1", 8, 8, k=1, inits=inits, nodes=nodes)  # unit 1: two branches
+        relu("p1", "r1")
+        _conv(rng, "b2", "r0", "p2", 8, 8, k=1, inits=inits, nodes=nodes)
+        relu("p2", "r2")
+        nodes.append(helper.make_node("Concat", ["r1", "r2"], ["cat1"], axis=1, name="cat1"))
+        c = 16
+        for u in range(2):  # shuffle, split in halves, one half through a branch, concat
+            src = "cat1" if u == 0 else f"cat{u + 1}"
+            shp5 = numpy_helper.from_array(np.array([0, 2, c // 2, 8, 8], np.int64), f"shape5_{u}")
+            shp4 = numpy_helper.from_array(np.array([0, c, 8, 8], np.int64), f"shape4_{u}")
+            inits += [shp5, shp4]
+            nodes += [helper.make_node("Reshape", [src, f"shape5_{u}"], [f"g{u}"], name=f"split_ch{u}"),
+                      helper.make_node("Transpose", [f"g{u}"], [f"t{u}"], perm=[0, 2, 1, 3, 4], name=f"swap{u}"),
+                      helper.make_node("Reshape", [f"t{u}", f"shape4_{u}"], [f"sh{u}"], name=f"join_ch{u}")]
+            inits.append(numpy_helper.from_array(np.array([c // 2, c // 2], np.int64), f"halves{u}"))
+            nodes.append(helper.make_node("Split", [f"sh{u}", f"halves{u}"], [f"x1_{u}", f"x2_{u}"], axis=1, name=f"chunk{u}"))
+            _conv(rng, f"u{u}a", f"x2_{u}", f"ua{u}", c // 2, c // 2, k=1, inits=inits, nodes=nodes)
+            relu(f"ua{u}", f"ra{u}")
+            _conv(rng, f"u{u}dw", f"ra{u}", f"ud{u}", c // 2, c // 2, group=c // 2, inits=inits, nodes=nodes)
+            _conv(rng, f"u{u}b", f"ud{u}", f"ub{u}", c // 2, c // 2, k=1, inits=inits, nodes=nodes)
+            relu(f"ub{u}", f"rb{u}")
+            nodes.append(helper.make_node("Concat", [f"x1_{u}", f"rb{u}"], [f"cat{u + 2}"], axis=1, name=f"cat{u + 2}"))
+        _conv(rng, "last", "cat3", "pl", c, 12, k=1, inits=inits, nodes=nodes)
+        relu("pl", "rl")
+        _head(rng, "rl", 12, nodes, inits)
+    elif kind == "dense":
+        _conv(rng, "stem", "x", "s0", 1, 6, inits=inits, nodes=nodes)
+        feats, c = ["s0"], 6
+        for layer in range(3):
+            src = feats[0]
+            if len(feats) > 1:
+                src = f"in{layer}"
+                nodes.append(helper.make_node("Concat", list(feats), [src], axis=1, name=f"concat{layer}"))
+            bn(f"bn{layer}", src, f"n{layer}", c)
+            relu(f"n{layer}", f"a{layer}")
+            _conv(rng, f"d{layer}", f"a{layer}", f"f{layer}", c, 4, inits=inits, nodes=nodes)
+            feats.append(f"f{layer}")
+            c += 4
+        nodes.append(helper.make_node("Concat", list(feats), ["all"], axis=1, name="concat_all"))
+        bn("bn_all", "all", "n_all", c)
+        relu("n_all", "a_all")
+        _head(rng, "a_all", c, nodes, inits)
+    else:
+        raise ValueError(kind)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])
+    return graph_model(nodes, [x], [y], inits)

@@ -22,47 +22,48 @@ def cli(*args, width: int = 200):
     return runner.invoke(app, [str(a) for a in args], terminal_width=width)
 
 
-def _conv_then_grouped(seed):
-    """conv1 -> conv2 -> a grouped conv (group=2) reading conv2's features -> pool -> dense head:
-    conv2's group cannot be zipped, so the deepest zip shares conv1 alone."""
+def _conv_then_lrn(seed):
+    """conv1 -> conv2 -> a local response normalization (no handler: it mixes neighbouring
+    channels) reading conv2's features -> pool -> dense head: conv2's group cannot be zipped, so the
+    deepest zip shares conv1 alone."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
-             for n, s in (("w1", (4, 2, 3, 3)), ("w2", (4, 4, 3, 3)), ("w3", (4, 2, 3, 3)), ("fc", (3, 4)))]
+             for n, s in (("w1", (4, 2, 3, 3)), ("w2", (4, 4, 3, 3)), ("fc", (3, 4)))]
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], group=2, name="grouped"),
-        helper.make_node("GlobalAveragePool", ["c3"], ["p"], name="gap"),
+        helper.make_node("LRN", ["r2"], ["n2"], size=3, name="lrn"),
+        helper.make_node("GlobalAveragePool", ["n2"], ["p"], name="gap"),
         helper.make_node("Flatten", ["p"], ["f"], axis=1, name="flatten"),
         helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1, name="head"),
     ]
-    graph = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+    graph = helper.make_graph(nodes, "lrn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.fixture
-def grouped_pair(tmp_path):
+def lrn_pair(tmp_path):
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
-    onnx.save(_conv_then_grouped(0), a)
-    onnx.save(_conv_then_grouped(1), b)
+    onnx.save(_conv_then_lrn(0), a)
+    onnx.save(_conv_then_lrn(1), b)
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(0).normal(size=(40, 2, 5, 5)).astype(np.float32))
     return a, b, data
 
 
-def test_inspect_prints_the_layers_up_to_the_op_that_stops_the_zip(grouped_pair):
-    a, _, _ = grouped_pair
+def test_inspect_prints_the_layers_up_to_the_op_that_stops_the_zip(lrn_pair):
+    a, _, _ = lrn_pair
     info = json.loads(cli("inspect", a, "--json").output)
-    assert info["num_layers"] == 3 and info["max_stop_at"] == 1  # the grouped conv is no weight layer yet
-    assert info["limited_by"]["node"] == "grouped" and info["limited_by"]["op_type"] == "Conv"
-    assert "group=2" in info["limited_by"]["reason"]
+    assert info["num_layers"] == 3 and info["max_stop_at"] == 1
+    assert info["limited_by"]["node"] == "lrn" and info["limited_by"]["op_type"] == "LRN"
+    assert "no handler" in info["limited_by"]["reason"]
     r = cli("inspect", a)
     assert r.exit_code == 0, r.output
     assert "conv1" in r.output and "conv2" not in r.output and "head" not in r.output  # up to the limit only
-    assert "first op the zip cannot pass: Conv 'grouped'" in r.output and "group=2" in r.output
+    assert "first op the zip cannot pass: LRN 'lrn'" in r.output and "no handler" in r.output
     assert "--stop-at 1 of 3 layers" in r.output
     full = cli("inspect", a, "--all")
     assert full.exit_code == 0 and all(n in full.output for n in ("conv1", "conv2", "head"))
@@ -70,15 +71,15 @@ def test_inspect_prints_the_layers_up_to_the_op_that_stops_the_zip(grouped_pair)
     assert table.index("conv1") < table.index("^ deepest") < table.index("--stop-at 1") < table.index("conv2")
 
 
-def test_check_reports_the_depth_and_the_zip_reaches_it(grouped_pair):
-    a, b, data = grouped_pair
+def test_check_reports_the_depth_and_the_zip_reaches_it(lrn_pair):
+    a, b, data = lrn_pair
     info = onnxzip.check(a, b)
-    assert info["zippable"] and info["max_stop_at"] == 1 and "'grouped'" in info["limited_by"]
+    assert info["zippable"] and info["max_stop_at"] == 1 and "'lrn'" in info["limited_by"]
     r = cli("check", a, b)
     assert r.exit_code == 0 and "zippable" in r.output and "--stop-at 1" in r.output and "not zippable" not in r.output
     z = onnxzip.zip_models(a, b, data, params={"alpha": 0.3, "beta": 0.125}, stop_at=1)
     assert z.stop_at == 1
-    with pytest.raises(UnsupportedOpError, match="grouped"):
+    with pytest.raises(UnsupportedOpError, match="lrn"):
         onnxzip.zip_models(a, b, data, params={"alpha": 0.3, "beta": 0.125}, stop_at=2)
 
 
@@ -128,14 +129,14 @@ def test_an_op_on_attention_weights_limits_the_depth_to_before_the_attention(tin
 
 
 def test_inspect_and_check_when_no_layer_can_be_shared(tmp_path):
-    from tests.test_errors import _grouped_conv_model  # conv1, then a grouped conv reading conv1's features
+    from tests.test_errors import _channel_mixing_model  # conv1, then an LRN reading conv1's features
 
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
-    onnx.save(_grouped_conv_model(0), a)
-    onnx.save(_grouped_conv_model(1), b)
+    onnx.save(_channel_mixing_model(0), a)
+    onnx.save(_channel_mixing_model(1), b)
     r = cli("inspect", a)
     assert r.exit_code == 0, r.output
-    assert "first op the zip cannot pass: Conv 'grouped'" in r.output
+    assert "first op the zip cannot pass: LRN 'lrn'" in r.output
     assert "--stop-at 0 of" in r.output and "no layer can be shared" in r.output
     info = onnxzip.check(a, b)
     assert not info["zippable"] and info["max_stop_at"] == 0

@@ -342,8 +342,21 @@ def test_correlation_from_covariance_dead_and_constant():
 def test_correlation_from_covariance_clamps():
     cov = np.array([[1e-10, 1e-10], [1e-10, 1.0]])
     c = correlation_from_covariance(cov)
-    assert c[0, 1] == pytest.approx(1e-10 / 1e-5)  # std product 1e-5 > eps: unclamped
+    # feature 0's variance is under the clamp (near-dead): true correlation (1e-5) times
+    # min(var_0, var_1) / eps
+    assert c[0, 1] == pytest.approx(1e-5 * 1e-10 / 1e-7)
     assert c[0, 0] == pytest.approx(1e-10 / 1e-7)  # std product 1e-10 < eps: clamped
+    live = np.array([[1.0, 0.5], [0.5, 2.0]])
+    np.testing.assert_allclose(correlation_from_covariance(live)[0, 1], 0.5 / np.sqrt(2.0))  # no clamp
+
+
+def test_a_near_dead_features_exact_copy_stays_its_most_similar():
+    rng = np.random.default_rng(0)
+    a = 1e-4 * np.maximum(rng.standard_normal(400), 2.0)  # fires rarely: tiny variance
+    x = np.stack([a, a, 30 * a + 1e-6 * rng.standard_normal(400), rng.standard_normal(400)])
+    c = correlation_from_covariance(np.cov(x))
+    assert np.cov(x)[0, 0] < 1e-7 * np.cov(x).diagonal().max()  # under the clamp
+    assert c[0, 1] > c[0, 2] > 0  # the exact copy, then the louder near-copy
 
 
 def test_correlation_from_covariance_rejects_bad_input():

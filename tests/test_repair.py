@@ -57,16 +57,36 @@ def _preact_bn_model(seed):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _with_data_statistics(model, x):
+    """The model with its BatchNorm's stored statistics set to its input's moments on ``x``
+    (what a BatchNorm trained on that data holds)."""
+    from onnx import numpy_helper
+
+    sess = ort.InferenceSession(fetch_model(model, ["r1"]).SerializeToString(), providers=["CPUExecutionProvider"])
+    act = sess.run(["r1"], {"x": x})[0].astype(np.float64)
+    for t in model.graph.initializer:
+        if t.name in ("m", "v"):
+            value = act.mean(axis=(0, 2, 3)) if t.name == "m" else act.var(axis=(0, 2, 3))
+            t.CopyFrom(numpy_helper.from_array(value.astype(np.float32), t.name))
+    return model
+
+
 def test_batchnorm_left_in_the_trunk_is_reset_to_the_merged_statistics(tmp_path):
+    """Sources whose stored statistics are their data's: the merged BatchNorm gets the merged
+    model's (the paper's reset)."""
     from onnx import numpy_helper
 
     x = np.random.default_rng(1).random((200, 2, 6, 6)).astype(np.float32)
-    path = tmp_path / "c.npz"
-    np.savez(path, x=x)
-    # measured on every row (the default measures on an evenly spread subset)
-    r = onnxzip.zip_models(_preact_bn_model(0), _preact_bn_model(1), path, method="average", tasks=["a", "b"],
-                           repair_samples=0, refit=False)
-    assert r.repair.samples == len(x)
+    # per task the same images (each model's targets on its own task's rows), measured on every
+    # row (the default measures on an evenly spread subset)
+    data = {}
+    for task in ("a", "b"):
+        data[task] = tmp_path / f"{task}.npz"
+        np.savez(data[task], x=x)
+    r = onnxzip.zip_models(_with_data_statistics(_preact_bn_model(0), x), _with_data_statistics(_preact_bn_model(1), x),
+                           data, method="average", tasks=["a", "b"], repair_samples=0, holdout=0.0,
+                           refit=False)
+    assert r.repair.samples == 2 * len(x)
     assert any(n.op_type == "BatchNormalization" for n in r.model.graph.node)
     sess = ort.InferenceSession(fetch_model(r.model, ["r1"]).SerializeToString(), providers=["CPUExecutionProvider"])
     act = sess.run(["r1"], {"x": x})[0]

@@ -15,8 +15,8 @@ from onnxzip.errors import ModelLoadError, UnsupportedOpError
 from onnxzip.graph.samples import sample_layouts
 from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HalfHeads, HeadsOnly, HeadSpace, InputSpace, NoFeatures, Space,
-    StackSpace, leaves,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HalfHeads, HeadsOnly, HeadSpace, InputSpace, NoFeatures, SelectSpace,
+    Space, StackSpace, channel_sources, leaves,
 )
 from onnxzip.ops import get_handler
 from onnxzip.onnx_nodes import attr
@@ -82,7 +82,7 @@ def probe_shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], values: d
     shapes = {n: tuple(np.shape(v)) for n, v in zip(names, outs)}
     if values is not None:
         values.update({n: v for n, v in zip(names, outs)
-                       if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.integer) and v.size <= 16})
+                       if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.integer) and v.size <= 64})
         # float tensors whose first axis is not the batch of one: the samples may lie elsewhere
         values[MOVED_SAMPLES] = any(isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating) and v.ndim
                                     and v.shape[0] != 1 for v in outs)
@@ -119,6 +119,7 @@ class BuildContext:
         self.group_heads: dict[int, int] = {}
         self.tie_parent: dict[int, int] = {}
         self.rotary: set[int] = set()  # groups whose within-head channel order is fixed (see fix_within_heads)
+        self.pieces: dict[int, list[frozenset]] = {}  # gid -> channel sets every merge must keep apart
         self.consumers: dict[str, int] = {}
         for n in model.graph.node:
             for i in n.input:
@@ -200,7 +201,41 @@ class BuildContext:
 
     @staticmethod
     def is_feature(space: Space) -> bool:
-        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, HalfHeads, StackSpace))
+        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, HalfHeads, StackSpace,
+                                  SelectSpace))
+
+    def keep_apart(self, space: Space, positions) -> bool:
+        """Channels ``positions`` of ``space`` form a piece of their groups that merges keep whole
+        (a grouped Conv's block, one side of a channel split): no feature inside the piece is ever
+        merged with one outside it. False when the space's channels are not group channels."""
+        sources = channel_sources(space)
+        if sources is None:
+            return False
+        by_gid: dict[int, set] = {}
+        for p in positions:
+            gid, c = sources[p]
+            by_gid.setdefault(gid, set()).add(c)
+        for gid, chans in by_gid.items():
+            if len(chans) < self.group_size[gid]:
+                self.pieces.setdefault(gid, []).append(frozenset(chans))
+        return True
+
+    def select(self, space: Space, index, tensor: str, axis: int) -> Space | None:
+        """Channels ``index`` of ``space`` (a channel Split, Slice or permutation) at ``tensor``;
+        None when the space cannot be cut (flattened maps, attention heads)."""
+        index = tuple(int(i) for i in index)
+        if channel_sources(space) is None:
+            return None
+        if index == tuple(range(space.size)):
+            out = self.follow(space, tensor, axis)
+            if not isinstance(out, GroupSpace):
+                self.set_axis(tensor, axis)
+            return out
+        if len(set(index)) != len(index):
+            return None  # a channel read twice: not a selection
+        self.keep_apart(space, index)
+        self.set_axis(tensor, axis)
+        return SelectSpace(space, index, len(index))
 
     def set_heads(self, gid: int, heads: int) -> bool:
         """Mark a group as ``heads`` heads; False if it was already split another way."""
@@ -255,15 +290,16 @@ class BuildContext:
         self.layers.append(layer)
 
     def add_param(self, node: onnx.NodeProto, index: int, axis: int, space: Space) -> None:
+        """A per-channel parameter of ``space``; over a composite space (LayerNorm or BatchNorm after a
+        Concat) its channels are merged part by part (``ChannelParam.space``)."""
         if isinstance(space, HeadsOnly):  # one value per head
             self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, space.gid,
                                             topo=self.topo, heads=space.heads))
             return
-        parts = leaves(space)
-        whole = space if isinstance(space, ConcatSpace) else None
-        for leaf in parts:
+        composite = None if isinstance(space, GroupSpace) else space
+        for leaf in leaves(space):
             self.params.append(ChannelParam(node.name, node.op_type, index, node.input[index], axis, leaf.gid,
-                                            topo=self.topo, space=whole))
+                                            topo=self.topo, space=composite))
             return
 
     def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
@@ -409,6 +445,8 @@ def _resolve(ctx: BuildContext, space: Space) -> Space:
         return ConcatSpace(tuple(_resolve(ctx, p) for p in space.parts), space.size)
     if isinstance(space, ExpandSpace):
         return ExpandSpace(_resolve(ctx, space.part), space.outer, space.inner, space.size)
+    if isinstance(space, SelectSpace):
+        return SelectSpace(_resolve(ctx, space.part), space.index, space.size)
     if isinstance(space, HeadSpace):
         return HeadSpace(ctx.find(space.gid), space.size, space.heads)
     if isinstance(space, HeadsOnly):
@@ -478,6 +516,8 @@ def _renumber(space: Space, remap: dict[int, int]) -> Space:
         return ConcatSpace(tuple(_renumber(p, remap) for p in space.parts), space.size)
     if isinstance(space, ExpandSpace):
         return ExpandSpace(_renumber(space.part, remap), space.outer, space.inner, space.size)
+    if isinstance(space, SelectSpace):
+        return SelectSpace(_renumber(space.part, remap), space.index, space.size)
     if isinstance(space, HeadSpace):
         return HeadSpace(remap[space.gid], space.size, space.heads)
     if isinstance(space, HeadsOnly):
@@ -530,6 +570,12 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
         if gid in groups:
             groups[gid].attention_heads = heads
             groups[gid].attention_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
+    pieces: dict[int, list] = {}
+    for old, cut in ctx.pieces.items():
+        pieces.setdefault(remap.get(ctx.find(old)), []).extend(cut)
+    for gid, cut in pieces.items():
+        if gid in groups:
+            groups[gid].blocks = partition(groups[gid].size, cut)
     num_layers = max((l.number for l in order), default=0)
     for g in groups.values():
         # made only by final layers (no weight layer downstream: numbered m): the models' outputs
@@ -538,6 +584,20 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
             g.output = True
             g.tensors = []
     return groups
+
+
+def partition(size: int, pieces) -> tuple:
+    """The coarsest partition of ``range(size)`` that keeps each piece (a set of channels) apart
+    from the rest: channels end up in one block when every piece holds both or neither. Blocks
+    in order of their first channel; ``()`` when that is one block."""
+    label = [0] * size
+    for piece in pieces:
+        seen: dict = {}
+        label = [seen.setdefault((label[c], c in piece), len(seen)) for c in range(size)]
+    blocks: dict[int, list] = {}
+    for c, l in enumerate(label):
+        blocks.setdefault(l, []).append(c)
+    return tuple(tuple(b) for b in blocks.values()) if len(blocks) > 1 else ()
 
 
 def _depth_limits(ctx: BuildContext, groups: dict, order: list[Layer], num_layers: int) -> list[Unsupported]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from onnxzip.onnx_nodes import attr
 from onnxzip.graph.layergraph import Layer, LayerGraph
-from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, Space
+from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, SelectSpace, Space
 
 __all__ = [
     "space_signature", "layer_signature", "first_difference", "canonical_weight_shape", "conv_geometry",
@@ -29,6 +29,8 @@ def space_signature(space: Space):
         return ("concat",) + tuple(space_signature(p) for p in space.parts)
     if isinstance(space, ExpandSpace):
         return ("expand", space.outer, space.inner, space_signature(space.part))
+    if isinstance(space, SelectSpace):
+        return ("select", space.index, space_signature(space.part))
     if isinstance(space, InputSpace):
         return ("input",)
     if isinstance(space, Blocked):
@@ -64,6 +66,10 @@ def format_signature(sig, group: str = "group ") -> str:
         return "concat(" + ", ".join(format_signature(s, group) for s in sig[1:]) + ")"
     if sig[0] == "expand":
         return f"flatten({format_signature(sig[3], group)} x{sig[1] * sig[2]})"
+    if sig[0] == "select":
+        index = list(sig[1])
+        what = f"{index[0]}:{index[-1] + 1}" if index == list(range(index[0], index[-1] + 1)) else f"{len(index)} reordered"
+        return f"channels({format_signature(sig[2], group)}, {what})"
     return sig[0]
 
 
@@ -197,7 +203,7 @@ def _canonical_op(graph: LayerGraph, node) -> str | None:
 
 
 def _is_feature_space(space) -> bool:
-    return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace))
+    return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, SelectSpace))
 
 
 def layer_ops(graph: LayerGraph, layer: Layer) -> tuple[str, ...]:

@@ -97,6 +97,10 @@ class FeatureGroup:
     attention_tie: int | None = None  # groups with the same tie share one assignment of attention heads
     rotary: bool = False  # attention heads rotated by position (RoPE): channels keep their place within a head
     aligned: bool = False  # token positions (MLP-Mixer's token mixing): the same in every model, averaged
+    # a partition of the channels that merges must respect (grouped convolutions, channel splits):
+    # each block a tuple of channel indices; empty: no constraint. Merge and unmerge are block
+    # diagonal: a feature is only ever merged with features of its own block, in any model
+    blocks: tuple = ()
 
 
 @dataclass

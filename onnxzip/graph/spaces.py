@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Space", "InputSpace", "NoFeatures", "Blocked", "GroupSpace", "ConcatSpace", "ExpandSpace", "HeadSpace",
-    "HeadsOnly", "HalfHeads", "StackSpace", "leaves",
+    "HeadsOnly", "HalfHeads", "StackSpace", "SelectSpace", "leaves", "channel_sources",
 ]
 
 
@@ -65,6 +65,21 @@ class ExpandSpace(Space):
     part: Space
     outer: int
     inner: int
+    size: int
+
+
+@dataclass(frozen=True)
+class SelectSpace(Space):
+    """Some channels of a space, in a new order: channel j is channel ``index[j]`` of ``part``.
+
+    A Split or Slice of the channel axis (a contiguous range) or a fixed channel permutation
+    (ShuffleNet's channel shuffle, normalized into a Gather). The merged model applies the same
+    selection to merged channels, so every group it cuts must be matched within the pieces
+    (the builder records the pieces as block constraints of the groups).
+    """
+
+    part: Space
+    index: tuple
     size: int
 
 
@@ -127,8 +142,27 @@ def leaves(space: Space) -> list[GroupSpace]:
         return [space]
     if isinstance(space, ConcatSpace):
         return [leaf for p in space.parts for leaf in leaves(p)]
-    if isinstance(space, ExpandSpace):
+    if isinstance(space, (ExpandSpace, SelectSpace)):
         return leaves(space.part)
     if isinstance(space, StackSpace):
         return [leaf for p in space.parts for leaf in leaves(p)]
     return []
+
+
+def channel_sources(space: Space) -> list[tuple[int, int]] | None:
+    """(group id, channel within the group) of each channel of a space; None for spaces whose
+    channels are not group channels (flattened maps, attention heads, model inputs)."""
+    if isinstance(space, GroupSpace):
+        return [(space.gid, c) for c in range(space.size)]
+    if isinstance(space, ConcatSpace):
+        out = []
+        for p in space.parts:
+            sub = channel_sources(p)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    if isinstance(space, SelectSpace):
+        sub = channel_sources(space.part)
+        return None if sub is None else [sub[i] for i in space.index]
+    return None

@@ -30,6 +30,7 @@ from onnxzip.matchers import zipit as _zipit  # noqa: F401
 
 __all__ = [
     "match",
+    "match_within_blocks",
     "list_matchers",
     "get_matcher",
     "validate_params",
@@ -51,3 +52,32 @@ def match(correlation, method: str = "zipit", **params) -> tuple[np.ndarray, np.
     params = validate_params(matcher.name, params)
     c = check_correlation(correlation, int(params.get("num_models", 2)))
     return matcher.function(c, **params)
+
+
+def match_within_blocks(correlation, blocks, method: str = "zipit", **params) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`match` restricted to a partition of the features: block-diagonal merge and unmerge.
+
+    ``blocks``: tuples of feature indices (within one model's F) that partition ``range(F)``; a
+    feature is matched only with features of its own block, in its own and the other models
+    (a grouped convolution reads each block of its input channels apart; a channel split sends
+    each block its own way). The method runs on each block's sub-matrix (the block's features of
+    every model), and merged feature slots are the block's own channel positions, so the merged
+    channels of a block sit where the block's channels were. ``blocks`` empty: plain :func:`match`.
+    Within-model budgets (zipit's beta) apply per block.
+    """
+    if not blocks:
+        return match(correlation, method=method, **params)
+    c = np.asarray(correlation, dtype=np.float64)
+    n = int(params.get("num_models", 2))
+    f = c.shape[0] // n
+    covered = np.sort(np.concatenate([np.asarray(b, dtype=np.int64) for b in blocks]))
+    if not np.array_equal(covered, np.arange(f)):
+        raise ValueError(f"blocks do not partition the {f} features of a model")
+    merge, unmerge = np.zeros((f, n * f)), np.zeros((n * f, f))
+    for block in blocks:
+        b = np.asarray(block, dtype=np.int64)
+        idx = np.concatenate([k * f + b for k in range(n)])
+        m, u = match(c[np.ix_(idx, idx)], method=method, **params)
+        merge[np.ix_(b, idx)] = m
+        unmerge[np.ix_(idx, b)] = u
+    return merge, unmerge

@@ -19,7 +19,10 @@ def correlation_from_covariance(cov, eps: float = EPS) -> np.ndarray:
     """Correlation matrix (float64) of a covariance matrix.
 
     ``C[i, j] = cov[i, j] / max(std_i * std_j, eps * max_k var_k)`` (a clamp relative to the
-    largest variance, so scaling every feature leaves the result unchanged). A feature with zero
+    largest variance, so scaling every feature leaves the result unchanged); where feature i or
+    j has a variance under that clamp (near-dead), the true correlation times
+    ``min(var_i, var_j) / (eps * max_k var_k)`` instead, so that a near-dead feature's exact copy
+    stays its most similar feature (the product clamp ranks such pairs by covariance). A feature with zero
     (or, from rounding, negative or negligible) variance -- a dead or constant channel -- gets
     correlation 0 with everything,
     itself included, so the result never contains NaN. The diagonal is otherwise left as
@@ -40,8 +43,20 @@ def correlation_from_covariance(cov, eps: float = EPS) -> np.ndarray:
     top = float(var.max()) if var.size and var.max() > 0 else 0.0
     dead = ~(var > eps * top * 1e-6) if top > 0 else np.ones(var.shape, dtype=bool)
     std = np.sqrt(np.where(dead, 0.0, var))
-    denom = np.maximum(np.outer(std, std), eps * top if top > 0 else eps)
+    floor = eps * top if top > 0 else eps
+    denom = np.maximum(np.outer(std, std), floor)
     corr = cov / denom
+    # near-dead features (variance under the clamp): their correlation is damped by the smaller
+    # of the two variances, not by their product, so that no feature is ever more similar to a
+    # near-dead feature than that feature's exact copy is (a model zipped with itself pairs twins)
+    low = ~dead & (var < floor)
+    if low.any():
+        rows = np.flatnonzero(low)
+        v = np.where(dead, 0.0, var)
+        damp = np.minimum(np.minimum.outer(v[rows], v), floor) / floor
+        true = cov[rows] / np.maximum(np.outer(std[rows], std), 1e-300)
+        corr[rows] = true * damp
+        corr[:, rows] = corr[rows].T
     if dead.any():
         corr[dead, :] = 0.0
         corr[:, dead] = 0.0

@@ -38,12 +38,24 @@ def conv(ctx, node):
         out_space = ctx.new_group(weight.shape[0], out, 1)
         per_channel = False
     elif group == c_in and weight.shape[1] == 1 and weight.shape[0] == c_in:
-        if not isinstance(space, GroupSpace):
-            return ctx.unsupported_op(node, "depthwise Conv on model inputs or on concatenated features")
-        out_space = ctx.follow(space, out, 1)
+        if not ctx.is_feature(space):
+            return ctx.unsupported_op(node, "depthwise Conv on model inputs")
+        out_space = ctx.follow(space, out, 1)  # per channel: the features keep their space
+        if not isinstance(out_space, GroupSpace):
+            ctx.set_axis(out, 1)
         per_channel = True
     else:
-        return ctx.unsupported_op(node, f"grouped Conv (group={group}) is not supported yet")
+        # each of the ``group`` output blocks reads only its own input block: merges stay inside
+        # the blocks, on both sides (split.merged_layer rewrites the weight block by block)
+        out_space = ctx.new_group(weight.shape[0], out, 1)
+        per_channel = False
+        c_out = weight.shape[0]
+        if ctx.is_feature(space):
+            for g in range(group):
+                if not ctx.keep_apart(space, range(g * c_in // group, (g + 1) * c_in // group)):
+                    return ctx.unsupported_op(node, f"grouped Conv (group={group}) over flattened or head-split features")
+        for g in range(group):
+            ctx.keep_apart(out_space, range(g * c_out // group, (g + 1) * c_out // group))
     ctx.add_layer(Layer(
         node=node.name, op_type="Conv", weight=w, bias=bias, input=x, output=out, in_space=space,
         out_space=out_space, w_out_axis=0, w_in_axis=1, weight_shape=tuple(weight.shape),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxzip.graph.spaces import ConcatSpace, GroupSpace
+from onnxzip.graph.spaces import ConcatSpace, GroupSpace, channel_sources
 from onnxzip.ops.registry import register
 
 
@@ -12,13 +12,18 @@ def batchnorm(ctx, node):
     space = ctx.space(x)
     if not ctx.is_feature(space):
         return [space] + [space for _ in node.output[1:]]
-    if not isinstance(space, GroupSpace) or space.axis != 1:
-        return ctx.unsupported_op(node, f"{node.op_type} over concatenated features or not on axis 1")
+    if ctx.feature_axis(x) != 1 or channel_sources(space) is None:
+        return ctx.unsupported_op(node, f"{node.op_type} over flattened features or not on axis 1")
     for k in range(1, len(node.input)):
         if not ctx.is_const(node.input[k]):
             return ctx.unsupported_op(node, f"{node.op_type} parameters computed at run time")
+    for k in range(1, len(node.input)):
+        # per channel; over a Concat (DenseNet) each part's slice follows that part's merge
         ctx.add_param(node, k, 0, space)
-    return [ctx.follow(space, node.output[0])] + [space for _ in node.output[1:]]
+    out = ctx.follow(space, node.output[0])
+    if not isinstance(out, GroupSpace):
+        ctx.set_axis(node.output[0], 1)
+    return [out] + [space for _ in node.output[1:]]
 
 
 @register("LayerNormalization", "RMSNormalization")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from onnxzip.graph.layergraph import Layer
 from onnxzip.graph.spaces import (
     Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, StackSpace,
@@ -166,6 +164,8 @@ def concat(ctx, node):
         if len(feats) != len(names):
             return ctx.unsupported_op(node, "concatenates features with model inputs or constants along channels")
         parts = tuple(s for _, s in feats)
+        if len(parts) == 1:  # a Concat of one tensor (torch.cat of a one-element list) is a copy
+            return [_moved(ctx, node, parts[0], ch)]
         space = ConcatSpace(parts, sum(p.size for p in parts))
         ctx.set_axis(out, ch)
         return [space]
@@ -323,7 +323,12 @@ def keep_channels(ctx, node, x, space):
         half = slice_half(ctx, node, space) if node.op_type == "Slice" and isinstance(space, HeadSpace) else None
         if half is not None:
             return half
-        return ctx.unsupported_op(node, f"{node.op_type} changes the channel axis")
+        # a Slice of the channel axis with constant bounds selects channels (see :func:`split`)
+        index = _sliced_channels(ctx, node, axis) if node.op_type == "Slice" else None
+        picked = ctx.select(space, index, node.output[0], axis) if index is not None else None
+        if picked is None:
+            return ctx.unsupported_op(node, f"{node.op_type} changes the channel axis")
+        return [picked]
     return [_moved(ctx, node, space, axis)]
 
 
@@ -368,6 +373,23 @@ def _slice_start(ctx, node, axis: int) -> int | None:
     return max(0, min(size, start + size if start < 0 else start))
 
 
+def _sliced_channels(ctx, node, axis):
+    """The channels a Slice keeps along ``axis`` (constant starts/ends/axes/steps), else None."""
+    rank = ctx.rank(node.input[0])
+    size = ctx.shape(node.input[0])[axis]
+    names = list(node.input[1:]) + [""] * (4 - len(node.input[1:]))
+    values = [ctx.int_value(n) if n else None for n in names]
+    if values[0] is None or values[1] is None or any(n and v is None for n, v in zip(names[2:], values[2:])):
+        return None
+    starts, ends = values[0].reshape(-1).tolist(), values[1].reshape(-1).tolist()
+    axes = values[2].reshape(-1).tolist() if names[2] else list(range(len(starts)))
+    steps = values[3].reshape(-1).tolist() if names[3] else [1] * len(starts)
+    for st, en, ax, sp in zip(starts, ends, axes, steps):
+        if int(ax) % rank == axis:
+            return list(range(size))[slice(int(st), int(en), int(sp))]
+    return None
+
+
 @register("Split")
 @on_features
 def split(ctx, node, x, space):
@@ -381,7 +403,17 @@ def split(ctx, node, x, space):
     axis = ctx.attr(node, "axis", 0) % rank
     ch = ctx.feature_axis(x)
     if axis == ch:
-        return ctx.unsupported_op(node, "splits the channel axis")
+        # a channel split (ShuffleNet's chunk): each output selects a range of channels, and the
+        # groups it cuts are matched within each range
+        outs, start = [], 0
+        for o in node.output:
+            n = ctx.shape(o)[ch]
+            picked = ctx.select(space, range(start, start + n), o, ch)
+            if picked is None:
+                return ctx.unsupported_op(node, "splits the channel axis of flattened or head-split features")
+            outs.append(picked)
+            start += n
+        return outs
     outs = []
     for o in node.output:
         if isinstance(space, GroupSpace):
@@ -409,7 +441,14 @@ def gather(ctx, node):
     axis = ctx.attr(node, "axis", 0) % rank
     ch = ctx.feature_axis(x)
     if axis == ch:
-        return ctx.unsupported_op(node, "gathers along the channel axis")
+        # constant indices select or reorder channels (a channel shuffle after normalization)
+        picked = None
+        if ctx.is_const(idx) and ctx.const(idx).ndim == 1:
+            size = ctx.shape(x)[ch]
+            picked = ctx.select(space, [int(i) % size for i in ctx.const(idx)], node.output[0], ch)
+        if picked is None:
+            return ctx.unsupported_op(node, "gathers along the channel axis")
+        return [picked]
     idx_rank = ctx.rank(idx) or 0
     new = ch if axis > ch else ch - 1 + idx_rank
     return [_moved(ctx, node, space, new)]

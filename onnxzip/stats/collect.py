@@ -73,6 +73,15 @@ class PairStats:
                 out[i].append((mean, var))
         return out
 
+    def preact_on_all_rows(self, index: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """Layer ``index``'s pre-activation (mean, var) per model on the same rows for every model
+        (all rows the moments cover, whichever model owns them); None when not collected."""
+        accs = self.preact_parts.get(index)
+        if not accs:
+            return None
+        every = [_part(owned, lv) for owned in (True, False) for lv in range(SUBSET_LEVELS + 1)]
+        return [acc.moments(every)[:2] for acc in accs]
+
 
 # Row levels: the number of trailing zero bits of a row's index among the valid calibration rows
 # (capped). The rows whose index is a multiple of 2**j are the rows of level >= j.
@@ -228,8 +237,13 @@ def collect_stats(
     # per layer and model: the samples it owns (its targets) and the rest (fallback: all samples),
     # each split by row level (so the correction can take targets on its own subset of rows)
     preact_acc = {i: [SplitMoments(l.out_channels, 2 * (SUBSET_LEVELS + 1)) for _ in graphs] for i, l in enumerate(base.layers)}
+    # BatchNormalization nodes left in the graph: the moments of their inputs, the same way (the
+    # correction's targets for resetting their statistics), keyed "norm:<node of the first model>"
+    for key, per_model in norm_points(graphs).items():
+        size = base.shapes[per_model[0][0]][1]
+        preact_acc[key] = [SplitMoments(size, 2 * (SUBSET_LEVELS + 1)) for _ in graphs]
     preact_step = subset_step(items, preact_rows) if items else 1
-    stream = _Stream(graphs, points, providers, classes)
+    stream = _Stream(graphs, points, providers, classes, norm_points(graphs))
     # one task per accumulator, each always on the same worker (so every accumulator sees its
     # updates in order: the result does not depend on the number of workers)
     stream.run(batches, _tasks(graphs, points, group_acc, preact_acc, stream.where, int(preact_step).bit_length() - 1),
@@ -239,6 +253,18 @@ def collect_stats(
     groups = {gid: GroupStats(a.mean, a.covariance, a.count) for gid, a in group_acc.items()}
     return PairStats(groups, _preact_moments(preact_acc), stream.samples, stream.assigned, stream.n_batches,
                      stream.owners, stream.per_sample / max(1, n_models), stream.largest, preact_acc, preact_step)
+
+
+def norm_points(graphs: list[LayerGraph]) -> dict[str, list[tuple[str, int]]]:
+    """``"norm:<node>"`` -> per model, (input tensor, channel axis 1) of each BatchNormalization
+    whose parameters follow a feature group (paired across models in the parameters' order)."""
+    found = []
+    for g in graphs:
+        nodes = list(dict.fromkeys(p.node for p in g.params if p.op_type == "BatchNormalization"))
+        found.append([(n, g.nodes_by_name[n].input[0]) for n in nodes])
+    if any(len(f) != len(found[0]) for f in found):
+        return {}
+    return {f"norm:{found[0][j][0]}": [(f[j][1], 1) for f in found] for j in range(len(found[0]))}
 
 
 def _preact_moments(preact_acc: dict) -> dict:
@@ -260,7 +286,7 @@ class _Stream:
     """The models run in lockstep over the calibration batches; their activations go to the
     accumulator tasks on worker threads while onnxruntime runs the next (sub-)batch."""
 
-    def __init__(self, graphs: list[LayerGraph], points: list, providers, classes):
+    def __init__(self, graphs: list[LayerGraph], points: list, providers, classes, norms: dict | None = None):
         self.graphs, self.classes = graphs, classes
         # the models run side by side, each on its share of the cores (no straggler waits inside an
         # op while the accumulator threads hold a core)
@@ -268,6 +294,7 @@ class _Stream:
         self.fetch, self.where, self.sessions, self.layouts = [], [], [], []
         for k, g in enumerate(graphs):
             wanted = [(p.tensor, p.axis) for p in points[k]] + [(l.preact, _channel_axis(g, l)) for l in g.layers]
+            wanted += [per_model[k] for per_model in (norms or {}).values()]
             moved = {t: g.sample_layout(t) for t, _ in wanted if g.sample_layout(t)}
             model, w = channels_last_model(_with_pooled(g), wanted, g.shapes, also=g.outputs[:1], keep=moved)
             self.fetch.append(list(dict.fromkeys([n for n, _ in w.values()] + g.outputs[:1])))
@@ -420,11 +447,12 @@ def _tasks(graphs, points, group_acc, preact_acc, where, min_level: int = 0) -> 
             return float(acc.dim) ** 2 * rows
 
         tasks.append((cost, update))
-    for i in range(len(graphs[0].layers)):
+    moments = {i: [g.layers[i].preact for g in graphs] for i in range(len(graphs[0].layers))}
+    moments.update({key: [t for t, _ in per_model] for key, per_model in norm_points(graphs).items()})
+    for i, tensors in moments.items():
         for k, g in enumerate(graphs):
-            layer = g.layers[i]
             acc = preact_acc[i][k]
-            name, axis = where[k][layer.preact]
+            name, axis = where[k][tensors[k]]
 
             def update(outs, valid, owner_level, acc=acc, k=k, name=name, axis=axis) -> None:
                 owner, level = owner_level
