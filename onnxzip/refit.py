@@ -37,7 +37,7 @@ from onnxzip.repair import default_repair_samples, shift_layer
 from onnxzip.split import LayerSite, ZipLayout
 from onnxzip.stats.collect import PairStats, has_static_batch, per_row, subset_step
 
-__all__ = ["RefitReport", "refit", "RIDGES", "HOLDOUT_EVERY"]
+__all__ = ["RefitReport", "refit", "RIDGES", "HOLDOUT_EVERY", "MAX_INPUTS"]
 
 # Ridge strengths tried per layer, relative to the inputs' mean variance (method.md: 1e-4 to 1e-2
 # of trace(X^T X) / d barely moved accuracy on the digit pairs; on the bundled pairs a fixed 1e-4
@@ -46,6 +46,10 @@ __all__ = ["RefitReport", "refit", "RIDGES", "HOLDOUT_EVERY"]
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2)
 # Every HOLDOUT_EVERY-th calibration row scores the ridge candidates.
 HOLDOUT_EVERY = 5
+# Layers with more inputs per output channel keep their merged weights: the Gram matrix grows with
+# the square of this (4608, a 3x3 conv over 512 channels: 170 MB per matrix, two kept per layer) and
+# the solve with its cube (a 25088-input classifier, VGG's, would take 5 GB and minutes).
+MAX_INPUTS = 4608
 # Rows per float32 product before the sum moves to float64 (the rounding of a float32 sum grows
 # with the number of its terms).
 BLOCK_ROWS = 1024
@@ -63,6 +67,7 @@ class RefitReport:
     passes: int
     samples: int
     ridges: dict = field(default_factory=dict)  # layer node -> chosen ridge (relative)
+    kept: dict = field(default_factory=dict)  # layer node -> why it keeps its merged weights
 
 
 @dataclass
@@ -361,7 +366,6 @@ def _source_targets(sources: list[Frontier], group: list, graphs) -> dict:
 
 def _refit_level(model, weights: Weights, frontier: Frontier, sources: list[Frontier], group: list, graphs,
                  merges: Merges, ridge: float | None, report: RefitReport) -> None:
-    targets = _source_targets(sources, group, graphs)
     nodes = {n.name: n for n in model.graph.node}
     fits: list[_Site] = []
     for s in group:
@@ -371,11 +375,18 @@ def _refit_level(model, weights: Weights, frontier: Frontier, sources: list[Fron
         if node.op_type not in _FITTED or graphs[0].layers[s.index].token_mixing:
             # a lookup table (token embedding) keeps its merged rows; a token-mixing layer's rows
             # are (sample, channel) pairs, and the merged model's channels are not the sources'
+            report.kept[s.node] = "a lookup table" if node.op_type not in _FITTED else "token mixing"
             continue
-        fits.append(_Site(s, node, weights.get(s.weight)))
+        weight = weights.get(s.weight)
+        inputs = int(np.prod(weight.shape[1:], dtype=np.int64)) if node.op_type == "Conv" else weight.shape[1 - s.out_axis]
+        if inputs > MAX_INPUTS:
+            report.kept[s.node] = f"{inputs} inputs per output (more than {MAX_INPUTS})"
+            continue
+        fits.append(_Site(s, node, weight))
         fits[-1].start(weights)
     if not fits:
         return
+    targets = _source_targets(sources, [f.site for f in fits], graphs)
     inputs = list(dict.fromkeys(f.x for f in fits))
     changed = set().union(*({f.site.node} | {c[0] for c in f.site.chain} for f in fits))
     plan: FrontierPlan = frontier.plan(inputs, changed, {})

@@ -79,6 +79,23 @@ def test_refit_equals_numpy_least_squares_on_all_the_data(tmp_path, spelling):
     np.testing.assert_allclose(fitted, design @ solution, rtol=1e-3, atol=1e-4 * np.abs(y).max())
 
 
+def test_a_layer_with_too_many_inputs_keeps_its_merged_weights(tiny, calib, monkeypatch):
+    import onnxzip.refit
+
+    a, b = tiny("cnn", seed=0), tiny("cnn", seed=1)
+    plain = onnxzip.zip_models(a, b, calib, params={"alpha": 0.5, "beta": 1.0}, do_repair=False, tasks=["a", "b"])
+    monkeypatch.setattr(onnxzip.refit, "MAX_INPUTS", 20)  # the 3x3 convs over 4+ channels are over it
+    fitted = onnxzip.zip_models(a, b, calib, params={"alpha": 0.5, "beta": 1.0}, refit=True, tasks=["a", "b"])
+    assert fitted.refit.kept and all("inputs per output" in why for why in fitted.refit.kept.values())
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in plain.model.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in fitted.model.graph.initializer}
+    nodes = {n.name: n for n in fitted.model.graph.node}
+    for node in fitted.refit.kept:
+        weight = nodes[node].input[1]
+        np.testing.assert_array_equal(after[weight], before[weight])
+    assert len(fitted.refit.ridges) == fitted.refit.layers - len(fitted.refit.kept)
+
+
 def test_ridge_solve_is_the_penalized_least_squares_solution():
     rng = np.random.default_rng(3)
     n = 200
