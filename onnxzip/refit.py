@@ -403,10 +403,10 @@ def _refit_level(model, weights: Weights, frontier: Frontier, sources: list[Fron
             if s.model >= 0:
                 y = targets[(s.model, s.index)][c]
             else:
-                gid = graphs[0].layers[s.index].out_space.gid
+                space = graphs[0].layers[s.index].out_space
                 y = None
                 for k in range(len(graphs)):
-                    yk = np.moveaxis(targets[(k, s.index)][c].astype(np.float64), s.channel_axis, -1) @ merges[gid].merge_of(k).T
+                    yk = np.moveaxis(targets[(k, s.index)][c].astype(np.float64), s.channel_axis, -1) @ merges.merge(space, k).T
                     y = yk if y is None else y + yk
                 y = np.moveaxis(y, -1, s.channel_axis)
             for part, keep in ((0, fitted), (1, held)):

@@ -129,9 +129,9 @@ def test_zip_with_permuted_self_gives_the_model_back(family, calib8, tmp_path, k
     onnx.save(permute_model(g, random_permutations(g, seed=7)), other)
     x = images(16, seed=8)
     want = run(family[kind], x)[0]
-    for repair in (False, True):
+    for repair, refit in ((False, False), (True, False), (True, True)):
         result = onnxzip.zip_models(family[kind], other, calib8, method=method, params=params, stop_at="all",
-                                    do_repair=repair, tasks=["a", "b"])
+                                    do_repair=repair, refit=refit, tasks=["a", "b"])
         for got in run(result.model, x):
             np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
 
