@@ -70,7 +70,7 @@ def test_every_layer_zips_and_a_self_zip_gives_the_model_back(zoo, arch, exporte
     x = zoo.images(8, seed=3)
     for repair in (False, True):
         r = onnxzip.zip_models(path, path, zoo.calib, method="zipit", params={"alpha": 0.3, "beta": 0.0},
-                               stop_at="all", do_repair=repair, tasks=["a", "b"])
+                               stop_at="all", do_repair=repair, refit=False, tasks=["a", "b"])
         assert _relative_error(r.model, path, x) < TOLERANCE, f"repair={repair}"
 
 
@@ -83,7 +83,7 @@ def test_zip_with_a_permuted_copy_gives_the_model_back(zoo, arch, tmp_path):
     x = zoo.images(8, seed=3)
     assert _relative_error(onnx.load(str(other)), path, x) < 1e-5  # the permutation changes nothing
     r = onnxzip.zip_models(path, other, zoo.calib, method="zipit", params={"alpha": 0.3, "beta": 0.0},
-                           stop_at="all", do_repair=False, tasks=["a", "b"])
+                           stop_at="all", refit=True, tasks=["a", "b"])  # the least-squares refit on top
     assert _relative_error(r.model, path, x) < TOLERANCE
 
 
@@ -92,7 +92,7 @@ def test_a_pair_zips_at_full_depth(zoo, arch):
     a, b = zoo(arch, "dynamo", 0), zoo(arch, "dynamo", 1)
     m = load_layer_graph(a).num_layers
     r = onnxzip.zip_models(a, b, zoo.calib, method="zipit", params={"alpha": 0.3, "beta": 0.5},
-                           stop_at=m - 1, tasks=["a", "b"])
+                           stop_at=m - 1, refit=False, tasks=["a", "b"])
     assert r.stop_at == m - 1
     outs = run(r.model, zoo.images(8, seed=4))
     assert len(outs) == 2 and all(o.shape == (8, 5) and np.isfinite(o).all() for o in outs)
@@ -102,5 +102,5 @@ def test_a_pair_zips_at_full_depth(zoo, arch):
 def test_vgg11_bn_with_a_wide_classifier_self_zips_exactly(zoo, repair):
     path = zoo("vgg11_bn", "torchscript")
     r = onnxzip.zip_models(path, path, zoo.calib, method="zipit", params={"alpha": 0.3, "beta": 0.0},
-                           stop_at="all", do_repair=repair, tasks=["a", "b"])
+                           stop_at="all", do_repair=repair, refit=False, tasks=["a", "b"])
     assert _relative_error(r.model, path, zoo.images(8, seed=3)) < TOLERANCE
