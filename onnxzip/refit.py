@@ -202,8 +202,9 @@ def _patches(x: np.ndarray, conv: _Conv) -> np.ndarray:
 class _Site:
     """One zipped layer being refitted: how its rows are read and where its fit is written."""
 
-    def __init__(self, site: LayerSite, node: onnx.NodeProto, weight: np.ndarray):
+    def __init__(self, site: LayerSite, node: onnx.NodeProto, weight: np.ndarray, layouts: tuple = (None, None)):
         self.site = site
+        self.layouts = layouts  # where the input and the pre-activation hold their samples (None: axis 0)
         self.node = node
         self.x = node.input[0]
         self.weight_shape = weight.shape
@@ -218,14 +219,8 @@ class _Site:
         if not index.size:
             return
         in_axis = 1 if self.node.op_type != "MatMul" else x.ndim - 1
-        layout = getattr(self.site, "samples", None)
-        if layout is not None:  # samples off axis 0 (sequence-first attention): the input shares the layout
-            self.in_axis = samples_first_axis(layout, in_axis % x.ndim)
-            self.out_axis = samples_first_axis(layout, self.site.channel_axis % y.ndim)
-            x, y = samples_first(x, layout, len(keep)), samples_first(y, layout, len(keep))
-        else:  # a dense layer run on [rows * tokens, C]: one row per calibration row first
-            x, self.in_axis = per_row(x, in_axis, len(keep))
-            y, self.out_axis = per_row(y, self.site.channel_axis, len(keep))
+        x, self.in_axis = _rows_first(x, self.layouts[0], in_axis, len(keep))
+        y, self.out_axis = _rows_first(y, self.layouts[1], self.site.channel_axis, len(keep))
         per_sample = int(np.prod(y.shape[1:], dtype=np.int64)) // max(1, y.shape[self.out_axis])
         width = self.normal.gram.shape[-1] * self.groups
         step = max(1, ROWS_BUDGET // max(1, per_sample * width))
@@ -281,6 +276,15 @@ class _Site:
         weights.set(site.weight, new.astype(w.dtype))
         if self.normal.free_bias:
             shift_layer(model, weights, site, bias - _total_bias(weights, site, len(bias)))
+
+
+def _rows_first(t: np.ndarray, layout: tuple | None, axis: int, rows: int) -> tuple[np.ndarray, int]:
+    """``t`` with one entry per calibration row on axis 0, and where ``axis`` went: samples moved
+    from where the layer graph found them (sequence-first attention), or a [rows * tokens, C] view
+    unfolded."""
+    if layout is not None:
+        return samples_first(t, layout, rows), samples_first_axis(layout, axis % t.ndim)
+    return per_row(t, axis, rows)
 
 
 def _has_bias(weights: Weights, site: LayerSite) -> bool:
@@ -382,7 +386,9 @@ def _refit_level(model, weights: Weights, frontier: Frontier, sources: list[Fron
         if inputs > MAX_INPUTS:
             report.kept[s.node] = f"{inputs} inputs per output (more than {MAX_INPUTS})"
             continue
-        fits.append(_Site(s, node, weight))
+        layer = graphs[0].layers[s.index]
+        layouts = (graphs[0].sample_layout(layer.input), graphs[0].sample_layout(layer.preact))
+        fits.append(_Site(s, node, weight, layouts))
         fits[-1].start(weights)
     if not fits:
         return
