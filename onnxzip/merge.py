@@ -239,6 +239,6 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
             merges[gid] = GroupMerge(np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models))
             continue
         sim = similarity(stats.groups[gid], preact_keys(graph, stats, gid, n_models))
-        m, u = match_within_blocks(sim, group.blocks, method=method, **params)
+        m, u = match_within_blocks(sim, group.blocks, method=method, **{**params, "num_models": n_models})
         merges[gid] = GroupMerge(np.asarray(m, dtype=np.float64), np.asarray(u, dtype=np.float64))
     return merges

@@ -225,7 +225,8 @@ def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=N
             if c.params == params:
                 return c
         t = time.perf_counter()
-        merges = compute_merges(pair.graphs[0], pair.stats, "zipit", {**params, "num_models": len(pair.graphs)})
+        merges = compute_merges(pair.graphs[0], pair.stats, "zipit", {**params, "num_models": len(pair.graphs)},
+                                n_models=len(pair.graphs))
         key = _merges_key(merges)
         if key in seen:
             first = tried[seen[key]]
