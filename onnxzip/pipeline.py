@@ -35,7 +35,7 @@ from onnxzip.runtime import session, session_inputs
 from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats
 
 __all__ = ["ZipResult", "PreparedPair", "prepare_pair", "prepare_models", "collect_pair_stats", "load_layer_graph", "resolve_stop_at",
-           "zip_prepared", "labeled_data", "default_tasks", "validate"]
+           "zip_prepared", "check_depth", "depth_limit", "labeled_data", "default_tasks", "validate"]
 
 # Below this many calibration samples the statistics of wide layers are not trustworthy.
 MIN_TRUSTED_SAMPLES = 64
@@ -356,6 +356,27 @@ def resolve_stop_at(stop_at, num_layers: int) -> int:
     return int(stop_at)
 
 
+def depth_limit(graphs: list[LayerGraph]) -> int:
+    """The most layers the models can share: up to the first unsupported op, and short of heads
+    whose sizes differ (tasks with different numbers of classes)."""
+    limit = min(g.max_depth() for g in graphs)
+    for i, layer in enumerate(graphs[0].layers):
+        if any(g.layers[i].out_channels != layer.out_channels for g in graphs[1:]):
+            return min(limit, i)
+    return limit
+
+
+def check_depth(graphs: list[LayerGraph], depth: int, sources: list[str]) -> None:
+    """Refuse a depth the models cannot share (see :func:`depth_limit`)."""
+    for k, g in enumerate(graphs):
+        require_depth(g, depth, sources[k])
+    for i in range(depth):
+        sizes = [g.layers[i].out_channels for g in graphs]
+        if len(set(sizes)) > 1:
+            raise OptionError(f"--stop-at {depth}: layer {graphs[0].layers[i].number} ('{graphs[0].layers[i].node}') has "
+                              f"{sizes} outputs in the models (heads of different sizes stay apart): share at most {i} layers")
+
+
 def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None = None, stop_at=None,
                  tasks: list[str] | None = None, do_repair: bool = True, repair_branches: bool = True,
                  progress=None, repair_samples: int | None = None, merges=None, refit: bool = False,
@@ -379,8 +400,7 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
         params["num_models"] = len(graphs)
     m = graphs[0].num_layers
     depth = resolve_stop_at(stop_at, m)
-    for k, g in enumerate(graphs):
-        require_depth(g, depth, pair.sources[k])
+    check_depth(graphs, depth, pair.sources)
     tasks = tasks or pair.tasks or default_tasks(pair.sources)
     _check_tasks(tasks, len(graphs))
     timings = {}

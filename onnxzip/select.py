@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import OnnxZipError, OptionError
-from onnxzip.pipeline import zip_prepared
+from onnxzip.pipeline import depth_limit, zip_prepared
 from onnxzip.progress import stage
 from onnxzip.predictions import class_scores, is_sequence, joint_predictions, owner_masks, token_rows
 from onnxzip.runtime import session
@@ -301,7 +301,7 @@ def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, 
         raise OptionError("--stop-at auto needs exactly one target: --min-fidelity F or --max-flops R")
     tasks = tasks or pair.tasks
     m = pair.graphs[0].num_layers
-    limit = min(g.max_depth() for g in pair.graphs)
+    limit = depth_limit(pair.graphs)
     depths = sorted(set(depths or range(0, m + 1)))
     depths = [d for d in depths if d <= min(limit, m - 1) and (d >= 1 or allow_no_sharing)]
     if not depths:
@@ -408,7 +408,7 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
 
     tasks = tasks or pair.tasks
     m = pair.graphs[0].num_layers
-    limit = min(g.max_depth() for g in pair.graphs)
+    limit = depth_limit(pair.graphs)
     depths = [d for d in check_depths(depths, m) if d <= limit]
     table = _SweepRows(pair, holdout, tasks, labeled, latency)
     t_all = time.perf_counter()

@@ -17,8 +17,7 @@ from onnxzip.errors import OptionError
 from onnxzip.io import check_output_path, save_model
 from onnxzip.matchers import get_matcher, validate_params
 from onnxzip.normalize import check_input_layout
-from onnxzip.graph.build import require_depth
-from onnxzip.pipeline import ZipResult, collect_pair_stats, labeled_data, prepare_models, resolve_stop_at, zip_prepared
+from onnxzip.pipeline import ZipResult, check_depth, collect_pair_stats, labeled_data, prepare_models, resolve_stop_at, zip_prepared
 from onnxzip.select import choose_correction, choose_depth, make_holdout, search_alpha_beta
 
 __all__ = ["zip_models"]
@@ -97,8 +96,7 @@ def zip_models(model_a, model_b=None, data=None, output: str | os.PathLike | Non
                         holdout=holdout, input_layout=input_layout, classes=classes)
     if not auto_depth:  # a depth the models cannot reach is refused before the statistics pass
         depth = resolve_stop_at(stop_at, pair.graphs[0].num_layers)
-        for k, g in enumerate(pair.graphs):
-            require_depth(g, depth, pair.sources[k])
+        check_depth(pair.graphs, depth, pair.sources)
     collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
     params, selection = fixed, None
     choice = _Choice(method, fixed, auto, search, select_by, select_data, min_fidelity, max_flops,
