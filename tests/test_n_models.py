@@ -214,3 +214,39 @@ def test_num_models_is_the_number_of_files(tiny, calib):
     path = tiny("mlp")
     with pytest.raises(OptionError, match=r"number of files given \(3\)"):
         onnxzip.zip_models([path, path, path], calib, params={"num_models": 2, "alpha": 0.3, "beta": 0.1})
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def test_cli_zip_check_and_eval_of_three_models(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    paths, calib, x = _shared_trunk_models(tmp_path)
+    rng = np.random.default_rng(3)
+    tests = []
+    for t, c in zip(("t3", "t4", "t5"), (3, 4, 5)):
+        np.savez(tmp_path / f"{t}.npz", x=x[:50], labels=rng.integers(0, c, 50))
+        tests.append(f"{t}={tmp_path / f'{t}.npz'}")
+    out = tmp_path / "zipped.onnx"
+    args = ["zip", *map(str, paths), "--data", str(calib), "--tasks", "t3,t4,t5", "-o", str(out), "--method", "permute",
+            "--no-repair", "--json", *[a for e in tests for a in ("--eval", e)]]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert summary["tasks"] == ["t3", "t4", "t5"] and set(summary["cost"]) == {"model 1", "model 2", "model 3", "zipped"}
+    assert set(summary["eval"]) == {"model 1", "model 2", "model 3", "ensemble", "zipped"}
+    assert summary["eval"]["zipped"] == summary["eval"]["ensemble"]  # exact: shared trunk, own heads
+    r = runner.invoke(app, ["eval", str(out), *[a for e in tests for a in ("--task", e)],
+                            *[a for p in paths for a in ("--ensemble", str(p))], "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got[str(out)]["joint"] == got["ensemble"]["joint"]
+    r = runner.invoke(app, ["check", *map(str, paths)])
+    assert r.exit_code == 0 and "deepest zip --stop-at 2" in r.output and "heads of different sizes" in r.output
+    r = runner.invoke(app, ["zip", str(paths[0]), "--data", str(calib), "-o", str(tmp_path / "one.onnx")])
+    assert r.exit_code == 1 and "at least 2 models, got 1" in r.output
