@@ -112,6 +112,20 @@ def test_zip_of_n_permuted_copies_gives_the_model_back(tiny, calib, tmp_path, ar
         assert '"num_models": %d' % n in meta["onnxzip.params"]
 
 
+@pytest.mark.parametrize("correction", ["off", "refit"])
+@pytest.mark.parametrize("method,params", [("permute", {}), ("zipit", {"alpha": 1.0, "beta": 0.0})])
+@pytest.mark.parametrize("arch", ["vit", "mha", "mixer"])
+def test_zip_of_three_permuted_attention_models_pairs_whole_heads(tiny, calib, tmp_path, arch, method, params, correction):
+    """Every model's heads are paired with the first model's (whole heads), then channels within."""
+    path = tiny(arch)
+    paths = permuted_copies(path, tmp_path, 3)
+    result = onnxzip.zip_models(paths, calib, method=method, params=params, tasks=["a", "b", "c"], **CORRECTIONS[correction])
+    x = images(16, seed=8)
+    want = run(path, x)[0]
+    for got in run(result.model, x):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_zip_of_three_copies_at_partial_depth_and_the_label_free_choice(tiny, calib, tmp_path):
     """alpha 1: a merged pair stays as similar to the third model's twin as each member was (with
     alpha < 1 a cluster of two can lose its third member to a pair that is still unmerged, so N > 2
