@@ -1,7 +1,7 @@
 """compute_merges(): one merge/unmerge per feature group, from the pair's statistics.
 
-For each group the matcher turns the correlation of [f_A ; f_B] into a merge M (F x 2F) and an
-unmerge U (2F x F); per model k, M_k and U_k are its F x F blocks. Groups that reach a graph
+For each group the matcher turns the correlation of the N models' stacked features [f_1 ; ... ; f_N]
+into a merge M (F x NF) and an unmerge U (NF x F); per model k, M_k and U_k are its F x F blocks. Groups that reach a graph
 output keep their meaning in every model (class k of A is class k of B): they are averaged,
 never matched.
 """

@@ -1,5 +1,5 @@
-"""The stages of one zip: prepare_pair() loads, normalizes and parses two models, checks they
-match and collects their statistics (one lockstep pass); zip_prepared() matches every feature
+"""The stages of one zip: prepare_models() (prepare_pair() for two) loads, normalizes and parses
+N >= 2 models, checks they match and collects their statistics (one lockstep pass); zip_prepared() matches every feature
 group, rewrites the weights into a trunk and per-task branches, corrects the statistics and
 validates the result. The searches (onnxzip.select) call these stages; onnxzip.workflow.zip_models
 puts it all together.
@@ -43,7 +43,7 @@ MIN_TRUSTED_SAMPLES = 64
 
 @dataclass
 class PreparedPair:
-    """Two models parsed and checked, with their statistics: what every zip candidate reuses."""
+    """The models (two or more) parsed and checked, with their statistics: what every zip candidate reuses."""
 
     graphs: list[LayerGraph]
     sources: list[str]
