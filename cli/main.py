@@ -380,7 +380,9 @@ def _check_model_count(models: list) -> None:
 
 def _model_labels(n: int) -> list[str]:
     """Table labels of the source models: "model A", "model B" for two, "model 1" .. "model N" for more."""
-    return ["model A", "model B"] if n == 2 else [f"model {k + 1}" for k in range(n)]
+    from onnxzip.graph.compare import model_labels
+
+    return [f"model {x}" for x in model_labels(n)]
 
 
 def _print_zip(result, summary: dict, models: list, output: Path, results: Optional[dict]) -> None:

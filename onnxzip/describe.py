@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from onnxzip.errors import OnnxZipError, OptionError
-from onnxzip.graph.compare import canonical_weight_shape, first_difference, format_signature, space_signature
+from onnxzip.graph.compare import canonical_weight_shape, first_difference, format_signature, model_labels, space_signature
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.normalize import opset_of
 
@@ -95,7 +95,7 @@ def _limiting_op(graphs, depth: int) -> str | None:
     for k, g in enumerate(graphs):
         for u in g.unsupported:
             if u.max_depth == depth and depth < g.num_layers:
-                return f"model {_model_labels(len(graphs))[k]}'s node '{u.node}' ({u.op_type}): {u.reason}"
+                return f"model {model_labels(len(graphs))[k]}'s node '{u.node}' ({u.op_type}): {u.reason}"
     return None
 
 
@@ -125,7 +125,7 @@ def check(model_a, model_b=None, data=None, input_layout: str | None = None) -> 
         limit = f"layer {layer.number} ('{layer.node}'): heads of different sizes {[g.layers[depth].out_channels for g in graphs]}"
     if diff is None and depth == 0:
         diff = f"no layer can be shared: {limit}"
-    labels = _model_labels(len(graphs))
+    labels = model_labels(len(graphs))
     return {
         "zippable": diff is None,
         "reason": diff,
@@ -141,11 +141,6 @@ def check(model_a, model_b=None, data=None, input_layout: str | None = None) -> 
             for k, g in enumerate(graphs) for u in g.unsupported
         ],
     }
-
-
-def _model_labels(n: int) -> list[str]:
-    """"A", "B" for two models; "1" .. "N" for more."""
-    return ["A", "B"] if n == 2 else [str(k + 1) for k in range(n)]
 
 
 def _loaded_for_check(sources: list, input_layout: str | None) -> tuple[list, list, list]:

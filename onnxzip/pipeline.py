@@ -19,7 +19,7 @@ import onnx
 from onnxzip.data import DataSet, InputSpec, data_items, open_data
 from onnxzip.errors import ArchitectureMismatchError, CalibrationDataError, OptionError
 from onnxzip.graph.build import build_layer_graph, declared_inputs, require_depth
-from onnxzip.graph.compare import first_difference
+from onnxzip.graph.compare import first_difference, model_labels
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.io import file_sha256, load_model
 from onnxzip.matchers import get_matcher, validate_params
@@ -206,7 +206,7 @@ def prepare_models(models, data, batch_size: int = 64, max_samples: int | None =
     if len(models) < 2:
         raise OptionError(f"zipping needs at least 2 models, got {len(models)}")
     t0 = time.perf_counter()
-    loaded = [_load(m, chr(ord("A") + k) if k < 26 else f"model {k + 1}") for k, m in enumerate(models)]
+    loaded = [_load(m, label) for m, label in zip(models, model_labels(len(models)))]
     sources = [s for _, s, _ in loaded]
     hashes = [h for _, _, h in loaded]
     protos, notes, layout_notes = _normalized([m for m, _, _ in loaded], sources, input_layout)
@@ -270,8 +270,9 @@ def _normalized(models: list[onnx.ModelProto], sources: list[str], input_layout:
 
 def _check_inputs(specs: list[list[InputSpec]]) -> None:
     """The models take the same inputs: count, names (when several) and shapes past the batch."""
+    labels = [f"model {x}" if len(specs) > 2 else x for x in model_labels(len(specs))]
     for k in range(1, len(specs)):
-        _check_input_pair(specs[0], specs[k], "A", "B" if len(specs) == 2 else f"model {k + 1}")
+        _check_input_pair(specs[0], specs[k], labels[0], labels[k])
 
 
 def _check_input_pair(a: list[InputSpec], b: list[InputSpec], first: str, other: str) -> None:

@@ -307,6 +307,11 @@ def first_difference(a: LayerGraph, b: LayerGraph) -> str | None:
     return None
 
 
+def model_labels(n: int) -> list[str]:
+    """How messages name the source models: "A", "B" for two; "1" .. "N" for more."""
+    return ["A", "B"] if n == 2 else [str(k + 1) for k in range(n)]
+
+
 def head_sizes_differ(a: LayerGraph, la: Layer, b: LayerGraph, lb: Layer) -> bool:
     """Two output layers (heads) that differ in their number of outputs only (tasks with different
     numbers of classes): each stays in its own task's branch."""
