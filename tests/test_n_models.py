@@ -264,3 +264,20 @@ def test_cli_zip_check_and_eval_of_three_models(tmp_path):
     assert r.exit_code == 0 and "deepest zip --stop-at 2" in r.output and "heads of different sizes" in r.output
     r = runner.invoke(app, ["zip", str(paths[0]), "--data", str(calib), "-o", str(tmp_path / "one.onnx")])
     assert r.exit_code == 1 and "at least 2 models, got 1" in r.output
+
+
+@pytest.mark.slow
+def test_bundled_three_task_sample_zips_close_to_its_ensemble():
+    """samples/digits3: the label-free default zip of the three VGGs against their ensemble (joint)."""
+    from pathlib import Path
+
+    from onnxzip.evaluate import EnsemblePredictor, ModelPredictor, evaluate, load_task_data
+
+    root = Path(__file__).resolve().parents[1] / "samples" / "digits3"
+    tasks = ["t0", "t1", "t2"]
+    paths = [str(root / f"vgg_{t}.onnx") for t in tasks]
+    data = {t: load_task_data(root / f"test_{t}.npz") for t in tasks}
+    result = onnxzip.zip_models(paths, str(root / "calib.npz"), tasks=tasks)
+    ensemble = evaluate(EnsemblePredictor({t: ModelPredictor(p, task=t) for t, p in zip(tasks, paths)}), data).joint
+    zipped = evaluate(ModelPredictor(result.model), data).joint
+    assert zipped >= ensemble - 0.03 and zipped > 0.85
