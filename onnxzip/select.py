@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import OnnxZipError, OptionError
+from onnxzip.graph.compare import model_labels
 from onnxzip.pipeline import depth_limit, zip_prepared
 from onnxzip.progress import stage
 from onnxzip.predictions import class_scores, is_sequence, joint_predictions, owner_masks, token_rows
@@ -351,7 +352,7 @@ def check_depths(depths, num_layers: int) -> list[int]:
 
 
 class _SweepRows:
-    """The sweep's table: cost relative to running both source models; the reference rows first
+    """The sweep's table: cost relative to running every source model; the reference rows first
     (the ensemble, then each source model)."""
 
     def __init__(self, pair, holdout: Holdout, tasks: list[str], labeled, latency: bool):
@@ -365,14 +366,14 @@ class _SweepRows:
         flops, params = [count_flops(s).total for s in sources], [count_params(s) for s in sources]
         lat = [self.latency(s) for s in sources]
         self.both = (sum(params), sum(flops), None if lat[0] is None else sum(lat))
-        accs = [None, None, None]
+        accs = [None] * (len(sources) + 1)
         if labeled is not None:
-            pa, pb = (ModelPredictor(pair.sources[k], task=tasks[k]) for k in range(2))
-            accs = [_accuracy(p, labeled) for p in (EnsemblePredictor({tasks[0]: pa, tasks[1]: pb}), pa, pb)]
+            members = [ModelPredictor(pair.sources[k], task=tasks[k]) for k in range(len(sources))]
+            accs = [_accuracy(p, labeled) for p in [EnsemblePredictor(dict(zip(tasks, members))), *members]]
         self.add("reference", "ensemble", None, *self.both,
                  {"joint_agreement": 1.0, "task_agreement": {t: 1.0 for t in tasks}}, accs[0])
-        for k, name in enumerate(("model A", "model B")):
-            self.add("reference", name, None, params[k], flops[k], lat[k], None, accs[k + 1])
+        for k, label in enumerate(model_labels(len(sources))):
+            self.add("reference", f"model {label}", None, params[k], flops[k], lat[k], None, accs[k + 1])
 
     def latency(self, model) -> float | None:
         if self.lat_feeds is None:

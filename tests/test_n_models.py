@@ -260,6 +260,12 @@ def test_cli_zip_check_and_eval_of_three_models(tmp_path):
     assert r.exit_code == 0, r.output
     got = json.loads(r.output)
     assert got[str(out)]["joint"] == got["ensemble"]["joint"]
+    r = runner.invoke(app, ["sweep", *map(str, paths), "--data", str(calib), "--tasks", "t3,t4,t5", "--methods", "permute",
+                            *[a for e in tests for a in ("--task", e)], "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["rows"]
+    assert [row["method"] for row in rows[:4]] == ["ensemble", "model 1", "model 2", "model 3"]
+    assert [row["shared"] for row in rows[4:]] == ["0/3", "1/3", "2/3"]
     r = runner.invoke(app, ["check", *map(str, paths)])
     assert r.exit_code == 0 and "deepest zip --stop-at 2" in r.output and "heads of different sizes" in r.output
     r = runner.invoke(app, ["zip", str(paths[0]), "--data", str(calib), "-o", str(tmp_path / "one.onnx")])
