@@ -228,8 +228,9 @@ def _evaluate_models(named: dict, data: dict, sources: Optional[tuple] = None, c
     names = list(data)
     predictors = {}
     if sources is not None:
-        a, b = (scored(ModelPredictor(p, task=t)) for p, t in zip(sources, names))
-        predictors.update({"model A": a, "model B": b, "ensemble": EnsemblePredictor({names[0]: a, names[1]: b})})
+        members = [scored(ModelPredictor(p, task=t)) for p, t in zip(sources, names)]
+        predictors.update(dict(zip(_model_labels(len(members)), members)))
+        predictors["ensemble"] = EnsemblePredictor(dict(zip(names, members)))
     for label, model in named.items():
         predictor = ModelPredictor(model)
         if predictor.tasks is None and len(data) > 1 and not classes and "onnxzip.tasks" not in predictor.metadata:
@@ -271,8 +272,7 @@ def _data_spec(data: List[str]):
 
 @app.command("zip")
 def zip_cmd(
-    model_a: Path = typer.Argument(..., metavar="MODEL_A", help="First model (.onnx)."),
-    model_b: Path = typer.Argument(..., metavar="MODEL_B", help="Second model (.onnx), same architecture."),
+    models: List[Path] = typer.Argument(..., metavar="MODEL_A MODEL_B [MODEL ...]", help="Two or more models (.onnx) of the same architecture, one per task."),
     data: List[str] = typer.Option(..., "--data", "-d", metavar="DATA", help="Calibration data: calib.npz (mixed) or a folder of shards; or task=file.npz once per task."),
     output: Path = typer.Option(..., "--output", "-o", metavar="FILE", help="Where to write the zipped model."),
     method: str = typer.Option("zipit", help="Matching method (see `onnxzip methods`)."),
@@ -281,8 +281,8 @@ def zip_cmd(
     param: List[str] = typer.Option([], metavar="NAME=VALUE", help="Other matcher parameter (repeatable)."),
     stop_at: Optional[str] = typer.Option(None, "--stop-at", help="Share the first N layers (see `inspect`); 'all' merges the final layer too; 'auto' with --min-fidelity or --max-flops. Default: all but the final layer."),
     min_fidelity: Optional[float] = typer.Option(None, help="--stop-at auto: the deepest zip whose fidelity (joint agreement with the ensemble on held-out samples) reaches this."),
-    max_flops: Optional[float] = typer.Option(None, help="--stop-at auto: the best zip using at most this share of the FLOPs of running both models."),
-    allow_no_sharing: bool = typer.Option(False, "--allow-no-sharing", help="--stop-at auto may choose 0 shared layers (both models side by side)."),
+    max_flops: Optional[float] = typer.Option(None, help="--stop-at auto: the best zip using at most this share of the FLOPs of running every source model."),
+    allow_no_sharing: bool = typer.Option(False, "--allow-no-sharing", help="--stop-at auto may choose 0 shared layers (the models side by side)."),
     holdout: Optional[float] = typer.Option(None, help="Share of calibration samples held out to score candidates (default 0.2 with 'auto')."),
     search: str = typer.Option("coordinate", help="alpha/beta search over the paper's grid: coordinate (11 candidates) or grid (36)."),
     select_by: str = typer.Option("fidelity", help="Score candidates by fidelity (no labels) or accuracy (needs --task)."),
@@ -304,7 +304,7 @@ def zip_cmd(
     classes: List[str] = typer.Option([], "--classes", metavar="TASK=FILE", help=CLASSES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
-    """Zip MODEL_A and MODEL_B into one model with a shared trunk and one head per task."""
+    """Zip two or more models into one model with a shared trunk and one head per task."""
     # Long only by its option declarations; the work is in run() and the library.
 
     def run():
@@ -315,13 +315,14 @@ def zip_cmd(
 
         t0 = time.perf_counter()
         # every option and file is checked before any work
+        _check_model_count(models)
         spec = _data_spec(data)
         eval_files, select_files = _parse_tasks_eval(eval_), _parse_tasks_eval(task)
-        task_names = _task_names(tasks, [model_a, model_b], _data_keys(spec), eval_files, select_files)
+        task_names = _task_names(tasks, models, _data_keys(spec), eval_files, select_files)
         params = _parse_params(method, alpha, beta, param)
         check_input_layout(input_layout)
         class_files = _parse_tasks_eval(classes)
-        reads = model_reads([model_a, model_b]) + _data_reads(spec, eval=eval_files, task=select_files, classes=class_files)
+        reads = model_reads(list(models)) + _data_reads(spec, eval=eval_files, task=select_files, classes=class_files)
         writes = [("--output", p) for p in model_writes(output)] + ([("--report", report)] if report else [])
         check_paths(writes, reads)
         class_embeddings = _class_files(class_files, task_names) or None
@@ -330,7 +331,7 @@ def zip_cmd(
         prov = resolve_providers(providers, warn=lambda m: err.print(f"[yellow]warning:[/yellow] {escape(m)}"))
         with _bars() as bars:
             result = zip_models(
-                str(model_a), str(model_b), spec, output=None, method=method, params=params,
+                [str(m) for m in models], spec, output=None, method=method, params=params,
                 stop_at=stop_at, tasks=task_names, do_repair=repair, repair_branches=repair_branches,
                 batch_size=batch_size, max_samples=max_samples, providers=prov, progress=bars,
                 holdout=holdout, search=search, select_by=select_by, select_data=select_data,
@@ -340,7 +341,7 @@ def zip_cmd(
             )
         summary = result.summary()
         t = time.perf_counter()
-        summary["cost"] = _costs({"model A": str(model_a), "model B": str(model_b), "zipped": result.model})
+        summary["cost"] = _costs({**dict(zip(_model_labels(len(models)), map(str, models))), "zipped": result.model})
         result.timings["cost"] = time.perf_counter() - t
         results = None
         if eval_data:
@@ -359,7 +360,7 @@ def zip_cmd(
         if as_json:
             print(json.dumps(summary, indent=2))
         else:
-            _print_zip(result, summary, model_a, model_b, output, results)
+            _print_zip(result, summary, models, output, results)
 
     _run(run)
 
@@ -370,29 +371,31 @@ def _costs(models: dict) -> dict:
     return {label: {"params": count_params(m), "flops": count_flops(m).total} for label, m in models.items()}
 
 
-def _print_zip(result, summary: dict, model_a: Path, model_b: Path, output: Path, results: Optional[dict]) -> None:
+def _check_model_count(models: list) -> None:
+    from onnxzip.errors import OptionError
+
+    if len(models) < 2:
+        raise OptionError(f"give at least 2 models, got {len(models)}")
+
+
+def _model_labels(n: int) -> list[str]:
+    """Table labels of the source models: "model A", "model B" for two, "model 1" .. "model N" for more."""
+    from onnxzip.graph.compare import model_labels
+
+    return [f"model {x}" for x in model_labels(n)]
+
+
+def _print_zip(result, summary: dict, models: list, output: Path, results: Optional[dict]) -> None:
     for w in result.warnings:
         err.print(f"[yellow]warning:[/yellow] {escape(w)}")
     if result.selection:
         out.print(_selection_table(result.selection, result.params, result.stop_at))
         out.print(f"chosen: {escape(result.selection['reason'])}", highlight=False)
-    out.print(f"[bold]zipped[/bold] {escape(model_a.name)} + {escape(model_b.name)} -> {escape(str(output))}  "
+    out.print(f"[bold]zipped[/bold] {escape(' + '.join(m.name for m in models))} -> {escape(str(output))}  "
               f"({result.method} {escape(json.dumps({k: v for k, v in result.params.items() if k != 'num_models'}))}, "
               f"shared layers {result.stop_at}/{result.num_layers})",
               highlight=False)
-    cost = summary["cost"]
-    both = {k: cost["model A"][k] + cost["model B"][k] for k in ("params", "flops")}
-    table = Table(title="cost (per sample)")
-    table.add_column("")
-    table.add_column("params", justify="right")
-    table.add_column("FLOPs", justify="right")
-    for label in ("model A", "model B"):
-        table.add_row(label, _fmt_count(cost[label]["params"]), _fmt_count(cost[label]["flops"]))
-    table.add_row("A + B", _fmt_count(both["params"]), _fmt_count(both["flops"]))
-    z = cost["zipped"]
-    table.add_row("zipped", f"{_fmt_count(z['params'])} ({z['params'] / both['params']:.0%})",
-                  f"{_fmt_count(z['flops'])} ({z['flops'] / both['flops']:.0%})")
-    out.print(table)
+    out.print(_cost_table(summary["cost"], len(models)))
     rep = result.repair
     out.print(f"outputs: {', '.join(o for outs in result.layout.outputs.values() for o in outs)}", highlight=False)
     fit = result.refit
@@ -407,10 +410,25 @@ def _print_zip(result, summary: dict, model_a: Path, model_b: Path, output: Path
         out.print(_eval_table(results, "accuracy (%)"))
 
 
+def _cost_table(cost: dict, n: int) -> Table:
+    labels = _model_labels(n)
+    every = {k: sum(cost[label][k] for label in labels) for k in ("params", "flops")}
+    table = Table(title="cost (per sample)")
+    table.add_column("")
+    table.add_column("params", justify="right")
+    table.add_column("FLOPs", justify="right")
+    for label in labels:
+        table.add_row(label, _fmt_count(cost[label]["params"]), _fmt_count(cost[label]["flops"]))
+    table.add_row("A + B" if n == 2 else f"all {n}", _fmt_count(every["params"]), _fmt_count(every["flops"]))
+    z = cost["zipped"]
+    table.add_row("zipped", f"{_fmt_count(z['params'])} ({z['params'] / every['params']:.0%})",
+                  f"{_fmt_count(z['flops'])} ({z['flops'] / every['flops']:.0%})")
+    return table
+
+
 @app.command("sweep")
 def sweep_cmd(
-    model_a: Path = typer.Argument(..., metavar="MODEL_A", help="First model (.onnx)."),
-    model_b: Path = typer.Argument(..., metavar="MODEL_B", help="Second model (.onnx), same architecture."),
+    models: List[Path] = typer.Argument(..., metavar="MODEL_A MODEL_B [MODEL ...]", help="Two or more models (.onnx) of the same architecture."),
     data: List[str] = typer.Option(..., "--data", "-d", metavar="DATA", help="Calibration data (as for zip)."),
     task: List[str] = typer.Option([], "--task", metavar="TASK=FILE", help="Labeled test data (repeatable): adds accuracy columns."),
     methods: str = typer.Option("zipit,permute,average", help="Methods, comma-separated."),
@@ -436,13 +454,14 @@ def sweep_cmd(
         from onnxzip.errors import OptionError
         from onnxzip.io import check_paths, model_reads, write_atomic
         from onnxzip.matchers import get_matcher, validate_params
-        from onnxzip.pipeline import collect_pair_stats, labeled_data, prepare_pair
+        from onnxzip.pipeline import collect_pair_stats, labeled_data, prepare_models
         from onnxzip.select import check_depths, make_holdout, sweep
 
         t0 = time.perf_counter()
+        _check_model_count(models)
         spec = _data_spec(data)
         test_files = _parse_tasks_eval(task)
-        task_names = _task_names(tasks, [model_a, model_b], _data_keys(spec), test_files)
+        task_names = _task_names(tasks, models, _data_keys(spec), test_files)
         try:
             depth_list = [int(d) for d in depths.split(",")] if depths else None
         except ValueError:
@@ -453,12 +472,12 @@ def sweep_cmd(
         if plot:
             _check_plot_path(plot)
         class_files = _parse_tasks_eval(classes)
-        reads = model_reads([model_a, model_b]) + _data_reads(spec, task=test_files, classes=class_files)
+        reads = model_reads(list(models)) + _data_reads(spec, task=test_files, classes=class_files)
         check_paths([(o, p) for o, p in (("--csv", csv_out), ("--plot", plot)) if p], reads)
         class_embeddings = _class_files(class_files, task_names) or None
         test_data = _task_data(test_files, task_names, "--task")
         with _bars() as bars:
-            pair = prepare_pair(str(model_a), str(model_b), spec, batch_size, max_samples, tasks=task_names,
+            pair = prepare_models([str(m) for m in models], spec, batch_size, max_samples, tasks=task_names,
                                 holdout=holdout, collect=False, classes=class_embeddings)
             check_depths(depth_list, pair.graphs[0].num_layers)
             collect_pair_stats(pair, bars, all_positions, seed=seed)
@@ -474,8 +493,8 @@ def sweep_cmd(
         if as_json:
             print(json.dumps({**result, "written": written}, indent=2))
             return
-        out.print(_sweep_table(result, f"{model_a.name} + {model_b.name}", labeled is not None, latency))
-        out.print(f"params, FLOPs{' and latency' if latency else ''} relative to running both models; statistics "
+        out.print(_sweep_table(result, " + ".join(m.name for m in models), labeled is not None, latency))
+        out.print(f"params, FLOPs{' and latency' if latency else ''} relative to running every source model; statistics "
                   f"collected once ({pair.stats.samples} samples, {result['statistics_seconds']:.1f}s); whole sweep "
                   f"{result['total_seconds']:.1f}s", highlight=False)
         for kind, path in written.items():
@@ -654,17 +673,17 @@ def _group_table(groups: list) -> Table:
 
 @app.command("check")
 def check_cmd(
-    model_a: Path = typer.Argument(...),
-    model_b: Path = typer.Argument(...),
+    models: List[Path] = typer.Argument(..., metavar="MODEL_A MODEL_B [MODEL ...]", help="Two or more models (.onnx)."),
     data: Optional[str] = typer.Option(None, "--data", help="Example data (.npz) when input shapes are symbolic."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Say whether two models can be zipped; if not, the first layer where they differ."""
+    """Say whether the models can be zipped; if not, the first layer where they differ."""
 
     def run():
         from onnxzip import check
 
-        info = check(str(model_a), str(model_b), data)
+        _check_model_count(models)
+        info = check([str(m) for m in models], data=data)
         if as_json:
             print(json.dumps(info, indent=2))
         elif info["zippable"]:
@@ -709,7 +728,7 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON."
 def eval_cmd(
     models: List[Path] = typer.Argument(None, help="Models to evaluate (zipped: outputs named <task>/...)."),
     task: List[str] = typer.Option(..., "--task", "-t", metavar="TASK=FILE", help="Labeled data: inputs plus labels in an .npz (repeatable)."),
-    ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="Source models A and B (give twice): adds model A, model B and their ensemble."),
+    ensemble: Optional[List[Path]] = typer.Option(None, "--ensemble", help="The source models, one per task in --task order (give it once per model, at least twice): adds each model and their ensemble."),
     classes: List[str] = typer.Option([], "--classes", metavar="TASK=FILE", help=CLASSES_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
@@ -719,10 +738,10 @@ def eval_cmd(
         from onnxzip.errors import OptionError
 
         task_files = _parse_tasks_eval(task)
-        if ensemble and len(ensemble) != 2:
-            raise OptionError("--ensemble needs two models: --ensemble a.onnx --ensemble b.onnx")
-        if ensemble and len(task_files) != 2:
-            raise OptionError("--ensemble needs data for two tasks (--task a=... --task b=...)")
+        if ensemble and len(ensemble) < 2:
+            raise OptionError("--ensemble needs at least two models: --ensemble a.onnx --ensemble b.onnx")
+        if ensemble and len(task_files) != len(ensemble):
+            raise OptionError(f"--ensemble of {len(ensemble)} models needs data for {len(ensemble)} tasks (--task a=... --task b=...)")
         if not models and not ensemble:
             raise OptionError("nothing to evaluate: give a model, or --ensemble A --ensemble B")
         data = _task_data(task_files, None, "--task")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from onnxzip.errors import OnnxZipError
-from onnxzip.graph.compare import canonical_weight_shape, first_difference, format_signature, space_signature
+from onnxzip.errors import OnnxZipError, OptionError
+from onnxzip.graph.compare import canonical_weight_shape, first_difference, format_signature, model_labels, space_signature
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.normalize import opset_of
 
@@ -95,52 +95,73 @@ def _limiting_op(graphs, depth: int) -> str | None:
     for k, g in enumerate(graphs):
         for u in g.unsupported:
             if u.max_depth == depth and depth < g.num_layers:
-                return f"model {'AB'[k]}'s node '{u.node}' ({u.op_type}): {u.reason}"
+                return f"model {model_labels(len(graphs))[k]}'s node '{u.node}' ({u.op_type}): {u.reason}"
     return None
 
 
-def check(model_a, model_b, data=None, input_layout: str | None = None) -> dict:
-    """Can two models be zipped? ``{"zippable": bool, "reason": str|None, "notes": [...], ...}``.
+def check(model_a, model_b=None, data=None, input_layout: str | None = None) -> dict:
+    """Can the models be zipped? ``{"zippable": bool, "reason": str|None, "notes": [...], ...}``.
 
-    ``notes``: exporter spellings treated as equivalent (dense kernels [in, out] vs [out, in],
-    ``auto_pad`` vs pads, BatchNormalization folded, an input layout aligned, ...), in words.
+    ``check(a, b)`` for two models, ``check([m1, ..., mN])`` for N >= 2 (each compared with the
+    first). ``notes``: exporter spellings treated as equivalent (dense kernels [in, out] vs
+    [out, in], ``auto_pad`` vs pads, BatchNormalization folded, an input layout aligned, ...), in words.
     """
-    from onnxzip.pipeline import load_layer_graph
-    from onnxzip.normalize import convert_opset
-    from onnxzip.io import load_model
-    import onnx
-
-    loaded = []
-    for m in (model_a, model_b):
-        loaded.append(m if isinstance(m, onnx.ModelProto) else load_model(m))
-    ops = [opset_of(m) for m in loaded]
-    if ops[0] != ops[1]:
-        loaded = [convert_opset(m, max(ops), str(src)) for m, src in zip(loaded, (model_a, model_b))]
     from onnxzip.graph.compare import equivalences
-    from onnxzip.normalize import align_input_layouts
+    from onnxzip.pipeline import depth_limit, load_layer_graph
 
-    loaded, layout_notes = align_input_layouts(loaded, input_layout)
+    sources = list(model_a) if isinstance(model_a, (list, tuple)) else [model_a, model_b]
+    if len(sources) < 2 or any(s is None for s in sources):
+        raise OptionError(f"check needs at least 2 models, got {sum(s is not None for s in sources)}")
+    loaded, ops, layout_notes = _loaded_for_check(sources, input_layout)
     try:
         graphs = [load_layer_graph(m, data) for m in loaded]
     except OnnxZipError as e:
         return {"zippable": False, "reason": str(e), "notes": layout_notes}
-    diff = first_difference(graphs[0], graphs[1])
-    depth = min(g.max_depth() for g in graphs)
+    diff = _first_difference_of(graphs)
+    depth = depth_limit(graphs)
     limit = _limiting_op(graphs, depth)
+    if limit is None and depth < min(g.max_depth() for g in graphs):
+        layer = graphs[0].layers[depth]
+        limit = f"layer {layer.number} ('{layer.node}'): heads of different sizes {[g.layers[depth].out_channels for g in graphs]}"
     if diff is None and depth == 0:
         diff = f"no layer can be shared: {limit}"
+    labels = model_labels(len(graphs))
     return {
         "zippable": diff is None,
         "reason": diff,
         "limited_by": limit,
-        "notes": layout_notes + equivalences(graphs[0], graphs[1]),
+        "notes": layout_notes + [n for k in range(1, len(graphs)) for n in equivalences(graphs[0], graphs[k])],
         "num_layers": graphs[0].num_layers,
         "max_stop_at": depth,
         "opsets": ops,
         "layers": [len(g.layers) for g in graphs],
         "groups": [len(g.groups) for g in graphs],
         "unsupported": [
-            {"model": "AB"[k], "node": u.node, "op_type": u.op_type, "max_stop_at": u.max_depth}
+            {"model": labels[k], "node": u.node, "op_type": u.op_type, "max_stop_at": u.max_depth}
             for k, g in enumerate(graphs) for u in g.unsupported
         ],
     }
+
+
+def _loaded_for_check(sources: list, input_layout: str | None) -> tuple[list, list, list]:
+    """The models loaded, at one opset, with one input layout; their opsets; the layout notes."""
+    import onnx
+
+    from onnxzip.io import load_model
+    from onnxzip.normalize import align_input_layouts, convert_opset
+
+    loaded = [m if isinstance(m, onnx.ModelProto) else load_model(m) for m in sources]
+    ops = [opset_of(m) for m in loaded]
+    if len(set(ops)) > 1:
+        loaded = [convert_opset(m, max(ops), str(src)) for m, src in zip(loaded, sources)]
+    loaded, layout_notes = align_input_layouts(loaded, input_layout)
+    return loaded, ops, layout_notes
+
+
+def _first_difference_of(graphs: list) -> str | None:
+    """The first difference of any model from the first, naming the model when there are more than two."""
+    for k in range(1, len(graphs)):
+        diff = first_difference(graphs[0], graphs[k])
+        if diff is not None:
+            return diff if len(graphs) == 2 else f"model {k + 1} against model 1: {diff}"
+    return None

@@ -1,7 +1,7 @@
 """compute_merges(): one merge/unmerge per feature group, from the pair's statistics.
 
-For each group the matcher turns the correlation of [f_A ; f_B] into a merge M (F x 2F) and an
-unmerge U (2F x F); per model k, M_k and U_k are its F x F blocks. Groups that reach a graph
+For each group the matcher turns the correlation of the N models' stacked features [f_1 ; ... ; f_N]
+into a merge M (F x NF) and an unmerge U (NF x F); per model k, M_k and U_k are its F x F blocks. Groups that reach a graph
 output keep their meaning in every model (class k of A is class k of B): they are averaged,
 never matched.
 """
@@ -182,11 +182,12 @@ def _head_pairing(corrs: list[np.ndarray], heads: int, rotary: list[bool] | None
     return pairing
 
 
-def head_merges(groups: list, stats: PairStats, method: str, params: dict) -> dict[int, GroupMerge]:
+def head_merges(groups: list, stats: PairStats, method: str, params: dict, n_models: int = 2) -> dict[int, GroupMerge]:
     """Merges for head-structured groups that share one assignment of heads (attention).
 
-    Whole heads are paired across the models (identity for "average"), then within each pair of
-    heads the method matches the head's channels. Merged head i is A's head i with its partner;
+    Whole heads are paired across the models (identity for "average"): every other model's heads
+    with the first model's, one Hungarian assignment each; then within each tuple of heads the
+    method matches the heads' channels. Merged head i is the first model's head i with its partners;
     q and k of a head share one group, v and the output projection another (the builder ties them).
     A rotary group (RoPE: cos/sin tables shared by all heads along the within-head axis) keeps
     channels in place within heads: channel i of a merged head averages channel i of its members
@@ -195,28 +196,45 @@ def head_merges(groups: list, stats: PairStats, method: str, params: dict) -> di
     heads = groups[0].attention_heads
     corrs = {g.gid: similarity(stats.groups[g.gid]) for g in groups if g.gid in stats.groups}
     rotary = [g.rotary for g in groups if g.gid in corrs]
-    pairing = np.arange(heads) if method == "average" or not corrs else _head_pairing(list(corrs.values()), heads, rotary)
+    if method == "average" or not corrs:
+        pairings = [np.arange(heads)] * (n_models - 1)
+    else:
+        pairings = [_head_pairing([_with_first(c, k, n_models) for c in corrs.values()], heads, rotary)
+                    for k in range(1, n_models)]
     out = {}
     for g in groups:
-        f = g.size
-        d = f // heads
         if g.gid not in corrs:
-            out[g.gid] = fixed_merge(f, 2)
+            out[g.gid] = fixed_merge(g.size, n_models)
             continue
-        c = corrs[g.gid]
-        m_full = np.zeros((f, 2 * f))
-        u_full = np.zeros((2 * f, f))
-        for i in range(heads):
-            j = pairing[i]
-            idx = np.concatenate([np.arange(i * d, (i + 1) * d), f + np.arange(j * d, (j + 1) * d)])
-            if g.rotary:
-                m, u = np.hstack([np.eye(d) / 2, np.eye(d) / 2]), np.vstack([np.eye(d), np.eye(d)])
-            else:
-                m, u = match(c[np.ix_(idx, idx)], method=method, **params)
-            m_full[i * d:(i + 1) * d, idx] = m
-            u_full[idx, i * d:(i + 1) * d] = u
-        out[g.gid] = GroupMerge(m_full, u_full)
+        out[g.gid] = _head_group_merge(g, corrs[g.gid], pairings, method, params, n_models)
     return out
+
+
+def _with_first(c: np.ndarray, k: int, n_models: int) -> np.ndarray:
+    """The correlation of the first model's and model k's features (2F x 2F) out of all N models'."""
+    f = c.shape[0] // n_models
+    idx = np.concatenate([np.arange(f), k * f + np.arange(f)])
+    return c[np.ix_(idx, idx)]
+
+
+def _head_group_merge(g, c: np.ndarray, pairings: list, method: str, params: dict, n_models: int) -> GroupMerge:
+    """One head-structured group's merge: merged head i from the first model's head i and its
+    partner ``pairings[k - 1][i]`` in every other model k."""
+    f = g.size
+    heads = g.attention_heads
+    d = f // heads
+    m_full = np.zeros((f, n_models * f))
+    u_full = np.zeros((n_models * f, f))
+    for i in range(heads):
+        members = [i] + [int(p[i]) for p in pairings]
+        idx = np.concatenate([k * f + h * d + np.arange(d) for k, h in enumerate(members)])
+        if g.rotary:
+            m, u = np.hstack([np.eye(d) / n_models] * n_models), np.vstack([np.eye(d)] * n_models)
+        else:
+            m, u = match(c[np.ix_(idx, idx)], method=method, **{**params, "num_models": n_models})
+        m_full[i * d:(i + 1) * d, idx] = m
+        u_full[idx, i * d:(i + 1) * d] = u
+    return GroupMerge(m_full, u_full)
 
 
 def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dict, n_models: int = 2) -> Merges:
@@ -224,21 +242,21 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
     merges = Merges()
     ties: dict[int, list] = {}
     for gid, group in graph.groups.items():
-        if group.attention_heads > 1 and not group.output and n_models == 2:
+        if group.attention_heads > 1 and not group.output:
             ties.setdefault(group.attention_tie if group.attention_tie is not None else gid, []).append(group)
     for tied in ties.values():
-        merges.update(head_merges(tied, stats, method, params))
+        merges.update(head_merges(tied, stats, method, params, n_models))
     for gid, group in graph.groups.items():
         if gid in merges:
             continue
         if group.output or group.aligned or gid not in stats.groups:
             merges[gid] = fixed_merge(group.size, n_models)
             continue
-        if group.rotary:  # more than two models: heads are not paired yet, channels must stay in place
+        if group.rotary:  # rotary tables outside head-structured groups: channels must stay in place
             eye = np.eye(group.size)
             merges[gid] = GroupMerge(np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models))
             continue
         sim = similarity(stats.groups[gid], preact_keys(graph, stats, gid, n_models))
-        m, u = match_within_blocks(sim, group.blocks, method=method, **params)
+        m, u = match_within_blocks(sim, group.blocks, method=method, **{**params, "num_models": n_models})
         merges[gid] = GroupMerge(np.asarray(m, dtype=np.float64), np.asarray(u, dtype=np.float64))
     return merges

@@ -1,5 +1,5 @@
-"""The stages of one zip: prepare_pair() loads, normalizes and parses two models, checks they
-match and collects their statistics (one lockstep pass); zip_prepared() matches every feature
+"""The stages of one zip: prepare_models() (prepare_pair() for two) loads, normalizes and parses
+N >= 2 models, checks they match and collects their statistics (one lockstep pass); zip_prepared() matches every feature
 group, rewrites the weights into a trunk and per-task branches, corrects the statistics and
 validates the result. The searches (onnxzip.select) call these stages; onnxzip.workflow.zip_models
 puts it all together.
@@ -19,7 +19,7 @@ import onnx
 from onnxzip.data import DataSet, InputSpec, data_items, open_data
 from onnxzip.errors import ArchitectureMismatchError, CalibrationDataError, OptionError
 from onnxzip.graph.build import build_layer_graph, declared_inputs, require_depth
-from onnxzip.graph.compare import first_difference
+from onnxzip.graph.compare import first_difference, model_labels
 from onnxzip.graph.layergraph import LayerGraph
 from onnxzip.io import file_sha256, load_model
 from onnxzip.matchers import get_matcher, validate_params
@@ -34,8 +34,8 @@ from onnxzip.split import ZipLayout, build_zipped_model
 from onnxzip.runtime import session, session_inputs
 from onnxzip.stats.collect import ROWS_PER_FEATURE, PairStats, collect_stats
 
-__all__ = ["ZipResult", "PreparedPair", "prepare_pair", "collect_pair_stats", "load_layer_graph", "resolve_stop_at",
-           "zip_prepared", "labeled_data", "default_tasks", "validate"]
+__all__ = ["ZipResult", "PreparedPair", "prepare_pair", "prepare_models", "collect_pair_stats", "load_layer_graph", "resolve_stop_at",
+           "zip_prepared", "check_depth", "depth_limit", "labeled_data", "default_tasks", "validate"]
 
 # Below this many calibration samples the statistics of wide layers are not trustworthy.
 MIN_TRUSTED_SAMPLES = 64
@@ -43,7 +43,7 @@ MIN_TRUSTED_SAMPLES = 64
 
 @dataclass
 class PreparedPair:
-    """Two models parsed and checked, with their statistics: what every zip candidate reuses."""
+    """The models (two or more) parsed and checked, with their statistics: what every zip candidate reuses."""
 
     graphs: list[LayerGraph]
     sources: list[str]
@@ -175,13 +175,23 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
                  providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None,
                  holdout: float = 0.0, input_layout: str | None = None, all_positions: bool = True,
                  repair_samples: int | None = None, seed: int = 0, classes: dict | None = None) -> PreparedPair:
-    """Load, normalize, parse and check two models; optionally collect their statistics.
+    """:func:`prepare_models` of two models."""
+    return prepare_models([model_a, model_b], data, batch_size, max_samples, providers, tasks, collect, progress,
+                          holdout, input_layout, all_positions, repair_samples, seed, classes)
+
+
+def prepare_models(models, data, batch_size: int = 64, max_samples: int | None = None,
+                   providers=None, tasks: list[str] | None = None, collect: bool = True, progress=None,
+                   holdout: float = 0.0, input_layout: str | None = None, all_positions: bool = True,
+                   repair_samples: int | None = None, seed: int = 0, classes: dict | None = None) -> PreparedPair:
+    """Load, normalize, parse and check N >= 2 models (paths or protos, one per task); optionally
+    collect their statistics.
 
     ``holdout``: share of the calibration samples kept out of the statistics and the repair, to
     score zip candidates by their fidelity to the source models (see :mod:`onnxzip.select`).
     ``input_layout``: "NCHW" or "NHWC" for every image input; by default a model whose input
-    differs from model A's only by that layout gets a Transpose in front (a warning says so), and
-    the calibration data comes in A's layout.
+    differs from the first model's only by that layout gets a Transpose in front (a warning says
+    so), and the calibration data comes in the first model's layout.
     ``all_positions``: covariances over every position of every feature map (the default, exact);
     False samples positions of large maps (at least ``ROWS_PER_FEATURE`` rows per feature, see
     :func:`onnxzip.stats.collect.collect_stats`): faster, and it costs accuracy (bench/README.md).
@@ -191,34 +201,27 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     ``classes``: {task: class-embedding matrix [C, D] or a .npy/.npz path} for models whose output
     is an embedding: their outputs are scored against it (cosine) wherever predictions are needed.
     """
-    if not 0.0 <= holdout < 1.0:
-        raise OptionError(f"--holdout {holdout} must be in [0, 1)")
+    _check_options(holdout, batch_size, max_samples)
+    models = list(models)
+    if len(models) < 2:
+        raise OptionError(f"zipping needs at least 2 models, got {len(models)}")
     t0 = time.perf_counter()
-    if batch_size < 1:
-        raise OptionError(f"--batch-size {batch_size} must be at least 1")
-    if max_samples is not None and max_samples < 1:
-        raise OptionError(f"--max-samples {max_samples} must be at least 1")
-    loaded = [_load(model_a, "A"), _load(model_b, "B")]
+    loaded = [_load(m, label) for m, label in zip(models, model_labels(len(models)))]
     sources = [s for _, s, _ in loaded]
     hashes = [h for _, _, h in loaded]
-    models, notes, layout_notes = _normalized([m for m, _, _ in loaded], sources, input_layout)
+    protos, notes, layout_notes = _normalized([m for m, _, _ in loaded], sources, input_layout)
     if tasks is None:
         keys = [k for k, _ in data_items(data) if k is not None]
-        tasks = keys if len(keys) == len(models) else default_tasks(sources)
+        tasks = keys if len(keys) == len(protos) else default_tasks(sources)
+    else:
+        _check_tasks(list(tasks), len(protos))
     class_list = _class_embeddings(classes, tasks)
-    specs = [_specs(m) for m in models]
+    specs = [_specs(m) for m in protos]
     _check_inputs(specs)
     dataset = open_data(data, specs[0], tasks)
-    if dataset.per_task and len(dataset.task_names) != len(models):
+    if dataset.per_task and len(dataset.task_names) != len(protos):
         raise CalibrationDataError(f"got data for tasks {dataset.task_names}; give data for every task {tasks}, or one mixed set")
-    feeds = _example_feeds(dataset, models[0])
-    graphs = []
-    for k, m in enumerate(models):
-        fk = {name: feeds[specs[0][j].name] for j, name in enumerate(s.name for s in specs[k])}
-        graphs.append(build_layer_graph(m, fk, notes[k]))
-    diff = first_difference(graphs[0], graphs[1])
-    if diff is not None:
-        raise ArchitectureMismatchError(f"the models differ: {diff}; zip models of the same architecture")
+    graphs = _layer_graphs(protos, specs, notes, _example_feeds(dataset, protos[0]), sources)
     warnings = [f"input layout: {note}; the zipped model takes that layout" for note in layout_notes]
     n = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
     warnings += _sample_count_warnings(n, holdout)
@@ -228,6 +231,30 @@ def prepare_pair(model_a, model_b, data, batch_size: int = 64, max_samples: int 
     if collect:
         collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
     return pair
+
+
+def _check_options(holdout: float, batch_size: int, max_samples: int | None) -> None:
+    if not 0.0 <= holdout < 1.0:
+        raise OptionError(f"--holdout {holdout} must be in [0, 1)")
+    if batch_size < 1:
+        raise OptionError(f"--batch-size {batch_size} must be at least 1")
+    if max_samples is not None and max_samples < 1:
+        raise OptionError(f"--max-samples {max_samples} must be at least 1")
+
+
+def _layer_graphs(models: list, specs: list, notes: list, feeds: dict, sources: list[str]) -> list[LayerGraph]:
+    """Every model's layer graph, checked against the first model's."""
+    graphs = []
+    for k, m in enumerate(models):
+        fk = {name: feeds[specs[0][j].name] for j, name in enumerate(s.name for s in specs[k])}
+        graphs.append(build_layer_graph(m, fk, notes[k]))
+    for k in range(1, len(graphs)):
+        diff = first_difference(graphs[0], graphs[k])
+        if diff is None:
+            continue
+        which = "" if len(graphs) == 2 else f" (model {k + 1}, {sources[k]}, against model 1, {sources[0]})"
+        raise ArchitectureMismatchError(f"the models differ{which}: {diff}; zip models of the same architecture")
+    return graphs
 
 
 def _normalized(models: list[onnx.ModelProto], sources: list[str], input_layout: str | None) -> tuple[list, list, list]:
@@ -243,18 +270,23 @@ def _normalized(models: list[onnx.ModelProto], sources: list[str], input_layout:
 
 def _check_inputs(specs: list[list[InputSpec]]) -> None:
     """The models take the same inputs: count, names (when several) and shapes past the batch."""
-    a, b = specs[0], specs[1]
+    labels = [f"model {x}" if len(specs) > 2 else x for x in model_labels(len(specs))]
+    for k in range(1, len(specs)):
+        _check_input_pair(specs[0], specs[k], labels[0], labels[k])
+
+
+def _check_input_pair(a: list[InputSpec], b: list[InputSpec], first: str, other: str) -> None:
     if len(a) != len(b):
-        raise ArchitectureMismatchError(f"A has {len(a)} inputs, B has {len(b)}; the models must take the same inputs")
+        raise ArchitectureMismatchError(f"{first} has {len(a)} inputs, {other} has {len(b)}; the models must take the same inputs")
     if len(a) > 1 and [s.name for s in a] != [s.name for s in b]:
         raise ArchitectureMismatchError(
-            f"input names differ: A {[s.name for s in a]}, B {[s.name for s in b]}; re-export with the same input names"
+            f"input names differ: {first} {[s.name for s in a]}, {other} {[s.name for s in b]}; re-export with the same input names"
         )
     for sa, sb in zip(a, b):
         da, db = list(sa.dims[1:]), list(sb.dims[1:])
         if len(da) != len(db) or any(x is not None and y is not None and x != y for x, y in zip(da, db)):
             raise ArchitectureMismatchError(
-                f"input shapes differ: A '{sa.name}' {list(sa.dims)}, B '{sb.name}' {list(sb.dims)}; the models must take the same input"
+                f"input shapes differ: {first} '{sa.name}' {list(sa.dims)}, {other} '{sb.name}' {list(sb.dims)}; the models must take the same input"
             )
 
 
@@ -325,6 +357,27 @@ def resolve_stop_at(stop_at, num_layers: int) -> int:
     return int(stop_at)
 
 
+def depth_limit(graphs: list[LayerGraph]) -> int:
+    """The most layers the models can share: up to the first unsupported op, and short of heads
+    whose sizes differ (tasks with different numbers of classes)."""
+    limit = min(g.max_depth() for g in graphs)
+    for i, layer in enumerate(graphs[0].layers):
+        if any(g.layers[i].out_channels != layer.out_channels for g in graphs[1:]):
+            return min(limit, i)
+    return limit
+
+
+def check_depth(graphs: list[LayerGraph], depth: int, sources: list[str]) -> None:
+    """Refuse a depth the models cannot share (see :func:`depth_limit`)."""
+    for k, g in enumerate(graphs):
+        require_depth(g, depth, sources[k])
+    for i in range(depth):
+        sizes = [g.layers[i].out_channels for g in graphs]
+        if len(set(sizes)) > 1:
+            raise OptionError(f"--stop-at {depth}: layer {graphs[0].layers[i].number} ('{graphs[0].layers[i].node}') has "
+                              f"{sizes} outputs in the models (heads of different sizes stay apart): share at most {i} layers")
+
+
 def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None = None, stop_at=None,
                  tasks: list[str] | None = None, do_repair: bool = True, repair_branches: bool = True,
                  progress=None, repair_samples: int | None = None, merges=None, refit: bool = False,
@@ -344,10 +397,11 @@ def zip_prepared(pair: PreparedPair, method: str = "zipit", params: dict | None 
     """
     params = validate_params(get_matcher(method).name, dict(params or {}))
     graphs = pair.graphs
+    if "num_models" in params:  # the number of models is the number of files
+        params["num_models"] = len(graphs)
     m = graphs[0].num_layers
     depth = resolve_stop_at(stop_at, m)
-    for k, g in enumerate(graphs):
-        require_depth(g, depth, pair.sources[k])
+    check_depth(graphs, depth, pair.sources)
     tasks = tasks or pair.tasks or default_tasks(pair.sources)
     _check_tasks(tasks, len(graphs))
     timings = {}

@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 
 from onnxzip.errors import OnnxZipError, OptionError
-from onnxzip.pipeline import zip_prepared
+from onnxzip.graph.compare import model_labels
+from onnxzip.pipeline import depth_limit, zip_prepared
 from onnxzip.progress import stage
 from onnxzip.predictions import class_scores, is_sequence, joint_predictions, owner_masks, token_rows
 from onnxzip.runtime import session
@@ -225,7 +226,8 @@ def search_alpha_beta(pair, holdout: Holdout, stop_at=None, tasks=None, alphas=N
             if c.params == params:
                 return c
         t = time.perf_counter()
-        merges = compute_merges(pair.graphs[0], pair.stats, "zipit", {**params, "num_models": len(pair.graphs)})
+        merges = compute_merges(pair.graphs[0], pair.stats, "zipit", {**params, "num_models": len(pair.graphs)},
+                                n_models=len(pair.graphs))
         key = _merges_key(merges)
         if key in seen:
             first = tried[seen[key]]
@@ -300,7 +302,7 @@ def choose_depth(pair, holdout: Holdout, method: str, params: dict, tasks=None, 
         raise OptionError("--stop-at auto needs exactly one target: --min-fidelity F or --max-flops R")
     tasks = tasks or pair.tasks
     m = pair.graphs[0].num_layers
-    limit = min(g.max_depth() for g in pair.graphs)
+    limit = depth_limit(pair.graphs)
     depths = sorted(set(depths or range(0, m + 1)))
     depths = [d for d in depths if d <= min(limit, m - 1) and (d >= 1 or allow_no_sharing)]
     if not depths:
@@ -350,7 +352,7 @@ def check_depths(depths, num_layers: int) -> list[int]:
 
 
 class _SweepRows:
-    """The sweep's table: cost relative to running both source models; the reference rows first
+    """The sweep's table: cost relative to running every source model; the reference rows first
     (the ensemble, then each source model)."""
 
     def __init__(self, pair, holdout: Holdout, tasks: list[str], labeled, latency: bool):
@@ -364,14 +366,14 @@ class _SweepRows:
         flops, params = [count_flops(s).total for s in sources], [count_params(s) for s in sources]
         lat = [self.latency(s) for s in sources]
         self.both = (sum(params), sum(flops), None if lat[0] is None else sum(lat))
-        accs = [None, None, None]
+        accs = [None] * (len(sources) + 1)
         if labeled is not None:
-            pa, pb = (ModelPredictor(pair.sources[k], task=tasks[k]) for k in range(2))
-            accs = [_accuracy(p, labeled) for p in (EnsemblePredictor({tasks[0]: pa, tasks[1]: pb}), pa, pb)]
+            members = [ModelPredictor(pair.sources[k], task=tasks[k]) for k in range(len(sources))]
+            accs = [_accuracy(p, labeled) for p in [EnsemblePredictor(dict(zip(tasks, members))), *members]]
         self.add("reference", "ensemble", None, *self.both,
                  {"joint_agreement": 1.0, "task_agreement": {t: 1.0 for t in tasks}}, accs[0])
-        for k, name in enumerate(("model A", "model B")):
-            self.add("reference", name, None, params[k], flops[k], lat[k], None, accs[k + 1])
+        for k, label in enumerate(model_labels(len(sources))):
+            self.add("reference", f"model {label}", None, params[k], flops[k], lat[k], None, accs[k + 1])
 
     def latency(self, model) -> float | None:
         if self.lat_feeds is None:
@@ -407,7 +409,7 @@ def sweep(pair, holdout: Holdout, methods=("zipit", "permute", "average"), depth
 
     tasks = tasks or pair.tasks
     m = pair.graphs[0].num_layers
-    limit = min(g.max_depth() for g in pair.graphs)
+    limit = depth_limit(pair.graphs)
     depths = [d for d in check_depths(depths, m) if d <= limit]
     table = _SweepRows(pair, holdout, tasks, labeled, latency)
     t_all = time.perf_counter()

@@ -17,14 +17,13 @@ from onnxzip.errors import OptionError
 from onnxzip.io import check_output_path, save_model
 from onnxzip.matchers import get_matcher, validate_params
 from onnxzip.normalize import check_input_layout
-from onnxzip.graph.build import require_depth
-from onnxzip.pipeline import ZipResult, collect_pair_stats, labeled_data, prepare_pair, resolve_stop_at, zip_prepared
+from onnxzip.pipeline import ZipResult, check_depth, collect_pair_stats, labeled_data, prepare_models, resolve_stop_at, zip_prepared
 from onnxzip.select import choose_correction, choose_depth, make_holdout, search_alpha_beta
 
 __all__ = ["zip_models"]
 
 
-def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, method: str = "zipit",
+def zip_models(model_a, model_b=None, data=None, output: str | os.PathLike | None = None, method: str = "zipit",
                params: dict | None = None, stop_at=None, tasks: list[str] | None = None, do_repair: bool = True,
                repair_branches: bool = True, batch_size: int = 64, max_samples: int | None = None, providers=None,
                progress=None, holdout: float | None = None, search: str = "coordinate", select_by: str = "fidelity",
@@ -33,10 +32,15 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
                classes: dict | None = None,
                all_positions: bool = True, seed: int = 0, refit: bool | None = None,
                refit_ridge: float | None = None) -> ZipResult:
-    """Zip two models of the same architecture into one multi-task model.
+    """Zip two or more models of the same architecture into one multi-task model.
+
+    ``zip_models(a, b, data, ...)`` zips two models; ``zip_models([m1, ..., mN], data, ...)``
+    (or ``zip_models([m1, ..., mN], data=data, ...)``) zips N >= 2: one shared trunk, one head
+    per model.
 
     Args:
-        model_a, model_b: paths to ONNX files (or ModelProtos).
+        model_a, model_b: paths to ONNX files (or ModelProtos); or model_a a list of N of them,
+            and then model_b the calibration data unless ``data`` is given.
         data: calibration data: an .npz path or folder, or {task: path} per task.
         output: where to save the zipped model (atomically); None to only return it.
         method: a registered matcher ("zipit", "permute", "average", ...).
@@ -73,7 +77,8 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
         classes: for embedding models, {task: class embeddings [C, D] or a .npy/.npz path}: the
             outputs are scored against them (cosine) to assign calibration rows and score candidates.
     """
-    fixed, auto = _matcher_params(method, params)
+    models, data = _models_and_data(model_a, model_b, data)
+    fixed, auto = _matcher_params(method, params, len(models))
     if refit is None and not do_repair:
         refit = False  # no correction asked for: the merge as it is
     auto_depth = isinstance(stop_at, str) and stop_at == "auto"
@@ -86,14 +91,12 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     if holdout is None:
         holdout = 0.2 if (auto or auto_depth or refit is None) else 0.0
     if output is not None:
-        check_output_path(output, [p for p in (model_a, model_b) if not isinstance(p, onnx.ModelProto)],
-                          data_files(data))
-    pair = prepare_pair(model_a, model_b, data, batch_size, max_samples, providers, tasks, collect=False,
+        check_output_path(output, [p for p in models if not isinstance(p, onnx.ModelProto)], data_files(data))
+    pair = prepare_models(models, data, batch_size, max_samples, providers, tasks, collect=False,
                         holdout=holdout, input_layout=input_layout, classes=classes)
     if not auto_depth:  # a depth the models cannot reach is refused before the statistics pass
         depth = resolve_stop_at(stop_at, pair.graphs[0].num_layers)
-        for k, g in enumerate(pair.graphs):
-            require_depth(g, depth, pair.sources[k])
+        check_depth(pair.graphs, depth, pair.sources)
     collect_pair_stats(pair, progress, all_positions, repair_samples, seed)
     params, selection = fixed, None
     choice = _Choice(method, fixed, auto, search, select_by, select_data, min_fidelity, max_flops,
@@ -116,14 +119,31 @@ def zip_models(model_a, model_b, data, output: str | os.PathLike | None = None, 
     return result
 
 
-def _matcher_params(method: str, params: dict | None) -> tuple[dict, list[str]]:
+def _models_and_data(model_a, model_b, data) -> tuple[list, object]:
+    """The models to zip and the calibration data, from either calling form of :func:`zip_models`."""
+    if isinstance(model_a, (list, tuple)):
+        if data is None:
+            model_b, data = None, model_b
+        if model_b is not None:
+            raise OptionError("give the models as one list, then the data: zip_models([m1, ..., mN], data)")
+        models = list(model_a)
+    else:
+        models = [model_a, model_b]
+    if data is None:
+        raise OptionError("no calibration data: pass data (an .npz file or folder, or {task: path})")
+    if len(models) < 2 or any(m is None for m in models):
+        raise OptionError(f"zipping needs at least 2 models, got {sum(m is not None for m in models)}")
+    return models, data
+
+
+def _matcher_params(method: str, params: dict | None, n_models: int = 2) -> tuple[dict, list[str]]:
     """The parameters the user fixed (checked) and those to search; zipit's alpha and beta are
     searched unless given."""
     matcher = get_matcher(method)
     params = dict(params or {})
-    if "num_models" in params and str(params["num_models"]).strip() != "2":
+    if "num_models" in params and str(params["num_models"]).strip() != str(n_models):
         raise OptionError(f"num_models={params['num_models']}: the number of models is the number of files "
-                          "given (2); it is not a parameter to set")
+                          f"given ({n_models}); it is not a parameter to set")
     if matcher.name == "zipit":  # the label-free choice unless the user sets a value
         params = {"alpha": "auto", "beta": "auto", **params}
     auto = [k for k, v in params.items() if isinstance(v, str) and v.strip().lower() == "auto"]

@@ -273,7 +273,7 @@ def first_difference(a: LayerGraph, b: LayerGraph) -> str | None:
         if sa is not None and sb is not None and tuple(sa[1:]) != tuple(sb[1:]):
             return _input_difference(na, sa, nb, sb)
     for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
-        if layer_signature(la) != layer_signature(lb):
+        if layer_signature(la) != layer_signature(lb) and not head_sizes_differ(a, la, b, lb):
             return f"layer {la.number} (#{k + 1}): A {_describe(la)} vs B {_describe(lb)}"
         ga, gb = conv_geometry(a, la), conv_geometry(b, lb)
         if ga is not None and gb is not None:
@@ -305,6 +305,24 @@ def first_difference(a: LayerGraph, b: LayerGraph) -> str | None:
     if len(a.outputs) != len(b.outputs):
         return f"A has {len(a.outputs)} outputs, B has {len(b.outputs)}"
     return None
+
+
+def model_labels(n: int) -> list[str]:
+    """How messages name the source models: "A", "B" for two; "1" .. "N" for more."""
+    return ["A", "B"] if n == 2 else [str(k + 1) for k in range(n)]
+
+
+def head_sizes_differ(a: LayerGraph, la: Layer, b: LayerGraph, lb: Layer) -> bool:
+    """Two output layers (heads) that differ in their number of outputs only (tasks with different
+    numbers of classes): each stays in its own task's branch."""
+    if not (_reaches_output(a, la) and _reaches_output(b, lb)):
+        return False
+    if not (isinstance(la.out_space, GroupSpace) and isinstance(lb.out_space, GroupSpace)):
+        return False
+    sa, sb = list(layer_signature(la)), list(layer_signature(lb))
+    sa[2], sb[2] = canonical_weight_shape(la)[1:], canonical_weight_shape(lb)[1:]
+    sa[5], sb[5] = sa[5][:2], sb[5][:2]  # the output group without its size
+    return sa == sb
 
 
 def _reaches_output(graph: LayerGraph, layer: Layer) -> bool:

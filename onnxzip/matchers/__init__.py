@@ -1,9 +1,10 @@
 """The matchers: one module per method, found through a registry (ZipIt!, Stoica et al., ICLR 2024).
 
-``match(correlation, method="zipit", **params) -> (merge, unmerge)`` turns the 2F x 2F
-correlation matrix of [features of A ; features of B] into a merge matrix M (F x 2F, each row
-the mean over one cluster's members) and an unmerge matrix U (2F x F, 0/1), with M @ U = I.
-Split by model: M = [M_A | M_B], U = [U_A ; U_B].
+``match(correlation, method="zipit", num_models=N, **params) -> (merge, unmerge)`` turns the
+NF x NF correlation matrix of [features of model 1 ; ... ; features of model N] (N = 2 unless
+given) into a merge matrix M (F x NF, each row the mean over one cluster's members) and an
+unmerge matrix U (NF x F, 0/1), with M @ U = I. Split by model: M = [M_1 | ... | M_N],
+U = [U_1 ; ... ; U_N]. Every matcher function takes ``num_models``.
 
 Built-in methods (see :func:`list_matchers`): "zipit" (greedy zip, the paper's method),
 "permute" (Hungarian assignment across models, Git Re-Basin) and "average" (identity pairs).
@@ -41,17 +42,22 @@ __all__ = [
 ]
 
 
-def match(correlation, method: str = "zipit", **params) -> tuple[np.ndarray, np.ndarray]:
-    """Match features with ``method``; returns (merge F x 2F, unmerge 2F x F), float64.
+def match(correlation, method: str = "zipit", num_models: int | None = None, **params) -> tuple[np.ndarray, np.ndarray]:
+    """Match features with ``method``; returns (merge F x NF, unmerge NF x F), float64.
 
-    ``correlation``: square 2F x 2F (with zipit's ``num_models=N``: NF x NF), features of model
-    A first; any diagonal (the matcher sets it); no NaN (+-inf allowed). Unknown method or
+    ``correlation``: square NF x NF for ``num_models`` = N models (default 2, or zipit's
+    ``num_models`` parameter), features of the first model first; any diagonal (the matcher sets
+    it); no NaN (+-inf allowed). Every matcher is called with ``num_models``. Unknown method or
     parameter, or a parameter out of range: OptionError. Malformed matrix: ValueError.
     """
     matcher = get_matcher(method)
+    declared = any(p.name == "num_models" for p in matcher.params)
+    if num_models is not None and declared:
+        params["num_models"] = num_models
     params = validate_params(matcher.name, params)
-    c = check_correlation(correlation, int(params.get("num_models", 2)))
-    return matcher.function(c, **params)
+    n = int(params["num_models"]) if declared else int(num_models or 2)
+    c = check_correlation(correlation, n)
+    return matcher.function(c, **{**params, "num_models": n})
 
 
 def match_within_blocks(correlation, blocks, method: str = "zipit", **params) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +74,7 @@ def match_within_blocks(correlation, blocks, method: str = "zipit", **params) ->
     if not blocks:
         return match(correlation, method=method, **params)
     c = np.asarray(correlation, dtype=np.float64)
-    n = int(params.get("num_models", 2))
+    n = int(params.get("num_models") or 2)
     f = c.shape[0] // n
     covered = np.sort(np.concatenate([np.asarray(b, dtype=np.int64) for b in blocks]))
     if not np.array_equal(covered, np.arange(f)):

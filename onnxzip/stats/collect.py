@@ -228,7 +228,7 @@ def collect_stats(
     """
     n_models = len(graphs)
     base = graphs[0]
-    points = [[_pooled_point(g, p) for p in g.measure_points()] for g in graphs]
+    points = _common_points([[_pooled_point(g, p) for p in g.measure_points()] for g in graphs], graphs)
     group_acc: dict[int, CovarianceAccumulator] = {}
     for p in points[0]:
         dim = n_models * base.groups[p.gid].size
@@ -236,7 +236,8 @@ def collect_stats(
                                                             seed=(seed, p.gid)))
     # per layer and model: the samples it owns (its targets) and the rest (fallback: all samples),
     # each split by row level (so the correction can take targets on its own subset of rows)
-    preact_acc = {i: [SplitMoments(l.out_channels, 2 * (SUBSET_LEVELS + 1)) for _ in graphs] for i, l in enumerate(base.layers)}
+    preact_acc = {i: [SplitMoments(g.layers[i].out_channels, 2 * (SUBSET_LEVELS + 1)) for g in graphs]
+                  for i in range(len(base.layers))}
     # BatchNormalization nodes left in the graph: the moments of their inputs, the same way (the
     # correction's targets for resetting their statistics), keyed "norm:<node of the first model>"
     for key, per_model in norm_points(graphs).items():
@@ -253,6 +254,16 @@ def collect_stats(
     groups = {gid: GroupStats(a.mean, a.covariance, a.count) for gid, a in group_acc.items()}
     return PairStats(groups, _preact_moments(preact_acc), stream.samples, stream.assigned, stream.n_batches,
                      stream.owners, stream.per_sample / max(1, n_models), stream.largest, preact_acc, preact_step)
+
+
+def _common_points(points: list[list], graphs: list[LayerGraph]) -> list[list]:
+    """The measurement points of groups of one size in every model (heads of different sizes,
+    tasks with different numbers of classes, are never matched: no covariance for them)."""
+    keep = [j for j, p in enumerate(points[0])
+            if all(g.groups[pts[j].gid].size == graphs[0].groups[p.gid].size for g, pts in zip(graphs, points))]
+    if len(keep) == len(points[0]):
+        return points
+    return [[pts[j] for j in keep] for pts in points]
 
 
 def norm_points(graphs: list[LayerGraph]) -> dict[str, list[tuple[str, int]]]:
