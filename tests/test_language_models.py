@@ -147,6 +147,7 @@ LM_CASES = [
 def _export_lm(tmp_path, arch, exporter, seed, kw):
     from tests import tiny_models
 
+    tiny_models.require("transformers")
     folder = tmp_path / f"{arch}-{exporter}-{seed}"
     folder.mkdir()
     model = tiny_models.build_language_model(arch, seed, hidden=32, layers=2, heads=2, vocab=100, intermediate=64, **kw)
@@ -316,6 +317,7 @@ def test_an_op_that_blocks_attention_heads_limits_the_depth():
 def test_grouped_query_attention_stops_at_its_first_block_with_a_clear_message(tmp_path):
     from tests import tiny_models
 
+    tiny_models.require("transformers")
     paths = []
     for seed in (0, 1):
         (tmp_path / str(seed)).mkdir()

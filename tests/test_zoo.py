@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.exporter
 def test_zoo_rows_agree_with_themselves(tmp_path):
+    from tests.tiny_models import require
+
+    require("torch", "timm", "torchvision", "transformers")
     raw = tmp_path / "raw.json"
     cmd = [sys.executable, str(ROOT / "bench" / "zoo" / "run.py"), "--out", str(tmp_path / "out"), "--json", str(raw),
            "--only", "tv_shufflenet_v2", "--only", "torch_mha", "--exporter", "torchscript"]

@@ -33,6 +33,9 @@ def run(model, x):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    from tests.tiny_models import require
+
+    require("torch", "timm", "torchvision")
     zoo = pytest.importorskip("tests.zoo_vision")
     cache = {}
 

@@ -320,3 +320,15 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = rng.random((n, 1, 4, 4)).astype(np.float32)
     return np.kron(x, np.ones((1, 1, 2, 2), dtype=np.float32)) + 0.05 * rng.standard_normal((n, 1, 8, 8)).astype(np.float32)
+
+
+def require(*modules: str) -> None:
+    """Skip the calling test unless every module can be imported (the zoo and language-model
+    exporter tests need timm, transformers or torchvision besides torch: pip install -e '.[zoo]')."""
+    import importlib.util
+
+    import pytest
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}: pip install -e '.[zoo]'")
