@@ -9,7 +9,7 @@ from onnx import helper
 
 from onnxzip.errors import ModelLoadError
 
-__all__ = ["attr", "attrs", "prune", "toposort"]
+__all__ = ["attr", "attrs", "conv_pads", "prune", "toposort"]
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -58,3 +58,22 @@ def toposort(m: onnx.ModelProto) -> None:
     order = [g.node[position[id(node)]] for node in graph.nodes]
     del g.node[:]
     g.node.extend(order)
+
+
+def conv_pads(node, in_shape, kernel, strides, dilations) -> list[int]:
+    """Explicit begin/end pads, whatever the spelling (``pads`` or ``auto_pad``)."""
+    nd = len(kernel)
+    auto = attr(node, "auto_pad", "NOTSET") or "NOTSET"
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    if auto in ("SAME_UPPER", "SAME_LOWER") and in_shape is not None and len(in_shape) == nd + 2:
+        begins, ends = [], []
+        for i in range(nd):
+            size = in_shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+            small, big = total // 2, total - total // 2
+            begins.append(small if auto == "SAME_UPPER" else big)
+            ends.append(big if auto == "SAME_UPPER" else small)
+        return begins + ends
+    return [int(p) for p in (attr(node, "pads", None) or [0] * (2 * nd))]

@@ -31,7 +31,7 @@ import scipy.linalg
 from onnxzip.errors import InternalError
 from onnxzip.graph.samples import samples_first, samples_first_axis
 from onnxzip.merge import Merges
-from onnxzip.onnx_nodes import attr
+from onnxzip.onnx_nodes import attr, conv_pads
 from onnxzip.frontier import RUN_BUDGET_BYTES, Frontier, FrontierPlan, Weights, subset_rows
 from onnxzip.repair import default_repair_samples, shift_layer
 from onnxzip.split import LayerSite, ZipLayout
@@ -167,20 +167,7 @@ def _conv_of(node: onnx.NodeProto, x_shape: tuple, w_shape: tuple) -> _Conv:
     kernel = tuple(w_shape[2:])
     strides = tuple(attr(node, "strides", [1] * spatial))
     dilations = tuple(attr(node, "dilations", [1] * spatial))
-    pads = tuple(attr(node, "pads", [0] * (2 * spatial)))
-    auto = attr(node, "auto_pad", "NOTSET")
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for k in range(spatial):
-            size = x_shape[2 + k]
-            out = -(-size // strides[k])
-            total = max(0, (out - 1) * strides[k] + (kernel[k] - 1) * dilations[k] + 1 - size)
-            small, big = total // 2, total - total // 2
-            begin.append(small if auto == "SAME_UPPER" else big)
-            end.append(big if auto == "SAME_UPPER" else small)
-        pads = tuple(begin + end)
-    elif auto == "VALID":
-        pads = (0,) * (2 * spatial)
+    pads = tuple(conv_pads(node, x_shape, kernel, strides, dilations))
     return _Conv(kernel, strides, dilations, pads, int(attr(node, "group", 1)))
 
 

@@ -9,26 +9,19 @@ import pytest
 
 import onnxzip
 from onnxzip.merge import compute_merges
-from onnxzip.permutation import permute_model, random_permutations
-from onnxzip.pipeline import load_layer_graph, prepare_pair, zip_prepared
+from onnxzip.pipeline import prepare_pair, zip_prepared
 from onnxzip.refit import _ridge_solve
 from onnxzip.stats.collect import fetch_model
 from tests.onnx_builders import mlp
 from tests.tiny_models import images
 from tests.make_models import ARCHS
+from tests.test_invariants import _permuted_copy
 
 
 def run(model, feeds: dict, names=None) -> list[np.ndarray]:
     m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(names, feeds)
-
-
-def _permuted_copy(path, tmp_path, seed=7):
-    graph = load_layer_graph(path)
-    out = tmp_path / "permuted.onnx"
-    onnx.save(permute_model(graph, random_permutations(graph, seed)), out)
-    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)

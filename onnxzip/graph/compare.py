@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.onnx_nodes import attr
+from onnxzip.onnx_nodes import attr, conv_pads
 from onnxzip.graph.layergraph import Layer, LayerGraph
 from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, SelectSpace, Space
 
@@ -83,32 +83,13 @@ def _node(graph: LayerGraph, name: str):
     return graph.nodes_by_name.get(name)
 
 
-def _resolve_pads(node, in_shape, kernel, strides, dilations) -> list[int]:
-    """Explicit begin/end pads, whatever the spelling (``pads`` or ``auto_pad``)."""
-    nd = len(kernel)
-    auto = attr(node, "auto_pad", "NOTSET") or "NOTSET"
-    if auto == "VALID":
-        return [0] * (2 * nd)
-    if auto in ("SAME_UPPER", "SAME_LOWER") and in_shape is not None and len(in_shape) == nd + 2:
-        begins, ends = [], []
-        for i in range(nd):
-            size = in_shape[2 + i]
-            out = -(-size // strides[i])
-            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
-            small, big = total // 2, total - total // 2
-            begins.append(small if auto == "SAME_UPPER" else big)
-            ends.append(big if auto == "SAME_UPPER" else small)
-        return begins + ends
-    return [int(p) for p in (attr(node, "pads", None) or [0] * (2 * nd))]
-
-
 def _geometry(node, in_shape, kernel) -> dict:
     nd = len(kernel)
     strides = [int(s) for s in (attr(node, "strides", None) or [1] * nd)]
     dilations = [int(d) for d in (attr(node, "dilations", None) or [1] * nd)]
     return {
         "kernel": [int(k) for k in kernel], "strides": strides, "dilations": dilations,
-        "pads": _resolve_pads(node, in_shape, kernel, strides, dilations),
+        "pads": conv_pads(node, in_shape, kernel, strides, dilations),
         "auto_pad": attr(node, "auto_pad", "NOTSET") or "NOTSET",
     }
 
