@@ -60,7 +60,8 @@ def rows_for_pair(name: str, entry: dict) -> list[dict]:
     t = time.perf_counter()
     z = zip_models(str(a), str(b), str(SAMPLES / entry["calib"]), tasks=["a", "b"])
     chosen = ",".join(f"{k}={v}" for k, v in z.selection["alpha_beta"].items())
-    add(f"default: zipit label-free ({chosen}) {z.stop_at}/{z.num_layers}", ModelPredictor(z.model),
+    fix = "refit" if z.refit is not None else "REPAIR"
+    add(f"default: zipit label-free ({chosen}) + {fix} {z.stop_at}/{z.num_layers}", ModelPredictor(z.model),
         (count_params(z.model), count_flops(z.model).total), time.perf_counter() - t)
     t = time.perf_counter()
     pair = prepare_pair(str(a), str(b), str(SAMPLES / entry["calib"]), tasks=["a", "b"])

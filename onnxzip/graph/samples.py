@@ -95,7 +95,11 @@ def _follow(node, src, in_shape, axis, inner, stride, out_shape, consts) -> int 
         perm = list(attr(node, "perm", list(range(len(in_shape)))[::-1]))
         k = perm.index(axis)
         return inner * _prod(out_shape[k + 1:])
-    if op == "Gather" and node.input[0] == src:
+    if op == "Gather" and len(node.input) > 1 and node.input[1] == src and node.input[0] != src:
+        # a lookup (token embedding): the indices' axes take the gathered axis's place
+        g = attr(node, "axis", 0) % max(1, len(out_shape) - len(in_shape) + 1)
+        k = g + axis
+    elif op == "Gather" and node.input[0] == src:
         g = attr(node, "axis", 0) % len(in_shape)
         if g == axis:
             return None
