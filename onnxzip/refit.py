@@ -380,6 +380,9 @@ def _refit_level(model, weights: Weights, frontier: Frontier, sources: list[Fron
     if not fits:
         return
     targets = _source_targets(sources, [f.site for f in fits], graphs)
+    # each trunk layer's merge matrices (model k's block of M), built once for all chunks
+    mixes = {f.site.index: [merges.merge(graphs[0].layers[f.site.index].out_space, k) for k in range(len(graphs))]
+             for f in fits if f.site.model < 0}
     inputs = list(dict.fromkeys(f.x for f in fits))
     changed = set().union(*({f.site.node} | {c[0] for c in f.site.chain} for f in fits))
     plan: FrontierPlan = frontier.plan(inputs, changed, {})
@@ -396,10 +399,9 @@ def _refit_level(model, weights: Weights, frontier: Frontier, sources: list[Fron
             if s.model >= 0:
                 y = targets[(s.model, s.index)][c]
             else:
-                space = graphs[0].layers[s.index].out_space
                 y = None
-                for k in range(len(graphs)):
-                    yk = np.moveaxis(targets[(k, s.index)][c].astype(np.float64), s.channel_axis, -1) @ merges.merge(space, k).T
+                for k, m in enumerate(mixes[s.index]):
+                    yk = np.moveaxis(targets[(k, s.index)][c].astype(np.float64), s.channel_axis, -1) @ m.T
                     y = yk if y is None else y + yk
                 y = np.moveaxis(y, -1, s.channel_axis)
             for part, keep in ((0, fitted), (1, held)):
