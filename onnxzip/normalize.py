@@ -810,12 +810,15 @@ def _element_order(m: onnx.ModelProto, x: str, src: str, shape) -> np.ndarray | 
     nodes = _ancestors(m, x, stop=src)
     if nodes is None:
         return None
-    probe = np.arange(2 * per, dtype=np.float32).reshape([2] + list(shape[1:]))
+    rows = shape[0] if shape[0] and shape[0] > 1 else 2  # a static batch keeps its size (Reshapes spell it)
+    if rows * per >= 1 << 24:
+        return None
+    probe = np.arange(rows * per, dtype=np.float32).reshape([rows] + list(shape[1:]))
     got = _run_subgraph(m, nodes, src, probe, x)
-    if got is None or got.ndim != 2 or got.shape != (2, per):
+    if got is None or got.ndim != 2 or got.shape != (rows, per):
         return None
     idx = got.astype(np.int64)
-    if not np.array_equal(idx[1] - idx[0], np.full(per, per)) or not np.array_equal(np.sort(idx[0]), np.arange(per)):
+    if not (idx - idx[:1] == np.arange(rows)[:, None] * per).all() or not np.array_equal(np.sort(idx[0]), np.arange(per)):
         return None  # mixes samples, or is not a permutation
     if np.array_equal(idx[0], np.arange(per)):
         return None  # already row-major order: nothing to permute

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxzip.runtime import session
 
@@ -35,33 +35,45 @@ def _fetch(m: onnx.ModelProto, names: list[str], batch: int) -> dict[str, np.nda
 
 
 def identity_gathers_to_reshapes(m: onnx.ModelProto) -> list[str]:
-    """Rewrite identity Gathers of flattened tensors into Reshapes (in place); returns notes."""
-    inits = {t.name for t in m.graph.initializer}
+    """Rewrite identity Gathers of flattened tensors into Reshapes (in place); returns notes.
+
+    The indices are computed at run time (a dynamic batch) or stored as an initializer (a static
+    batch, where the exporter or constant folding computed them).
+    """
+    inits = {t.name: t for t in m.graph.initializer}
     cands = [n for n in m.graph.node if n.op_type == "Gather" and not any(a.name == "axis" and a.i != 0 for a in n.attribute)
-             and n.input[1] not in inits and n.input[0] not in inits]
+             and n.input[0] not in inits]
     if not cands:
         return []
-    names = [t for n in cands for t in n.input[:2]]
+    names = list(dict.fromkeys(t for n in cands for t in n.input[:2] if t not in inits))
     runs = [_fetch(m, names, b) for b in (1, 2)]
     if any(r is None for r in runs):
         return []
+    for r in runs:
+        r.update({n.input[1]: numpy_helper.to_array(inits[n.input[1]]) for n in cands if n.input[1] in inits})
     done = 0
     for n in cands:
-        ok = True
-        for r in runs:
-            data, idx = r[n.input[0]], r[n.input[1]]
-            if data.ndim != 1 or idx.size != data.size or not np.issubdtype(idx.dtype, np.integer):
-                ok = False
-            elif not np.array_equal(idx.reshape(-1), np.arange(data.size)):
-                ok = False
-        if not ok:
+        if not all(_is_identity(r[n.input[0]], r[n.input[1]]) for r in runs):
             continue
-        shape = f"{n.output[0]}/shape"
         data, idx = n.input[0], n.input[1]
         at = list(m.graph.node).index(n)
-        m.graph.node.insert(at, helper.make_node("Shape", [idx], [shape], name=f"{n.name}/shape"))
+        if idx in inits:
+            shape = f"{n.output[0]}/shape"
+            while shape in inits:
+                shape += "_"
+            m.graph.initializer.append(numpy_helper.from_array(np.array(runs[0][idx].shape, dtype=np.int64), shape))
+        else:
+            shape = f"{n.output[0]}/shape"
+            m.graph.node.insert(at, helper.make_node("Shape", [idx], [shape], name=f"{n.name}/shape"))
         n.op_type = "Reshape"
         del n.attribute[:]
         n.input[1] = shape
         done += 1
     return [f"wrote {done} Gather(s) of every entry in order (an identity as_strided) as Reshape"] if done else []
+
+
+def _is_identity(data: np.ndarray, idx: np.ndarray) -> bool:
+    """``Gather(data, idx)`` reads every entry of a 1-D ``data`` once, in order."""
+    if data.ndim != 1 or idx.size != data.size or not np.issubdtype(idx.dtype, np.integer):
+        return False
+    return bool(np.array_equal(idx.reshape(-1), np.arange(data.size)))

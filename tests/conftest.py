@@ -9,7 +9,8 @@ from tests import make_models, tiny_models
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """tiny(arch, seed=0, exporter="torchscript", fold=True, opset=17) -> path of an exported model.
+    """tiny(arch, seed=0, exporter="torchscript", fold=True, opset=17, batch=0) -> path of an exported
+    model (``batch`` > 0: exported with that static batch).
 
     The models are committed under tests/models/ (tests/make_models.py exports them; no torch
     needed here). Each test session gets its own copy, named model.onnx in a folder of its own as
@@ -20,8 +21,8 @@ def tiny(tmp_path_factory):
     cache = {}
 
     def get(arch: str, seed: int = 0, exporter: str = "torchscript", fold: bool = True,
-            opset: int = make_models.DEFAULT_OPSET):
-        key = make_models.Key(arch, seed, exporter, fold, opset)
+            opset: int = make_models.DEFAULT_OPSET, batch: int = 0):
+        key = make_models.Key(arch, seed, exporter, fold, opset, batch)
         if key not in cache:
             src = make_models.path_of(key)
             if not src.exists():

@@ -40,11 +40,13 @@ class Key(NamedTuple):
     exporter: str = "torchscript"
     fold: bool = True
     opset: int = DEFAULT_OPSET
+    batch: int = 0  # 0: a dynamic batch axis; else exported with this static batch
 
     @property
     def filename(self) -> str:
         name = f"{self.arch}-{self.seed}-{self.exporter}-{int(self.fold)}"
-        return name + (f"-opset{self.opset}" if self.opset != DEFAULT_OPSET else "") + ".onnx"
+        name += f"-opset{self.opset}" if self.opset != DEFAULT_OPSET else ""
+        return name + (f"-batch{self.batch}" if self.batch else "") + ".onnx"
 
 
 MODELS: list[Key] = sorted({
@@ -58,6 +60,9 @@ MODELS: list[Key] = sorted({
     # language models (test_language_models): BERT (TorchScript; its dynamo export is tested with
     # -m exporter), a LLaMA-style decoder (dynamo: TorchScript cannot export it) and a second seed
     Key("bert", 0), Key("llama", 0, "dynamo"), Key("llama", 1, "dynamo"),
+    # a static batch: the dynamo exporter folds the samples into attention's head axis
+    # (test_attention_spellings, test_language_models)
+    *(Key(a, exporter="dynamo", batch=4) for a in ("mha", "vit", "bert", "llama")),
 })
 
 
@@ -75,7 +80,7 @@ def export(key: Key, folder: Path):
     from tests import tiny_models
 
     path = tiny_models.export(tiny_models.build(key.arch, key.seed), folder / "model.onnx", key.exporter,
-                              key.fold, key.opset)
+                              key.fold, key.opset, key.batch)
     model = onnx.load(str(path))
     lean = key.arch in tiny_models.LANGUAGE_MODELS  # their scopes and docs would be most of the file
     for node in _nodes(model):

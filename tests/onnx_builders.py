@@ -205,3 +205,28 @@ def cnn_family(kind: str, seed: int = 0) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])
     return graph_model(nodes, [x], [y], inits)
+
+
+def strided_pool_head(seed: int = 0, batch: int = 4) -> onnx.ModelProto:
+    """x [batch, 1, 8, 8] (a static batch) -> Conv -> Relu -> Conv -> Relu -> ReduceMean over H, W
+    -> Reshape [-1] -> Gather of every entry in order -> Flatten -> Gemm: torch's dynamo exporter
+    spells a pooled ``as_strided`` view so, the Gather's indices a constant once the batch is static."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    c = 8
+    _conv(rng, "c1", "x", "p1", 1, c, inits=inits, nodes=nodes)
+    nodes.append(helper.make_node("Relu", ["p1"], ["r1"], name="relu1"))
+    _conv(rng, "c2", "r1", "p2", c, c, inits=inits, nodes=nodes)
+    nodes.append(helper.make_node("Relu", ["p2"], ["r2"], name="relu2"))
+    inits += [numpy_helper.from_array(np.array([2, 3], np.int64), "hw"),
+              numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"),
+              numpy_helper.from_array(np.arange(batch * c, dtype=np.int64).reshape(batch, c, 1, 1), "strided_idx")]
+    nodes += [helper.make_node("ReduceMean", ["r2", "hw"], ["mean"], keepdims=1, name="mean"),
+              helper.make_node("Reshape", ["mean", "flat_shape"], ["flat1d"], name="view"),
+              helper.make_node("Gather", ["flat1d", "strided_idx"], ["strided"], axis=0, name="as_strided"),
+              helper.make_node("Flatten", ["strided"], ["flat"], axis=1, name="flatten")]
+    w = (rng.standard_normal((5, c)) / np.sqrt(c)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "fc.w"), numpy_helper.from_array(np.zeros(5, np.float32), "fc.b")]
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], transB=1, name="fc"))
+    return graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 5])], inits, opset=18)

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxzip
 from onnxzip.graph.samples import sample_layouts, samples_first, samples_first_axis
+from onnxzip.permutation import permute_model, random_permutations
 from onnxzip.pipeline import load_layer_graph
 from tests.test_invariants import _permuted_copy
 from tests.tiny_models import images
@@ -49,6 +50,27 @@ def test_zip_with_permuted_self_gives_the_model_back_with_the_correction(tiny, c
         assert (result.refit if refit else result.repair) is not None
         for got in run(result.model, x):
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mha", "vit"])
+def test_a_static_batch_folded_into_the_head_axis_zips_at_full_depth(tiny, calib, tmp_path, arch):
+    # the dynamo exporter, given a static batch, spells batched attention [B*H, L, d] with the
+    # samples folded into the head axis (nn.MultiheadAttention: [L, B*H, d])
+    path = tiny(arch, exporter="dynamo", batch=4)
+    graph = load_layer_graph(path)
+    assert graph.max_depth() == graph.num_layers, [u.reason for u in graph.unsupported]
+    x = images(8, seed=8)
+    want = np.concatenate([run(path, x[:4])[0], run(path, x[4:])[0]])
+    permuted = permute_model(graph, random_permutations(graph, seed=3))
+    got = np.concatenate([run(permuted, x[:4])[0], run(permuted, x[4:])[0]])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    other = _permuted_copy(path, tmp_path)
+    for refit in (False, True):
+        result = onnxzip.zip_models(path, other, calib, method="zipit", params={"beta": 0.0}, do_repair=True,
+                                    tasks=["a", "b"], refit=refit)
+        for half in (x[:4], x[4:]):
+            for got, want_half in zip(run(result.model, half), [run(path, half)[0]] * 2):
+                np.testing.assert_allclose(got, want_half, atol=1e-4, rtol=1e-4)
 
 
 def test_sample_layouts_follow_the_batch_through_transposes_and_flattening():

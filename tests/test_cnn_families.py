@@ -16,7 +16,7 @@ from onnxzip.merge import similarity
 from onnxzip.permutation import permute_model, random_permutations
 from onnxzip.pipeline import load_layer_graph
 from onnxzip.stats.collect import GroupStats
-from tests.onnx_builders import cnn_family
+from tests.onnx_builders import cnn_family, strided_pool_head
 from tests.tiny_models import images
 
 KINDS = ["grouped", "shuffle", "dense"]
@@ -184,3 +184,23 @@ def test_near_copies_do_not_beat_exact_copies():
     noisy = GroupStats(stats.mean, cov, stats.count)
     _, u = match(similarity(noisy), method="zipit", beta=0.0)
     np.testing.assert_array_equal(u[:3], u[3:])
+
+
+def test_a_pooled_as_strided_view_with_a_static_batch_zips_at_full_depth(calib8, tmp_path):
+    # Reshape [B, C, 1, 1] -> [B*C], Gather of every entry (constant indices [B, C, 1, 1]): the
+    # Gather becomes a Reshape and the channels come back out of the flattened axis
+    path = tmp_path / "strided.onnx"
+    onnx.save(strided_pool_head(), path)
+    graph = load_layer_graph(path)
+    assert any("identity as_strided" in n for n in graph.notes)
+    assert graph.max_depth() == graph.num_layers == 3, [u.reason for u in graph.unsupported]
+    other = tmp_path / "permuted.onnx"
+    onnx.save(permute_model(graph, random_permutations(graph, seed=4)), other)
+    x = images(4, seed=8)
+    want = run(path, x)[0]
+    np.testing.assert_allclose(run(other, x)[0], want, atol=1e-5, rtol=1e-5)
+    for refit in (False, True):
+        result = onnxzip.zip_models(path, other, calib8, method="zipit", params={"beta": 0.0}, stop_at="all",
+                                    do_repair=True, refit=refit, tasks=["a", "b"])
+        for got in run(result.model, x):
+            np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)

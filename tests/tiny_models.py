@@ -48,10 +48,11 @@ def _transformers():
 
 
 def build_language_model(arch: str, seed: int, hidden: int = 16, layers: int = 2, heads: int = 2,
-                         vocab: int = VOCAB, intermediate: int = 32, kv_heads: int | None = None, tie: bool = True):
+                         vocab: int = VOCAB, intermediate: int = 32, kv_heads: int | None = None, tie: bool = True,
+                         mask: bool | None = None):
     """A tiny Hugging Face model with random weights: "bert" (BertForSequenceClassification, 3
     labels; inputs input_ids and attention_mask) or "llama" (LlamaForCausalLM without a KV cache;
-    input input_ids). Norm scales and all biases are made non-trivial, as after training (a Hugging
+    input input_ids, and attention_mask with ``mask``: TorchScript can export LLaMA only with one). Norm scales and all biases are made non-trivial, as after training (a Hugging
     Face model starts with zero biases, and the dynamo exporter drops a zero bias)."""
     t = _torch()
     tf = _transformers()
@@ -75,7 +76,7 @@ def build_language_model(arch: str, seed: int, hidden: int = 16, layers: int = 2
             p.data.copy_(t.randn(p.shape, generator=g) * 0.1)
 
     class LanguageModel(t.nn.Module):
-        token_inputs = ("input_ids", "attention_mask") if arch == "bert" else ("input_ids",)
+        token_inputs = ("input_ids", "attention_mask") if (arch == "bert" if mask is None else mask) else ("input_ids",)
 
         def __init__(self):
             super().__init__()
@@ -279,39 +280,41 @@ def build(arch: str, seed: int):
     return model.eval()
 
 
-def export(model, path: Path, exporter: str = "torchscript", fold: bool = True, opset: int = 17) -> Path:
+def export(model, path: Path, exporter: str = "torchscript", fold: bool = True, opset: int = 17,
+           batch: int = 0) -> Path:
+    """Export ``model`` to ``path``; ``batch`` > 0 fixes the batch axis to that size (dynamic otherwise)."""
     t = _torch()
     names = getattr(model, "token_inputs", None)
     if names is not None:
-        return _export_tokens(model, path, names, exporter, fold, opset)
-    x = t.rand(2, 1, 8, 8)
+        return _export_tokens(model, path, names, exporter, fold, opset, batch)
+    x = t.rand(batch or 2, 1, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
+            axes = None if batch else {"input": {0: "batch"}, "logits": {0: "batch"}}
             t.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          do_constant_folding=fold)
+                          output_names=["logits"], dynamic_axes=axes, do_constant_folding=fold)
         else:
-            batch = t.export.Dim("batch", min=1, max=1024)
+            shapes = None if batch else ({0: t.export.Dim("batch", min=1, max=1024)},)
             t.onnx.export(model, (x,), str(path), dynamo=True, opset_version=max(opset, 18),
-                          dynamic_shapes=({0: batch},), optimize=fold, verbose=False)
+                          dynamic_shapes=shapes, optimize=fold, verbose=False)
     return path
 
 
-def _export_tokens(model, path: Path, names, exporter: str, fold: bool, opset: int) -> Path:
+def _export_tokens(model, path: Path, names, exporter: str, fold: bool, opset: int, batch: int = 0) -> Path:
     t = _torch()
-    args = tuple(t.from_numpy(v) for v in tokens(2, seed=0, names=names, vocab=model.vocab).values())
+    args = tuple(t.from_numpy(v) for v in tokens(batch or 2, seed=0, names=names, vocab=model.vocab).values())
     with warnings.catch_warnings(), t.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            axes = {n: {0: "batch"} for n in (*names, "logits")}
+            axes = None if batch else {n: {0: "batch"} for n in (*names, "logits")}
             t.onnx.export(model, args, str(path), dynamo=False, opset_version=opset, input_names=list(names),
                           output_names=["logits"], dynamic_axes=axes, do_constant_folding=fold)
         else:
-            batch = t.export.Dim("batch", min=1, max=1024)
+            dim = t.export.Dim("batch", min=1, max=1024)
+            shapes = None if batch else tuple({0: dim} for _ in names)
             t.onnx.export(model, args, str(path), dynamo=True, opset_version=max(opset, 18), input_names=list(names),
-                          output_names=["logits"], dynamic_shapes=tuple({0: batch} for _ in names), optimize=fold,
-                          verbose=False)
+                          output_names=["logits"], dynamic_shapes=shapes, optimize=fold, verbose=False)
     return path
 
 

@@ -19,6 +19,7 @@ from onnxzip.graph.spaces import (
     Space, StackSpace, channel_sources, leaves,
 )
 from onnxzip.ops import get_handler
+from onnxzip.ops.attention import carry_head_axis
 from onnxzip.onnx_nodes import attr
 from onnxzip.runtime import session
 
@@ -112,6 +113,7 @@ class BuildContext:
         self.topo = 0
         self.axis_of: dict[str, int] = {}
         self.head_axis_of: dict[str, int] = {}  # attention tensors: where the head axis is
+        self.head_fold_of: dict[str, int] = {}  # ... and the outer factor folded into it (1 if absent)
         self.stack_axis_of: dict[str, int] = {}  # StackSpace tensors: where the part axis is
         self.carried: dict[str, GroupSpace] = {}  # token-mixing MLP tensors: the channel group they carry
         self.aligned: set[int] = set()  # groups of token positions: the same in every model
@@ -432,7 +434,7 @@ def _carry_head_axis(ctx: BuildContext, node, name: str, space: Space) -> None:
     """An element-wise op keeps the head axis of its input (right-aligned broadcasting)."""
     for i in node.input:
         if i in ctx.head_axis_of and ctx.space(i) == space:
-            ctx.head_axis_of[name] = ctx.head_axis_of[i] + (ctx.rank(name) or 0) - (ctx.rank(i) or 0)
+            carry_head_axis(ctx, i, name, ctx.head_axis_of[i] + (ctx.rank(name) or 0) - (ctx.rank(i) or 0))
             if isinstance(space, HeadsOnly):
                 ctx.set_axis(name, ctx.head_axis_of[name])
             return

@@ -130,6 +130,8 @@ def binary(ctx, node):
         pos = axis - (out_rank - len(shape))
         if node.op_type in ("Add", "Sub") and pos >= 0 and constant_lookup(ctx, i, pos, result):
             continue
+        if node.op_type == "Mul" and isinstance(s, NoFeatures) and within_head_constant(ctx, feats[0][1], result, shape, out_rank):
+            continue  # rotary cos/sin tables computed from positions (arange of the sequence length)
         if len(shape) and pos >= 0 and shape[pos] != 1:
             return ctx.unsupported_op(node, "operand computed at run time varies along the channel axis")
     if not isinstance(result, GroupSpace):

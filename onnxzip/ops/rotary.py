@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxzip.graph.spaces import HalfHeads, HeadSpace
+from onnxzip.ops.attention import carry_head_axis
 
 __all__ = ["slice_half", "join_halves", "within_head_constant"]
 
@@ -29,12 +30,15 @@ def slice_half(ctx, node, space: HeadSpace):
         return None
     if any(a != b for k, (a, b) in enumerate(zip(in_shape, out_shape)) if k != axis):
         return None
-    consts = [node.input[k] if len(node.input) > k and node.input[k] else None for k in range(1, 5)]
-    if any(c is not None and not ctx.is_const(c) for c in consts) or consts[0] is None:
+    # bounds are constants, or computed from the shape (``x.shape[-1] // 2``, as TorchScript exports
+    # it): the head size is fixed, so the value the probe saw holds for every input
+    names = [node.input[k] if len(node.input) > k and node.input[k] else None for k in range(1, 5)]
+    values = [ctx.int_value(c) if c is not None else None for c in names]
+    if any(c is not None and v is None for c, v in zip(names, values)) or values[0] is None:
         return None
-    starts = ctx.const(consts[0]).reshape(-1).tolist()
-    axes = ctx.const(consts[2]).reshape(-1).tolist() if consts[2] else list(range(len(starts)))
-    steps = ctx.const(consts[3]).reshape(-1).tolist() if consts[3] else [1] * len(starts)
+    starts = values[0].reshape(-1).tolist()
+    axes = values[2].reshape(-1).tolist() if values[2] is not None else list(range(len(starts)))
+    steps = values[3].reshape(-1).tolist() if values[3] is not None else [1] * len(starts)
     rank = len(in_shape)
     found = [(s, st) for s, a, st in zip(starts, axes, steps) if int(a) % rank == axis]
     if len(found) != 1 or found[0][1] != 1:
@@ -45,7 +49,7 @@ def slice_half(ctx, node, space: HeadSpace):
         return None
     ctx.fix_within_heads(space.gid)
     ctx.set_axis(out, axis)
-    ctx.head_axis_of[out] = head
+    carry_head_axis(ctx, x, out, head)
     return [HalfHeads(space.gid, space.size, space.heads, start // (d // 2))]
 
 
@@ -58,11 +62,11 @@ def join_halves(ctx, node, names: list[str], spaces: list, axis: int):
     if ctx.find(a.gid) != ctx.find(b.gid) or {a.half, b.half} != {0, 1} or ctx.feature_axis(names[0]) != axis:
         return None
     heads = {ctx.head_axis_of.get(n) for n in names}
-    if len(heads) != 1 or None in heads:
+    if len(heads) != 1 or None in heads or len({ctx.head_fold_of.get(n, 1) for n in names}) != 1:
         return None
     out = node.output[0]
     ctx.set_axis(out, axis)
-    ctx.head_axis_of[out] = heads.pop()
+    carry_head_axis(ctx, names[0], out, heads.pop())
     return [HeadSpace(a.gid, a.size, a.heads)]
 
 

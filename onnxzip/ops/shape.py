@@ -7,7 +7,9 @@ from onnxzip.graph.spaces import (
     Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, StackSpace,
 )
 from onnxzip.ops.axes import map_axis
-from onnxzip.ops.attention import merge_heads, move_heads, split_heads, transpose_heads
+from onnxzip.ops.attention import (
+    carry_head_axis, map_heads, merge_heads, move_heads, set_head_axis, split_heads, transpose_heads,
+)
 from onnxzip.ops.registry import register
 from onnxzip.ops.rotary import join_halves, slice_half
 from onnxzip.ops.stack import (
@@ -74,10 +76,10 @@ def reshape(ctx, node, x, space):
             return ctx.unsupported_op(node, "joins repeated key/value heads (grouped-query attention), not supported yet")
         return ctx.unsupported_op(node, "reshapes attention heads in an unknown way")
     if isinstance(space, HeadsOnly):
-        found = map_axis(in_shape, out_shape, axis)
-        if found is None or found[1:] != (1, 1):
+        found = map_heads(ctx, x, in_shape, out_shape, space.heads)
+        if found is None:
             return ctx.unsupported_op(node, "reshapes attention scores across heads")
-        ctx.head_axis_of[node.output[0]] = found[0]
+        set_head_axis(ctx, node.output[0], *found)
         return [_moved(ctx, node, space, found[0])]
     found = map_axis(in_shape, out_shape, axis) if in_shape and out_shape is not None else None
     if found is None and isinstance(space, ConcatSpace):
@@ -88,6 +90,10 @@ def reshape(ctx, node, x, space):
         heads = split_heads(ctx, node, space, in_shape, out_shape, axis)
         if heads is not None:
             return heads
+    if found is None and isinstance(space, ExpandSpace):
+        unflattened = _unflatten(ctx, node, space, in_shape, out_shape, axis)
+        if unflattened is not None:
+            return [unflattened]
     if found is None:
         return ctx.unsupported_op(node, f"{node.op_type} {list(in_shape)} -> {list(out_shape)} splits the channel axis")
     k, outer, inner = found
@@ -96,6 +102,20 @@ def reshape(ctx, node, x, space):
     expanded = ExpandSpace(space, outer, inner, outer * space.size * inner)
     ctx.set_axis(node.output[0], k)
     return [expanded]
+
+
+def _unflatten(ctx, node, space: ExpandSpace, in_shape, out_shape, axis):
+    """A flattened axis (outer x C x inner entries) reshaped so that the channels get an axis of
+    their own again, or stay whole inside another flattened axis; None if they are split."""
+    virtual = list(in_shape[:axis]) + [space.outer, space.part.size, space.inner] + list(in_shape[axis + 1:])
+    found = map_axis(virtual, out_shape, axis + 1)
+    if found is None:
+        return None
+    k, outer, inner = found
+    if outer == 1 and inner == 1:
+        return _moved(ctx, node, space.part, k)
+    ctx.set_axis(node.output[0], k)
+    return ExpandSpace(space.part, outer, inner, outer * space.part.size * inner)
 
 
 def _axis_map(ctx, node, in_shape, out_shape) -> list | None:
@@ -125,7 +145,7 @@ def _move_heads(ctx, node, space: HeadSpace, where):
     if head is None or dim is None:
         return None
     ctx.set_axis(out, dim)
-    ctx.head_axis_of[out] = head
+    carry_head_axis(ctx, x, out, head)
     return [space]
 
 
