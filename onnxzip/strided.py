@@ -55,7 +55,7 @@ def identity_gathers_to_reshapes(m: onnx.ModelProto) -> list[str]:
     for n in cands:
         if not all(_is_identity(r[n.input[0]], r[n.input[1]]) for r in runs):
             continue
-        data, idx = n.input[0], n.input[1]
+        idx = n.input[1]
         at = list(m.graph.node).index(n)
         if idx in inits:
             shape = f"{n.output[0]}/shape"
