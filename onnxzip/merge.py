@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxzip.graph.layergraph import LayerGraph
-from onnxzip.graph.spaces import ConcatSpace, ExpandSpace, GroupSpace, InputSpace, SelectSpace, Space
+from onnxzip.graph.spaces import ConcatSpace, ExpandSpace, GroupSpace, InputSpace, RepeatSpace, SelectSpace, Space
 from onnxzip.matchers import correlation_from_covariance, match, match_within_blocks
 from onnxzip.stats.collect import PairStats
 
-__all__ = ["GroupMerge", "Merges", "compute_merges"]
+__all__ = ["GroupMerge", "Merges", "compute_merges", "repeat_matrix", "repeated_merge"]
 
 
 @dataclass
@@ -71,6 +71,8 @@ class Merges(dict):
         if isinstance(space, ExpandSpace):
             u = self._composite(space.part, k, which)
             return np.kron(np.eye(space.outer), np.kron(u, np.eye(space.inner)))
+        if isinstance(space, RepeatSpace):
+            return repeat_matrix(self._composite(space.part, k, which), space.heads, space.repeats)
         raise TypeError(f"no {which} for {space!r}")
 
     def head_merge(self, gid: int, heads: int, k: int) -> np.ndarray:
@@ -79,6 +81,32 @@ class Merges(dict):
         m = self[gid].merge_of(k)
         d = m.shape[0] // heads
         return m.reshape(heads, d, heads, d).sum(axis=(1, 3)) / d
+
+
+def repeat_matrix(p: np.ndarray, heads: int, repeats: int) -> np.ndarray:
+    """A merge (or unmerge) of ``heads`` heads applied to every repeat of them (:class:`RepeatSpace`):
+    entry ((g, i, c), (h, j, e)) is ``p[(g, c), (h, e)]`` when ``i == j``, else 0."""
+    d = p.shape[0] // heads
+    blocks = p.reshape(heads, d, heads, p.shape[1] // heads)
+    out = np.einsum("acbe,ij->aicbje", blocks, np.eye(repeats))
+    return out.reshape(heads * repeats * d, heads * repeats * (p.shape[1] // heads))
+
+
+def repeated_merge(source: GroupMerge, heads: int, repeats: int, n_models: int) -> GroupMerge:
+    """Grouped-query attention's queries: the keys' merge on every repeat of the key heads."""
+    return GroupMerge(np.hstack([repeat_matrix(source.merge_of(k), heads, repeats) for k in range(n_models)]),
+                      np.vstack([repeat_matrix(source.unmerge_of(k), heads, repeats) for k in range(n_models)]),
+                      fixed=source.fixed)
+
+
+def _fold_repeats(c: np.ndarray, heads: int, repeats: int, n_models: int) -> np.ndarray:
+    """The similarity of the queries' features folded onto the key heads they meet: entry
+    ((a, g, c), (b, h, e)) is the mean over repeats i of the queries' ((a, g, i, c), (b, h, i, e))."""
+    f = c.shape[0] // n_models
+    d = f // (heads * repeats)
+    blocks = c.reshape(n_models, heads, repeats, d, n_models, heads, repeats, d)
+    folded = np.einsum("agidbhie->agdbhe", blocks) / repeats
+    return folded.reshape(n_models * heads * d, n_models * heads * d)
 
 
 # Weight of the tie-break below: far under the differences that decide real matches.
@@ -182,7 +210,8 @@ def _head_pairing(corrs: list[np.ndarray], heads: int, rotary: list[bool] | None
     return pairing
 
 
-def head_merges(groups: list, stats: PairStats, method: str, params: dict, n_models: int = 2) -> dict[int, GroupMerge]:
+def head_merges(groups: list, stats: PairStats, method: str, params: dict, n_models: int = 2,
+                queries: dict | None = None) -> dict[int, GroupMerge]:
     """Merges for head-structured groups that share one assignment of heads (attention).
 
     Whole heads are paired across the models (identity for "average"): every other model's heads
@@ -192,9 +221,18 @@ def head_merges(groups: list, stats: PairStats, method: str, params: dict, n_mod
     A rotary group (RoPE: cos/sin tables shared by all heads along the within-head axis) keeps
     channels in place within heads: channel i of a merged head averages channel i of its members
     (``onnxzip.ops.rotary``).
+
+    ``queries`` maps a grouped-query attention's key group to the query groups that repeat it: their
+    similarity, folded onto the key heads, counts with the keys' in the pairing and the matching.
     """
     heads = groups[0].attention_heads
     corrs = {g.gid: similarity(stats.groups[g.gid]) for g in groups if g.gid in stats.groups}
+    for gid, repeating in (queries or {}).items():
+        if gid not in corrs:
+            continue
+        folded = [_fold_repeats(similarity(stats.groups[q.gid]), q.attention_heads // q.repeat_of[1], q.repeat_of[1],
+                                n_models) * q.repeat_of[1] for q in repeating if q.gid in stats.groups]
+        corrs[gid] = (corrs[gid] + sum(folded)) / (1 + sum(q.repeat_of[1] for q in repeating if q.gid in stats.groups))
     rotary = [g.rotary for g in groups if g.gid in corrs]
     if method == "average" or not corrs:
         pairings = [np.arange(heads)] * (n_models - 1)
@@ -241,13 +279,16 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
     """Match every feature group of ``graph`` (the first model's layer graph)."""
     merges = Merges()
     ties: dict[int, list] = {}
+    queries: dict[int, list] = {}  # grouped-query attention: key group -> the query groups repeating it
     for gid, group in graph.groups.items():
-        if group.attention_heads > 1 and not group.output:
+        if group.repeat_of is not None:
+            queries.setdefault(group.repeat_of[0], []).append(group)
+        elif group.attention_heads > 1 and not group.output:
             ties.setdefault(group.attention_tie if group.attention_tie is not None else gid, []).append(group)
     for tied in ties.values():
-        merges.update(head_merges(tied, stats, method, params, n_models))
+        merges.update(head_merges(tied, stats, method, params, n_models, queries))
     for gid, group in graph.groups.items():
-        if gid in merges:
+        if gid in merges or group.repeat_of is not None:
             continue
         if group.output or group.aligned or gid not in stats.groups:
             merges[gid] = fixed_merge(group.size, n_models)
@@ -259,4 +300,7 @@ def compute_merges(graph: LayerGraph, stats: PairStats, method: str, params: dic
         sim = similarity(stats.groups[gid], preact_keys(graph, stats, gid, n_models))
         m, u = match_within_blocks(sim, group.blocks, method=method, **{**params, "num_models": n_models})
         merges[gid] = GroupMerge(np.asarray(m, dtype=np.float64), np.asarray(u, dtype=np.float64))
+    for source, repeating in queries.items():
+        for q in repeating:
+            merges[q.gid] = repeated_merge(merges[source], graph.groups[source].attention_heads, q.repeat_of[1], n_models)
     return merges

@@ -24,7 +24,9 @@ def random_permutations(graph: LayerGraph, seed: int = 0) -> dict[int, np.ndarra
     perms = {}
     head_orders: dict[int, np.ndarray] = {}
     for gid, g in graph.groups.items():
-        if g.output or g.aligned:
+        if g.repeat_of is not None:
+            continue  # grouped-query attention's queries follow their keys (below)
+        if g.output or g.aligned or (g.rotary and g.attention_heads == 1):  # rotary tables pin a single head's channels
             perms[gid] = np.arange(g.size)
         elif g.attention_heads > 1:  # whole heads move together (shared by tied groups), channels move within heads
             d = g.size // g.attention_heads
@@ -39,6 +41,13 @@ def random_permutations(graph: LayerGraph, seed: int = 0) -> dict[int, np.ndarra
             perms[gid] = perm
         else:
             perms[gid] = rng.permutation(g.size)
+    for gid, g in graph.groups.items():
+        if g.repeat_of is not None:  # new query channel (h, i, c) <- old (h', i, c') where keys move (h, c) <- (h', c')
+            source, repeats = g.repeat_of
+            heads = graph.groups[source].attention_heads
+            d = graph.groups[source].size // heads
+            old = perms[source].reshape(heads, 1, d)
+            perms[gid] = ((old // d * repeats + np.arange(repeats)[None, :, None]) * d + old % d).reshape(-1)
     return perms
 
 

@@ -60,6 +60,8 @@ MODELS: list[Key] = sorted({
     # language models (test_language_models): BERT (TorchScript; its dynamo export is tested with
     # -m exporter), a LLaMA-style decoder (dynamo: TorchScript cannot export it) and a second seed
     Key("bert", 0), Key("llama", 0, "dynamo"), Key("llama", 1, "dynamo"),
+    # grouped-query and multi-query attention (test_language_models)
+    Key("llama-gqa", 0, "dynamo"), Key("llama-gqa", 1, "dynamo"), Key("llama-mqa", 0, "dynamo"),
     # a static batch: the dynamo exporter folds the samples into attention's head axis
     # (test_attention_spellings, test_language_models)
     *(Key(a, exporter="dynamo", batch=4) for a in ("mha", "vit", "bert", "llama")),

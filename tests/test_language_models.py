@@ -19,7 +19,8 @@ from tests.tiny_models import example_feeds
 
 # committed models (tests/make_models.py): arch, exporter, static batch (0: dynamic). With a static
 # batch the dynamo exporter folds the samples into attention's head axis ([batch * heads, L, d]).
-COMMITTED = [("bert", "torchscript", 0), ("llama", "dynamo", 0), ("bert", "dynamo", 4), ("llama", "dynamo", 4)]
+COMMITTED = [("bert", "torchscript", 0), ("llama", "dynamo", 0), ("bert", "dynamo", 4), ("llama", "dynamo", 4),
+             ("llama-gqa", "dynamo", 0), ("llama-mqa", "dynamo", 0)]
 
 
 def run(model, feeds):
@@ -144,6 +145,8 @@ def test_sequence_logits_are_one_prediction_per_token():
 LM_CASES = [
     ("bert", "torchscript", {}), ("bert", "dynamo", {}),
     ("llama", "dynamo", {"tie": True}), ("llama", "dynamo", {"tie": False}), ("llama", "torchscript", {"mask": True}),
+    # grouped-query (4 query heads over 2 key/value heads) and multi-query attention (over 1)
+    ("llama", "dynamo", {"heads": 4, "kv_heads": 2}), ("llama", "torchscript", {"heads": 4, "kv_heads": 1, "mask": True}),
 ]
 
 
@@ -153,7 +156,8 @@ def _export_lm(tmp_path, arch, exporter, seed, kw):
     tiny_models.require("transformers")
     folder = tmp_path / f"{arch}-{exporter}-{seed}"
     folder.mkdir()
-    model = tiny_models.build_language_model(arch, seed, hidden=32, layers=2, heads=2, vocab=100, intermediate=64, **kw)
+    model = tiny_models.build_language_model(arch, seed, **{"hidden": 32, "layers": 2, "heads": 2, "vocab": 100,
+                                                            "intermediate": 64, **kw})
     return tiny_models.export(model, folder / "model.onnx", exporter)
 
 
@@ -316,21 +320,29 @@ def test_an_op_that_blocks_attention_heads_limits_the_depth():
     assert ctx.crossed == {3: [("repeat", "Reshape")]}
 
 
-@pytest.mark.exporter
-def test_grouped_query_attention_stops_at_its_first_block_with_a_clear_message(tmp_path):
-    from tests import tiny_models
+@pytest.mark.parametrize("arch,kv_heads", [("llama-gqa", 2), ("llama-mqa", 1)])
+def test_grouped_query_attention_repeats_the_key_groups_merge_on_every_query_head(tiny, token_calib, arch, kv_heads):
+    """4 query heads over ``kv_heads`` key/value heads: the queries' group repeats the keys' (its
+    merge is the keys' merge on every repeat), and a pair zips at full depth keeping the shapes."""
+    from onnxzip.merge import repeat_matrix
 
-    tiny_models.require("transformers")
-    paths = []
-    for seed in (0, 1):
-        (tmp_path / str(seed)).mkdir()
-        model = tiny_models.build_language_model("llama", seed, hidden=32, heads=4, kv_heads=2)
-        paths.append(tiny_models.export(model, tmp_path / str(seed) / "model.onnx", "dynamo"))
-    graph = load_layer_graph(paths[0])
-    assert graph.max_depth() == 1 and "grouped-query attention" in graph.unsupported[0].reason
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, **tiny_models.tokens(64, 1))
-    with pytest.raises(onnxzip.OnnxZipError, match="grouped-query attention"):
-        onnxzip.zip_models(paths[0], paths[1], calib, tasks=["a", "b"])
-    result = onnxzip.zip_models(paths[0], paths[1], calib, tasks=["a", "b"], stop_at=1)
-    assert len(run(result.model, tiny_models.tokens(2, 3))) == 2
+    graph = load_layer_graph(tiny(arch, 0, "dynamo"))
+    assert graph.max_depth() == graph.num_layers, [u.reason for u in graph.unsupported]
+    (q,) = [g for g in graph.groups.values() if g.repeat_of is not None]
+    k = graph.groups[q.repeat_of[0]]
+    assert (q.size, q.attention_heads, q.repeat_of[1]) == (16, 4, 4 // kv_heads)
+    assert (k.size, k.attention_heads, k.rotary) == (4 * kv_heads, kv_heads, True)
+    pair = [tiny(arch, 0, "dynamo"), tiny(arch, 1, "dynamo")] if kv_heads > 1 else [tiny(arch, 0, "dynamo")] * 2
+    result = onnxzip.zip_models(*pair, token_calib(arch), method="zipit", params={"alpha": 0.3, "beta": 0.125},
+                                stop_at="all", tasks=["a", "b"])
+    shapes = {t.name: tuple(t.dims) for t in onnx.load(str(pair[0])).graph.initializer}
+    for t in result.model.graph.initializer:
+        if t.name in shapes and len(t.dims) == 2:
+            assert tuple(t.dims) == shapes[t.name]  # the key/value projections keep their heads
+    (got,) = run(result.model, example_feeds(arch, 3, seed=4))
+    assert got.shape == (3, 16, 32) and np.isfinite(got).all()
+    # the repeat: merged query channel (g, i, c) takes from key channel (g, c) of every model, repeat i only
+    p = np.arange(36.0).reshape(6, 6)
+    r = repeat_matrix(p, heads=2, repeats=2)
+    for (g, i, c), (h, j, e) in [((0, 1, 2), (1, 1, 0)), ((1, 0, 1), (0, 1, 1)), ((1, 1, 0), (1, 1, 2))]:
+        assert r[(g * 2 + i) * 3 + c, (h * 2 + j) * 3 + e] == (p[g * 3 + c, h * 3 + e] if i == j else 0)

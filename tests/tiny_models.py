@@ -24,7 +24,9 @@ def _torch():
 
 
 # Hugging Face language models (random weights): token ids in, logits out.
-LANGUAGE_MODELS = ("bert", "llama")
+LANGUAGE_MODELS = ("bert", "llama", "llama-gqa", "llama-mqa")
+# grouped-query attention: 4 query heads over this many key/value heads
+KV_HEADS = {"llama-gqa": 2, "llama-mqa": 1}
 TOKENS = 16  # sequence length of the example inputs
 VOCAB = 32
 
@@ -112,7 +114,8 @@ def example_feeds(arch: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def build(arch: str, seed: int):
     if arch in LANGUAGE_MODELS:  # one block keeps the committed files small
-        return build_language_model(arch, seed, layers=1)
+        kv = KV_HEADS.get(arch)
+        return build_language_model(arch.split("-")[0], seed, layers=1, heads=4 if kv else 2, kv_heads=kv)
     t = _torch()
     nn = t.nn
     t.manual_seed(seed)

@@ -15,8 +15,8 @@ from onnxzip.errors import ModelLoadError, UnsupportedOpError
 from onnxzip.graph.samples import sample_layouts
 from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HalfHeads, HeadsOnly, HeadSpace, InputSpace, NoFeatures, SelectSpace,
-    Space, StackSpace, channel_sources, leaves,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HalfHeads, HeadsOnly, HeadSpace, InputSpace, NoFeatures, RepeatSpace,
+    SelectSpace, Space, StackSpace, channel_sources, leaves,
 )
 from onnxzip.ops import get_handler
 from onnxzip.ops.attention import carry_head_axis
@@ -119,6 +119,7 @@ class BuildContext:
         self.aligned: set[int] = set()  # groups of token positions: the same in every model
         self.token_bias: set = set()  # (Add node, bias) pairs that a token-mixing layer owns
         self.group_heads: dict[int, int] = {}
+        self.repeats: dict[int, tuple[int, int]] = {}  # grouped-query attention: q's group -> (k's group, repeats)
         self.tie_parent: dict[int, int] = {}
         self.rotary: set[int] = set()  # groups whose within-head channel order is fixed (see fix_within_heads)
         self.pieces: dict[int, list[frozenset]] = {}  # gid -> channel sets every merge must keep apart
@@ -204,7 +205,7 @@ class BuildContext:
     @staticmethod
     def is_feature(space: Space) -> bool:
         return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, HalfHeads, StackSpace,
-                                  SelectSpace))
+                                  SelectSpace, RepeatSpace))
 
     def keep_apart(self, space: Space, positions) -> bool:
         """Channels ``positions`` of ``space`` form a piece of their groups that merges keep whole
@@ -260,6 +261,16 @@ class BuildContext:
             self.tie_parent.setdefault(gid, gid)
         return gid
 
+    def repeat_heads(self, q: int, k: int, repeats: int) -> bool:
+        """Grouped-query attention: every head of k's group meets ``repeats`` heads of q's group in
+        a row, so q's merge is k's merge on every repeat (:class:`RepeatSpace`). False if q's group
+        already repeats another group, or is k's."""
+        q, k = self.find(q), self.find(k)
+        if q == k or self.repeats.get(q, (k, repeats)) != (k, repeats):
+            return False
+        self.repeats[q] = (k, repeats)
+        return True
+
     def tie_heads(self, a: int, b: int) -> None:
         """Groups a and b share one assignment of heads (q/k and v of one attention)."""
         ra, rb = self.tie_find(a), self.tie_find(b)
@@ -306,6 +317,7 @@ class BuildContext:
 
     def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
         """``node`` mixes the channels of ``space``: fine for an output group, else a limit."""
+        space = space.part if isinstance(space, RepeatSpace) else space
         gids = [leaf.gid for leaf in leaves(space)]
         if isinstance(space, (HeadSpace, HeadsOnly, HalfHeads)):  # attention tensors: their group
             gids = [space.gid]
@@ -316,6 +328,7 @@ class BuildContext:
         """``node`` takes ``space``'s features where the zip cannot follow them: a trunk that made
         them would hand a blocked tensor to the branches, so each group they belong to (attention
         heads included) limits the depth."""
+        space = space.part if isinstance(space, RepeatSpace) else space
         gids = [space.gid] if isinstance(space, (HeadSpace, HeadsOnly)) else [leaf.gid for leaf in leaves(space)]
         for gid in gids:
             self.crossed.setdefault(gid, []).append((node.name, node.op_type))
@@ -387,7 +400,7 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
         for name, space in zip(node.output, outs):
             if name:
                 ctx.spaces[name] = space
-                if isinstance(space, (HeadSpace, HeadsOnly, HalfHeads)) and name not in ctx.head_axis_of:
+                if isinstance(space, (HeadSpace, HeadsOnly, HalfHeads, RepeatSpace)) and name not in ctx.head_axis_of:
                     _carry_head_axis(ctx, node, name, space)
     graph = _finish(ctx)
     graph.notes = list(notes)
@@ -449,6 +462,8 @@ def _resolve(ctx: BuildContext, space: Space) -> Space:
         return ExpandSpace(_resolve(ctx, space.part), space.outer, space.inner, space.size)
     if isinstance(space, SelectSpace):
         return SelectSpace(_resolve(ctx, space.part), space.index, space.size)
+    if isinstance(space, RepeatSpace):
+        return RepeatSpace(_resolve(ctx, space.part), space.heads, space.repeats, space.size)
     if isinstance(space, HeadSpace):
         return HeadSpace(ctx.find(space.gid), space.size, space.heads)
     if isinstance(space, HeadsOnly):
@@ -520,6 +535,8 @@ def _renumber(space: Space, remap: dict[int, int]) -> Space:
         return ExpandSpace(_renumber(space.part, remap), space.outer, space.inner, space.size)
     if isinstance(space, SelectSpace):
         return SelectSpace(_renumber(space.part, remap), space.index, space.size)
+    if isinstance(space, RepeatSpace):
+        return RepeatSpace(_renumber(space.part, remap), space.heads, space.repeats, space.size)
     if isinstance(space, HeadSpace):
         return HeadSpace(remap[space.gid], space.size, space.heads)
     if isinstance(space, HeadsOnly):
@@ -548,7 +565,9 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
                 groups[leaf.gid].output = True
     seen = set()
     for layer in order:
-        for leaf in leaves(layer.in_space):
+        # a repeat of grouped-query attention's values holds other values than the group's own
+        # tensor: the group is measured where it is made
+        for leaf in ([] if isinstance(layer.in_space, RepeatSpace) else leaves(layer.in_space)):
             if leaf.tensor not in seen and leaf.gid in groups:
                 seen.add(leaf.tensor)
                 groups[leaf.gid].tensors.append((leaf.tensor, leaf.axis))
@@ -572,6 +591,10 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
         if gid in groups:
             groups[gid].attention_heads = heads
             groups[gid].attention_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
+    for old_q, (old_k, repeats) in ctx.repeats.items():
+        q, k = remap.get(ctx.find(old_q)), remap.get(ctx.find(old_k))
+        if q in groups and k in groups:
+            groups[q].repeat_of = (k, repeats)
     pieces: dict[int, list] = {}
     for old, cut in ctx.pieces.items():
         pieces.setdefault(remap.get(ctx.find(old)), []).extend(cut)

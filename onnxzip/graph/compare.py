@@ -14,7 +14,7 @@ import numpy as np
 
 from onnxzip.onnx_nodes import attr, conv_pads
 from onnxzip.graph.layergraph import Layer, LayerGraph
-from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, SelectSpace, Space
+from onnxzip.graph.spaces import Blocked, ConcatSpace, ExpandSpace, GroupSpace, InputSpace, RepeatSpace, SelectSpace, Space
 
 __all__ = [
     "space_signature", "layer_signature", "first_difference", "canonical_weight_shape", "conv_geometry",
@@ -31,6 +31,8 @@ def space_signature(space: Space):
         return ("expand", space.outer, space.inner, space_signature(space.part))
     if isinstance(space, SelectSpace):
         return ("select", space.index, space_signature(space.part))
+    if isinstance(space, RepeatSpace):
+        return ("repeat", space.heads, space.repeats, space_signature(space.part))
     if isinstance(space, InputSpace):
         return ("input",)
     if isinstance(space, Blocked):
@@ -184,7 +186,7 @@ def _canonical_op(graph: LayerGraph, node) -> str | None:
 
 
 def _is_feature_space(space) -> bool:
-    return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, SelectSpace))
+    return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, SelectSpace, RepeatSpace))
 
 
 def layer_ops(graph: LayerGraph, layer: Layer) -> tuple[str, ...]:

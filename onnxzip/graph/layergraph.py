@@ -96,6 +96,9 @@ class FeatureGroup:
     attention_heads: int = 1  # > 1: channels form attention heads of size // heads (attention); merges keep heads whole
     attention_tie: int | None = None  # groups with the same tie share one assignment of attention heads
     rotary: bool = False  # attention heads rotated by position (RoPE): channels keep their place within a head
+    # grouped-query attention's queries: (the keys' group, repeats). Each key head meets ``repeats``
+    # query heads in a row; this group's merge is the keys' merge on every repeat (RepeatSpace)
+    repeat_of: tuple | None = None
     aligned: bool = False  # token positions (MLP-Mixer's token mixing): the same in every model, averaged
     # a partition of the channels that merges must respect (grouped convolutions, channel splits):
     # each block a tuple of channel indices; empty: no constraint. Merge and unmerge are block

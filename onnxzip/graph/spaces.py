@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Space", "InputSpace", "NoFeatures", "Blocked", "GroupSpace", "ConcatSpace", "ExpandSpace", "HeadSpace",
-    "HeadsOnly", "HalfHeads", "StackSpace", "SelectSpace", "leaves", "channel_sources",
+    "HeadsOnly", "HalfHeads", "StackSpace", "SelectSpace", "RepeatSpace", "leaves", "channel_sources",
 ]
 
 
@@ -136,13 +136,32 @@ class StackSpace(Space):
     heads: int = 1
 
 
+@dataclass(frozen=True)
+class RepeatSpace(Space):
+    """Grouped-query attention's keys or values, each of ``part``'s ``heads`` heads repeated
+    ``repeats`` times in a row: channel ``(g * repeats + i) * d + c`` is ``part``'s channel
+    ``g * d + c`` (``d = part.size // heads``).
+
+    ``part`` is a :class:`HeadSpace` while the heads have an axis of their own and a
+    :class:`GroupSpace` once they are joined again (the attention output, read by the output
+    projection). The merge of a repeat is the part's merge on every repeat: merged head
+    ``g * repeats + i`` is made of the models' heads ``h * repeats + i`` with ``h`` the heads
+    merged into ``g``.
+    """
+
+    part: Space
+    heads: int
+    repeats: int
+    size: int
+
+
 def leaves(space: Space) -> list[GroupSpace]:
     """The group spaces a (composite) space is made of, in channel order."""
     if isinstance(space, GroupSpace):
         return [space]
     if isinstance(space, ConcatSpace):
         return [leaf for p in space.parts for leaf in leaves(p)]
-    if isinstance(space, (ExpandSpace, SelectSpace)):
+    if isinstance(space, (ExpandSpace, SelectSpace, RepeatSpace)):
         return leaves(space.part)
     if isinstance(space, StackSpace):
         return [leaf for p in space.parts for leaf in leaves(p)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.graph.spaces import HalfHeads, HeadSpace
+from onnxzip.graph.spaces import GroupSpace, HalfHeads, HeadSpace, SelectSpace, channel_sources
 from onnxzip.ops.attention import carry_head_axis
 
 __all__ = ["slice_half", "join_halves", "within_head_constant"]
@@ -56,6 +56,8 @@ def slice_half(ctx, node, space: HeadSpace):
 def join_halves(ctx, node, names: list[str], spaces: list, axis: int):
     """Concat of the two halves of the same heads on the within-head axis (rotate_half); None
     otherwise."""
+    if len(spaces) == 2 and all(isinstance(s, SelectSpace) for s in spaces):
+        return _swap_group_halves(ctx, node, spaces, axis)
     if len(spaces) != 2 or not all(isinstance(s, HalfHeads) for s in spaces):
         return None
     a, b = spaces
@@ -70,9 +72,35 @@ def join_halves(ctx, node, names: list[str], spaces: list, axis: int):
     return [HeadSpace(a.gid, a.size, a.heads)]
 
 
+def _swap_group_halves(ctx, node, spaces: list, axis: int):
+    """rotate_half of one key head that is a whole group (multi-query attention): the group's second
+    half of channels, then its first half. The channels of a rotary group stay in place, so the
+    swap commutes with the merge: the output is the group."""
+    a, b = spaces
+    part = a.part
+    if not isinstance(part, GroupSpace) or b.part != part or part.size % 2:
+        return None
+    half = part.size // 2
+    if a.index != tuple(range(half, part.size)) or b.index != tuple(range(half)):
+        return None
+    ctx.fix_within_heads(part.gid)
+    return [GroupSpace(part.gid, part.size, node.output[0], axis)]
+
+
 def within_head_constant(ctx, features: str, space, const_shape, out_rank: int) -> bool:
     """A constant operand (cos or sin table) that varies along the within-head axis and is the same
     for every head: allowed, and the group's channels keep their place within heads."""
+    sources = channel_sources(space)
+    if sources is not None:
+        # one key head (multi-query attention), or its halves swapped (rotate_half): the whole
+        # group is one head, its channels stay in place
+        gids = {g for g, _ in sources}
+        axis = ctx.feature_axis(features)
+        pos = axis + out_rank - (ctx.rank(features) or 0) - (out_rank - len(const_shape)) if axis is not None else -1
+        if len(gids) != 1 or pos < 0 or const_shape[pos] != space.size or int(np.prod(const_shape, dtype=np.int64)) == 0:
+            return False
+        ctx.fix_within_heads(gids.pop())
+        return True
     if not isinstance(space, (HeadSpace, HalfHeads)):
         return False
     axis, head = ctx.feature_axis(features), ctx.head_axis_of.get(features)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from onnxzip.graph.layergraph import Layer
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, StackSpace,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, RepeatSpace, StackSpace,
 )
 from onnxzip.ops.axes import map_axis
 from onnxzip.ops.attention import (
-    carry_head_axis, map_heads, merge_heads, move_heads, set_head_axis, split_heads, transpose_heads,
+    carry_head_axis, map_heads, merge_heads, move_heads, repeat_heads, set_head_axis, split_heads, transpose_heads,
 )
 from onnxzip.ops.registry import register
 from onnxzip.ops.rotary import join_halves, slice_half
@@ -65,15 +65,17 @@ def reshape(ctx, node, x, space):
         where = _axis_map(ctx, node, in_shape, out_shape)
         out = reshape_stack(ctx, node, space, where) if where is not None else None
         return [out] if out is not None else ctx.unsupported_op(node, "reshapes stacked q/k/v parts in an unknown way")
-    if isinstance(space, HeadSpace):
+    if isinstance(space, HeadSpace) or (isinstance(space, RepeatSpace) and x in ctx.head_axis_of):
         merged = merge_heads(ctx, node, space, in_shape, out_shape) or move_heads(ctx, node, space, in_shape, out_shape)
         if merged is None:
             merged = _move_heads(ctx, node, space, _axis_map(ctx, node, in_shape, out_shape))
+        if merged is None and isinstance(space, HeadSpace):
+            merged = repeat_heads(ctx, node, space, in_shape, out_shape)
         if merged is not None:
             return merged
         producer = ctx.producer.get(x)
         if producer is not None and producer.op_type in ("Expand", "Tile"):
-            return ctx.unsupported_op(node, "joins repeated key/value heads (grouped-query attention), not supported yet")
+            return ctx.unsupported_op(node, "repeats key/value heads (grouped-query attention) in an unknown way")
         return ctx.unsupported_op(node, "reshapes attention heads in an unknown way")
     if isinstance(space, HeadsOnly):
         found = map_heads(ctx, x, in_shape, out_shape, space.heads)
@@ -156,7 +158,7 @@ def transpose(ctx, node, x, space):
     perm = list(ctx.attr(node, "perm", list(range(rank))[::-1]))
     if isinstance(space, StackSpace):
         return [transpose_stack(ctx, node, space, perm)]
-    if isinstance(space, (HeadSpace, HeadsOnly)):
+    if isinstance(space, (HeadSpace, HeadsOnly)) or (isinstance(space, RepeatSpace) and x in ctx.head_axis_of):
         return transpose_heads(ctx, node, space, perm)
     return [_moved(ctx, node, space, perm.index(ctx.feature_axis(x)))]
 
