@@ -221,6 +221,26 @@ def _hf_llama():
     return _CausalLogits(LlamaForCausalLM(cfg))
 
 
+def _hf_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # grouped-query attention (4 query heads over 2 key/value heads), q/k/v biases, untied head
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=False, use_cache=False)
+    return _CausalLogits(Qwen2ForCausalLM(cfg))
+
+
+def _hf_mistral_mqa():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    # multi-query attention (one key/value head), tied embeddings
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32,
+                        tie_word_embeddings=True, use_cache=False, sliding_window=None)
+    return _CausalLogits(MistralForCausalLM(cfg))
+
+
 # --- torch -------------------------------------------------------------------------------------
 
 class _TinyEncoder(nn.Module):
@@ -263,6 +283,10 @@ MODELS: list[ZooModel] = [
     ZooModel("hf_bert", "transformers", "BertForSequenceClassification (2x32)", "tokens", _hf_bert, takes_mask=True),
     ZooModel("hf_gpt2", "transformers", "GPT2LMHeadModel (2x32)", "tokens", _hf_gpt2, takes_mask=True),
     ZooModel("hf_llama", "transformers", "LlamaForCausalLM (2x32, tied embeddings)", "tokens", _hf_llama, takes_mask=True),
+    ZooModel("hf_qwen2", "transformers", "Qwen2ForCausalLM (2x32, 4 query heads over 2 key/value heads)", "tokens",
+             _hf_qwen2, takes_mask=True),
+    ZooModel("hf_mistral_mqa", "transformers", "MistralForCausalLM (2x32, 4 query heads over 1 key/value head)", "tokens",
+             _hf_mistral_mqa, takes_mask=True),
     ZooModel("torch_mha", "torch", "nn.TransformerEncoderLayer (nn.MultiheadAttention)", "tokens",
              lambda: _TinyEncoder()),
 ]
@@ -270,7 +294,7 @@ MODELS: list[ZooModel] = [
 
 def build(model: ZooModel, seed: int) -> tuple[nn.Module, dict]:
     """One instance with seed-dependent random weights, in eval mode, and its example inputs."""
-    if model.library in ("torchvision", "timm"):
+    if model.library in ("torchvision", "timm", "transformers"):  # some transformers models import torchvision
         _torchvision_ops()
     torch.manual_seed(seed)
     module = model.build().eval()
