@@ -230,3 +230,50 @@ def strided_pool_head(seed: int = 0, batch: int = 4) -> onnx.ModelProto:
     nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], transB=1, name="fc"))
     return graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
                        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 5])], inits, opset=18)
+
+
+def attention_op_model(seed: int = 0, heads: int = 4, kv_heads: int = 4, layout: str = "4d", d: int = 4,
+                       tokens: int = 6, width: int = 16) -> onnx.ModelProto:
+    """x [N, tokens, width] -> dense embedding -> q/k/v projections -> ONNX ``Attention`` (opset 23,
+    causal; ``heads`` query heads over ``kv_heads`` key/value heads of size ``d``) -> output
+    projection -> residual Add -> Relu -> mean over tokens -> Gemm head.
+
+    layout "4d": the heads split by Reshape + Transpose before the op (as torch's dynamo exporter
+    writes ``scaled_dot_product_attention`` at opset 23); "3d": q/k/v as ``[N, tokens, heads * d]``
+    with the op's ``q_num_heads`` and ``kv_num_heads``.
+    """
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def dense(name, x, n_in, n_out, out):
+        inits.append(numpy_helper.from_array((rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32), f"{name}.w"))
+        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(n_out)).astype(np.float32), f"{name}.b"))
+        nodes.extend([helper.make_node("MatMul", [x, f"{name}.w"], [f"{name}.mm"], name=name),
+                      helper.make_node("Add", [f"{name}.mm", f"{name}.b"], [out], name=f"{name}.add")])
+
+    dense("embed", "x", 8, width, "h")
+    dense("q", "h", width, heads * d, "q")
+    dense("k", "h", width, kv_heads * d, "k")
+    dense("v", "h", width, kv_heads * d, "v")
+    if layout == "4d":
+        for name, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+            inits.append(numpy_helper.from_array(np.array([0, 0, n, d], np.int64), f"{name}.shape"))
+            nodes += [helper.make_node("Reshape", [name, f"{name}.shape"], [f"{name}4"], name=f"{name}.split"),
+                      helper.make_node("Transpose", [f"{name}4"], [f"{name}h"], perm=[0, 2, 1, 3], name=f"{name}.heads")]
+        nodes.append(helper.make_node("Attention", ["qh", "kh", "vh"], ["ah"], is_causal=1, name="attention"))
+        inits.append(numpy_helper.from_array(np.array([0, 0, heads * d], np.int64), "a.shape"))
+        nodes += [helper.make_node("Transpose", ["ah"], ["a4"], perm=[0, 2, 1, 3], name="a.tokens"),
+                  helper.make_node("Reshape", ["a4", "a.shape"], ["a"], name="a.join")]
+    else:
+        nodes.append(helper.make_node("Attention", ["q", "k", "v"], ["a"], is_causal=1, q_num_heads=heads,
+                                      kv_num_heads=kv_heads, name="attention"))
+    dense("o", "a", heads * d, width, "o")
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "tokens_axis"))
+    nodes += [helper.make_node("Add", ["o", "h"], ["res"], name="residual"),
+              helper.make_node("Relu", ["res"], ["act"], name="relu"),
+              helper.make_node("ReduceMean", ["act", "tokens_axis"], ["pooled"], keepdims=0, name="pool")]
+    inits += [numpy_helper.from_array((rng.standard_normal((5, width)) / np.sqrt(width)).astype(np.float32), "head.w"),
+              numpy_helper.from_array(np.zeros(5, np.float32), "head.b")]
+    nodes.append(helper.make_node("Gemm", ["pooled", "head.w", "head.b"], ["logits"], transB=1, name="head"))
+    return graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", tokens, 8])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits, opset=23)

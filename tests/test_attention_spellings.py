@@ -113,3 +113,40 @@ def test_mixer_token_mixing_passes_the_channels_and_matches_its_hidden_units_poo
     assert len(graph.pooled) == 2  # its hidden units, measured averaged over the channels
     residual = graph.groups[graph.layers[0].out_space.gid]
     assert residual.size == 8 and not residual.aligned
+
+
+@pytest.mark.parametrize("layout", ["4d", "3d"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_the_attention_op_zips_with_its_heads_and_repeated_key_heads(tmp_path, layout, kv_heads):
+    # ONNX's Attention (opset 23), as torch's dynamo exporter writes scaled_dot_product_attention:
+    # 4 query heads over 4 (multi-head), 2 (grouped-query) or 1 (multi-query) key/value heads
+    from tests.onnx_builders import attention_op_model
+
+    path = tmp_path / "a.onnx"
+    onnx.save(attention_op_model(0, 4, kv_heads, layout), path)
+    graph = load_layer_graph(path)
+    assert graph.max_depth() == graph.num_layers == 4, [u.reason for u in graph.unsupported]
+    repeated = [g for g in graph.groups.values() if g.repeat_of is not None]
+    assert [g.repeat_of[1] for g in repeated] == ([] if kv_heads == 4 else [4 // kv_heads])
+    rng = np.random.default_rng(2)
+    x = rng.random((5, 6, 8)).astype(np.float32)
+    want = run(path, x)[0]
+    permuted = permute_model(graph, random_permutations(graph, seed=3))
+    np.testing.assert_allclose(run(permuted, x)[0], want, atol=1e-5, rtol=1e-4)
+    other = tmp_path / "permuted.onnx"
+    onnx.save(permuted, other)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.random((48, 6, 8)).astype(np.float32))
+    for repair, refit in ((False, False), (True, False), (True, True)):
+        result = onnxzip.zip_models(path, other, calib, method="zipit", params={"beta": 0.0}, stop_at="all",
+                                    do_repair=repair, refit=refit, tasks=["a", "b"])
+        for got in run(result.model, x):
+            np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    pair = tmp_path / "b.onnx"
+    onnx.save(attention_op_model(1, 4, kv_heads, layout), pair)
+    result = onnxzip.zip_models(path, pair, calib, method="zipit", params={"alpha": 0.3, "beta": 0.125},
+                                stop_at="all", tasks=["a", "b"])
+    sizes = {t.name: tuple(t.dims) for t in onnx.load(str(path)).graph.initializer}
+    assert all(tuple(t.dims) == sizes[t.name] for t in result.model.graph.initializer if t.name in sizes)
+    (got,) = run(result.model, x)
+    assert got.shape == (5, 5) and np.isfinite(got).all()

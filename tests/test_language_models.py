@@ -147,6 +147,8 @@ LM_CASES = [
     ("llama", "dynamo", {"tie": True}), ("llama", "dynamo", {"tie": False}), ("llama", "torchscript", {"mask": True}),
     # grouped-query (4 query heads over 2 key/value heads) and multi-query attention (over 1)
     ("llama", "dynamo", {"heads": 4, "kv_heads": 2}), ("llama", "torchscript", {"heads": 4, "kv_heads": 1, "mask": True}),
+    # opset 23: the dynamo exporter writes the attention as ONNX's Attention op
+    ("llama", "dynamo", {"heads": 4, "kv_heads": 2, "opset": 23}),
 ]
 
 
@@ -156,9 +158,11 @@ def _export_lm(tmp_path, arch, exporter, seed, kw):
     tiny_models.require("transformers")
     folder = tmp_path / f"{arch}-{exporter}-{seed}"
     folder.mkdir()
+    kw = dict(kw)
+    opset = kw.pop("opset", 17)
     model = tiny_models.build_language_model(arch, seed, **{"hidden": 32, "layers": 2, "heads": 2, "vocab": 100,
                                                             "intermediate": 64, **kw})
-    return tiny_models.export(model, folder / "model.onnx", exporter)
+    return tiny_models.export(model, folder / "model.onnx", exporter, opset=opset)
 
 
 @pytest.mark.exporter
@@ -172,6 +176,8 @@ def test_exported_language_model_self_zip_is_exact_and_a_pair_zips(tmp_path, arc
     np.savez(calib, **tiny_models.tokens(64, seed=1, names=names, vocab=100))
     graph = load_layer_graph(a)
     assert not graph.unsupported and graph.max_depth() == graph.num_layers
+    if kw.get("opset", 17) >= 23:
+        assert any(n.op_type == "Attention" for n in onnx.load(str(a), load_external_data=False).graph.node)
     x = tiny_models.tokens(4, seed=2, names=names, vocab=100)
     want = run(a, x)[0]
     permuted = _permuted_copy(a, tmp_path / "permuted.onnx")
