@@ -62,6 +62,8 @@ MODELS: list[Key] = sorted({
     Key("bert", 0), Key("llama", 0, "dynamo"), Key("llama", 1, "dynamo"),
     # grouped-query and multi-query attention (test_language_models)
     Key("llama-gqa", 0, "dynamo"), Key("llama-gqa", 1, "dynamo"), Key("llama-mqa", 0, "dynamo"),
+    # partial rotary (test_language_models)
+    Key("phi", 0, "dynamo"),
     # a static batch: the dynamo exporter folds the samples into attention's head axis
     # (test_attention_spellings, test_language_models)
     *(Key(a, exporter="dynamo", batch=4) for a in ("mha", "vit", "bert", "llama")),

@@ -20,7 +20,7 @@ from tests.tiny_models import example_feeds
 # committed models (tests/make_models.py): arch, exporter, static batch (0: dynamic). With a static
 # batch the dynamo exporter folds the samples into attention's head axis ([batch * heads, L, d]).
 COMMITTED = [("bert", "torchscript", 0), ("llama", "dynamo", 0), ("bert", "dynamo", 4), ("llama", "dynamo", 4),
-             ("llama-gqa", "dynamo", 0), ("llama-mqa", "dynamo", 0)]
+             ("llama-gqa", "dynamo", 0), ("llama-mqa", "dynamo", 0), ("phi", "dynamo", 0)]
 
 
 def run(model, feeds):
@@ -149,6 +149,8 @@ LM_CASES = [
     ("llama", "dynamo", {"heads": 4, "kv_heads": 2}), ("llama", "torchscript", {"heads": 4, "kv_heads": 1, "mask": True}),
     # opset 23: the dynamo exporter writes the attention as ONNX's Attention op
     ("llama", "dynamo", {"heads": 4, "kv_heads": 2, "opset": 23}),
+    # partial rotary (Phi): half of each head's channels rotated, the rest passed through
+    ("phi", "dynamo", {}), ("phi", "torchscript", {"mask": True}),
 ]
 
 

@@ -24,7 +24,7 @@ def _torch():
 
 
 # Hugging Face language models (random weights): token ids in, logits out.
-LANGUAGE_MODELS = ("bert", "llama", "llama-gqa", "llama-mqa")
+LANGUAGE_MODELS = ("bert", "llama", "llama-gqa", "llama-mqa", "phi")
 # grouped-query attention: 4 query heads over this many key/value heads
 KV_HEADS = {"llama-gqa": 2, "llama-mqa": 1}
 TOKENS = 16  # sequence length of the example inputs
@@ -53,8 +53,9 @@ def build_language_model(arch: str, seed: int, hidden: int = 16, layers: int = 2
                          vocab: int = VOCAB, intermediate: int = 32, kv_heads: int | None = None, tie: bool = True,
                          mask: bool | None = None):
     """A tiny Hugging Face model with random weights: "bert" (BertForSequenceClassification, 3
-    labels; inputs input_ids and attention_mask) or "llama" (LlamaForCausalLM without a KV cache;
-    input input_ids, and attention_mask with ``mask``: TorchScript can export LLaMA only with one). Norm scales and all biases are made non-trivial, as after training (a Hugging
+    labels; inputs input_ids and attention_mask), "llama" (LlamaForCausalLM without a KV cache;
+    input input_ids, and attention_mask with ``mask``: TorchScript can export LLaMA only with one) or
+    "phi" (PhiForCausalLM: partial rotary, parallel attention and MLP). Norm scales and all biases are made non-trivial, as after training (a Hugging
     Face model starts with zero biases, and the dynamo exporter drops a zero bias)."""
     t = _torch()
     tf = _transformers()
@@ -68,6 +69,11 @@ def build_language_model(arch: str, seed: int, hidden: int = 16, layers: int = 2
                              num_key_value_heads=kv_heads or heads, intermediate_size=intermediate,
                              max_position_embeddings=2 * TOKENS, tie_word_embeddings=tie, use_cache=False)
         inner = tf.LlamaForCausalLM(cfg)
+    elif arch == "phi":  # partial rotary: half of each head's channels rotated, the rest passed
+        cfg = tf.PhiConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           intermediate_size=intermediate, max_position_embeddings=2 * TOKENS,
+                           partial_rotary_factor=0.5, use_cache=False)
+        inner = tf.PhiForCausalLM(cfg)
     else:
         raise ValueError(f"unknown language model {arch!r}: one of {LANGUAGE_MODELS}")
     g = t.Generator().manual_seed(seed + 2000)

@@ -241,6 +241,25 @@ def _hf_mistral_mqa():
     return _CausalLogits(MistralForCausalLM(cfg))
 
 
+def _hf_gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    # fused q/k/v interleaved per head ([heads, 3, d]), partial rotary (a quarter of each head), parallel residual
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=32, rotary_pct=0.25, use_cache=False,
+                        tie_word_embeddings=False)
+    return _CausalLogits(GPTNeoXForCausalLM(cfg))
+
+
+def _hf_phi():
+    from transformers import PhiConfig, PhiForCausalLM
+
+    # partial rotary (half of each head), parallel attention and MLP, LayerNorm with biases
+    cfg = PhiConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=32, partial_rotary_factor=0.5, use_cache=False)
+    return _CausalLogits(PhiForCausalLM(cfg))
+
+
 # --- torch -------------------------------------------------------------------------------------
 
 class _TinyEncoder(nn.Module):
@@ -285,6 +304,10 @@ MODELS: list[ZooModel] = [
     ZooModel("hf_llama", "transformers", "LlamaForCausalLM (2x32, tied embeddings)", "tokens", _hf_llama, takes_mask=True),
     ZooModel("hf_qwen2", "transformers", "Qwen2ForCausalLM (2x32, 4 query heads over 2 key/value heads)", "tokens",
              _hf_qwen2, takes_mask=True),
+    ZooModel("hf_gpt_neox", "transformers", "GPTNeoXForCausalLM (2x32, fused q/k/v per head, partial rotary)",
+             "tokens", _hf_gpt_neox, takes_mask=True),
+    ZooModel("hf_phi", "transformers", "PhiForCausalLM (2x32, partial rotary, parallel blocks)", "tokens", _hf_phi,
+             takes_mask=True),
     ZooModel("hf_mistral_mqa", "transformers", "MistralForCausalLM (2x32, 4 query heads over 1 key/value head)", "tokens",
              _hf_mistral_mqa, takes_mask=True),
     ZooModel("torch_mha", "torch", "nn.TransformerEncoderLayer (nn.MultiheadAttention)", "tokens",

@@ -15,7 +15,7 @@ from onnxzip.errors import ModelLoadError, UnsupportedOpError
 from onnxzip.graph.samples import sample_layouts
 from onnxzip.graph.layergraph import ChannelParam, FeatureGroup, Layer, LayerGraph, Unsupported
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HalfHeads, HeadsOnly, HeadSpace, InputSpace, NoFeatures, RepeatSpace,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadPart, HeadsOnly, HeadSpace, InputSpace, NoFeatures, RepeatSpace,
     SelectSpace, Space, StackSpace, channel_sources, leaves,
 )
 from onnxzip.ops import get_handler
@@ -204,7 +204,7 @@ class BuildContext:
 
     @staticmethod
     def is_feature(space: Space) -> bool:
-        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, HalfHeads, StackSpace,
+        return isinstance(space, (GroupSpace, ConcatSpace, ExpandSpace, HeadSpace, HeadsOnly, HeadPart, StackSpace,
                                   SelectSpace, RepeatSpace))
 
     def keep_apart(self, space: Space, positions) -> bool:
@@ -319,7 +319,7 @@ class BuildContext:
         """``node`` mixes the channels of ``space``: fine for an output group, else a limit."""
         space = space.part if isinstance(space, RepeatSpace) else space
         gids = [leaf.gid for leaf in leaves(space)]
-        if isinstance(space, (HeadSpace, HeadsOnly, HalfHeads)):  # attention tensors: their group
+        if isinstance(space, (HeadSpace, HeadsOnly, HeadPart)):  # attention tensors: their group
             gids = [space.gid]
         for gid in gids:
             self.crossed.setdefault(gid, []).append((node.name, node.op_type))
@@ -400,7 +400,7 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
         for name, space in zip(node.output, outs):
             if name:
                 ctx.spaces[name] = space
-                if isinstance(space, (HeadSpace, HeadsOnly, HalfHeads, RepeatSpace)) and name not in ctx.head_axis_of:
+                if isinstance(space, (HeadSpace, HeadsOnly, HeadPart, RepeatSpace)) and name not in ctx.head_axis_of:
                     _carry_head_axis(ctx, node, name, space)
     graph = _finish(ctx)
     graph.notes = list(notes)
@@ -468,8 +468,8 @@ def _resolve(ctx: BuildContext, space: Space) -> Space:
         return HeadSpace(ctx.find(space.gid), space.size, space.heads)
     if isinstance(space, HeadsOnly):
         return HeadsOnly(ctx.find(space.gid), space.heads)
-    if isinstance(space, HalfHeads):
-        return HalfHeads(ctx.find(space.gid), space.size, space.heads, space.half)
+    if isinstance(space, HeadPart):
+        return HeadPart(ctx.find(space.gid), space.size, space.heads, space.width)
     if isinstance(space, StackSpace):
         return StackSpace(tuple(_resolve(ctx, p) for p in space.parts), space.size, space.heads)
     return space
@@ -541,8 +541,8 @@ def _renumber(space: Space, remap: dict[int, int]) -> Space:
         return HeadSpace(remap[space.gid], space.size, space.heads)
     if isinstance(space, HeadsOnly):
         return HeadsOnly(remap[space.gid], space.heads)
-    if isinstance(space, HalfHeads):
-        return HalfHeads(remap[space.gid], space.size, space.heads, space.half)
+    if isinstance(space, HeadPart):
+        return HeadPart(remap[space.gid], space.size, space.heads, space.width)
     if isinstance(space, StackSpace):
         return StackSpace(tuple(_renumber(p, remap) for p in space.parts), space.size, space.heads)
     return space

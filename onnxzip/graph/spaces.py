@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Space", "InputSpace", "NoFeatures", "Blocked", "GroupSpace", "ConcatSpace", "ExpandSpace", "HeadSpace",
-    "HeadsOnly", "HalfHeads", "StackSpace", "SelectSpace", "RepeatSpace", "leaves", "channel_sources",
+    "HeadsOnly", "HeadPart", "StackSpace", "SelectSpace", "RepeatSpace", "leaves", "channel_sources",
 ]
 
 
@@ -109,16 +109,19 @@ class HeadsOnly(Space):
 
 
 @dataclass(frozen=True)
-class HalfHeads(Space):
-    """One half of every head's channels of a head-structured group: channels [0, d/2) (``half``
-    0) or [d/2, d) (``half`` 1) of each head of size d. Rotary position embeddings spell
-    "rotate_half" as two such Slices, a Neg and a Concat that puts the halves back, swapped.
+class HeadPart(Space):
+    """``width`` of every head's channels, the same positions in each head, of a head-structured
+    group whose channels stay in place within heads (rotary). Rotary position embeddings slice
+    each head: "rotate_half" into its two halves (Slice, Neg, a Concat of the halves swapped), a
+    partial rotary into the rotated channels and the rest. Since the group's merge keeps channel i
+    of a head with channel i of other heads, any rearrangement of the within-head axis commutes
+    with it; only the head axis must stay whole.
     """
 
     gid: int
     size: int
     heads: int
-    half: int
+    width: int
 
 
 @dataclass(frozen=True)

@@ -13,63 +13,78 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.graph.spaces import GroupSpace, HalfHeads, HeadSpace, SelectSpace, channel_sources
+from onnxzip.graph.spaces import GroupSpace, HeadPart, HeadSpace, SelectSpace, channel_sources
 from onnxzip.ops.attention import carry_head_axis
 
-__all__ = ["slice_half", "join_halves", "within_head_constant"]
+__all__ = ["slice_within_heads", "split_within_heads", "join_within_heads", "within_head_constant"]
 
 
-def slice_half(ctx, node, space: HeadSpace):
-    """Slice of each head's first or second half of channels; None for any other slice."""
+def slice_within_heads(ctx, node, space):
+    """A Slice of the within-head axis (rotate_half's halves, a partial rotary's rotated channels
+    and the rest): a :class:`HeadPart`, and the group's channels stay in place within heads; None
+    for any other Slice."""
     x, out = node.input[0], node.output[0]
-    axis = ctx.feature_axis(x)
-    head = ctx.head_axis_of.get(x)
-    d = space.size // space.heads
+    axis, head = ctx.feature_axis(x), ctx.head_axis_of.get(x)
     in_shape, out_shape = ctx.shape(x), ctx.shape(out)
-    if head is None or in_shape is None or out_shape is None or in_shape[axis] != d or out_shape[axis] * 2 != d:
+    if head is None or in_shape is None or out_shape is None or in_shape[axis] != _width(space):
         return None
-    if any(a != b for k, (a, b) in enumerate(zip(in_shape, out_shape)) if k != axis):
-        return None
-    # bounds are constants, or computed from the shape (``x.shape[-1] // 2``, as TorchScript exports
-    # it): the head size is fixed, so the value the probe saw holds for every input
-    names = [node.input[k] if len(node.input) > k and node.input[k] else None for k in range(1, 5)]
-    values = [ctx.int_value(c) if c is not None else None for c in names]
-    if any(c is not None and v is None for c, v in zip(names, values)) or values[0] is None:
-        return None
-    starts = values[0].reshape(-1).tolist()
-    axes = values[2].reshape(-1).tolist() if values[2] is not None else list(range(len(starts)))
-    steps = values[3].reshape(-1).tolist() if values[3] is not None else [1] * len(starts)
-    rank = len(in_shape)
-    found = [(s, st) for s, a, st in zip(starts, axes, steps) if int(a) % rank == axis]
-    if len(found) != 1 or found[0][1] != 1:
-        return None
-    start = int(found[0][0])
-    start = start + d if start < 0 else start
-    if start not in (0, d // 2):
+    if not 0 < out_shape[axis] < in_shape[axis] or any(a != b for k, (a, b) in enumerate(zip(in_shape, out_shape)) if k != axis):
         return None
     ctx.fix_within_heads(space.gid)
     ctx.set_axis(out, axis)
     carry_head_axis(ctx, x, out, head)
-    return [HalfHeads(space.gid, space.size, space.heads, start // (d // 2))]
+    return [_part(space, out_shape[axis])]
 
 
-def join_halves(ctx, node, names: list[str], spaces: list, axis: int):
-    """Concat of the two halves of the same heads on the within-head axis (rotate_half); None
-    otherwise."""
+def split_within_heads(ctx, node, space):
+    """A Split of the within-head axis: one :class:`HeadPart` per output; None if ``node`` splits
+    another axis or the input is not head-structured."""
+    x = node.input[0]
+    axis, head = ctx.feature_axis(x), ctx.head_axis_of.get(x)
+    if head is None or ctx.attr(node, "axis", 0) % ctx.rank(x) != axis:
+        return None
+    ctx.fix_within_heads(space.gid)
+    outs = []
+    for o in node.output:
+        ctx.set_axis(o, axis)
+        carry_head_axis(ctx, x, o, head)
+        outs.append(_part(space, ctx.shape(o)[axis]))
+    return outs
+
+
+def _width(space) -> int:
+    return space.width if isinstance(space, HeadPart) else space.size // space.heads
+
+
+def _part(space, width: int):
+    if width == space.size // space.heads:
+        return HeadSpace(space.gid, space.size, space.heads)
+    return HeadPart(space.gid, space.size, space.heads, width)
+
+
+def join_within_heads(ctx, node, names: list[str], spaces: list, axis: int):
+    """Concat on the within-head axis of parts of the same heads (rotate_half's swapped halves, a
+    partial rotary's rotated channels and the rest); None otherwise."""
     if len(spaces) == 2 and all(isinstance(s, SelectSpace) for s in spaces):
         return _swap_group_halves(ctx, node, spaces, axis)
-    if len(spaces) != 2 or not all(isinstance(s, HalfHeads) for s in spaces):
+    if not all(isinstance(s, (HeadPart, HeadSpace)) for s in spaces) or not any(isinstance(s, HeadPart) for s in spaces):
         return None
-    a, b = spaces
-    if ctx.find(a.gid) != ctx.find(b.gid) or {a.half, b.half} != {0, 1} or ctx.feature_axis(names[0]) != axis:
+    first = spaces[0]
+    if any(ctx.find(s.gid) != ctx.find(first.gid) or (s.size, s.heads) != (first.size, first.heads) for s in spaces):
         return None
     heads = {ctx.head_axis_of.get(n) for n in names}
     if len(heads) != 1 or None in heads or len({ctx.head_fold_of.get(n, 1) for n in names}) != 1:
         return None
+    if any(ctx.feature_axis(n) != axis for n in names):
+        return None
+    width = sum(_width(s) for s in spaces)
+    if width > first.size // first.heads:
+        return None
+    ctx.fix_within_heads(first.gid)
     out = node.output[0]
     ctx.set_axis(out, axis)
     carry_head_axis(ctx, names[0], out, heads.pop())
-    return [HeadSpace(a.gid, a.size, a.heads)]
+    return [_part(first, width)]
 
 
 def _swap_group_halves(ctx, node, spaces: list, axis: int):
@@ -101,15 +116,14 @@ def within_head_constant(ctx, features: str, space, const_shape, out_rank: int) 
             return False
         ctx.fix_within_heads(gids.pop())
         return True
-    if not isinstance(space, (HeadSpace, HalfHeads)):
+    if not isinstance(space, (HeadSpace, HeadPart)):
         return False
     axis, head = ctx.feature_axis(features), ctx.head_axis_of.get(features)
     if head is None:
         return False
     shift = out_rank - (ctx.rank(features) or 0)
     pos, hpos = axis + shift - (out_rank - len(const_shape)), head + shift - (out_rank - len(const_shape))
-    d = space.size // space.heads
-    width = d if isinstance(space, HeadSpace) else d // 2
+    width = _width(space)
     if pos < 0 or const_shape[pos] != width or (hpos >= 0 and const_shape[hpos] != 1):
         return False
     if int(np.prod(const_shape, dtype=np.int64)) == 0:

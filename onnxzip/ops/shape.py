@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from onnxzip.graph.layergraph import Layer
 from onnxzip.graph.spaces import (
-    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadsOnly, HeadSpace, InputSpace, NoFeatures, RepeatSpace, StackSpace,
+    Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadPart, HeadsOnly, HeadSpace, InputSpace, NoFeatures, RepeatSpace,
+    StackSpace,
 )
 from onnxzip.ops.axes import map_axis
 from onnxzip.ops.attention import (
     carry_head_axis, map_heads, merge_heads, move_heads, repeat_heads, set_head_axis, split_heads, transpose_heads,
 )
 from onnxzip.ops.registry import register
-from onnxzip.ops.rotary import join_halves, slice_half
+from onnxzip.ops.rotary import join_within_heads, slice_within_heads, split_within_heads
 from onnxzip.ops.stack import (
     gather_stack, reshape_stack, slice_stack, split_stack, squeeze_axis_map, stack_parts, transpose_stack, unit_axis_map,
 )
@@ -180,7 +181,7 @@ def concat(ctx, node):
         return ctx.unsupported_op(node, "inputs' channel axes differ")
     ch = ch.pop()
     if axis == ch:
-        halves = join_halves(ctx, node, names, spaces, axis)
+        halves = join_within_heads(ctx, node, names, spaces, axis)
         if halves is not None:
             return halves
         if len(feats) != len(names):
@@ -342,7 +343,7 @@ def keep_channels(ctx, node, x, space):
                 return outs[1:]
     axis = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
-        half = slice_half(ctx, node, space) if node.op_type == "Slice" and isinstance(space, HeadSpace) else None
+        half = slice_within_heads(ctx, node, space) if node.op_type == "Slice" and isinstance(space, (HeadSpace, HeadPart)) else None
         if half is not None:
             return half
         # a Slice of the channel axis with constant bounds selects channels (see :func:`split`)
@@ -422,6 +423,10 @@ def split(ctx, node, x, space):
     if isinstance(space, ConcatSpace) and ctx.attr(node, "axis", 0) % ctx.rank(x) == ctx.feature_axis(x):
         outs = _cut_parts(ctx, node, space, [ctx.shape(o)[ctx.feature_axis(x)] for o in node.output], node.output)
         return outs if outs is not None else ctx.unsupported_op(node, "splits concatenated groups across a group")
+    if isinstance(space, (HeadSpace, HeadPart)):
+        parts = split_within_heads(ctx, node, space)
+        if parts is not None:
+            return parts
     axis = ctx.attr(node, "axis", 0) % rank
     ch = ctx.feature_axis(x)
     if axis == ch:
