@@ -667,6 +667,8 @@ def _group_table(groups: list) -> Table:
             tied = g["attention_tie"] is not None and g["attention_tie"] != g["group"]
             where += f"; {g['attention_heads']} attention heads" + (f" (tied with g{g['attention_tie']})" if tied else "")
             where += ", rotary (channels stay in place within heads)" if g.get("rotary") else ""
+        if g.get("repeats"):
+            where += f"; each head of g{g['repeats'][0]} meets {g['repeats'][1]} of these (grouped-query): its merge, repeated"
         gt.add_row(f"g{g['group']}", str(g["channels"]), prod, where, ", ".join(g["passes_through"]))
     return gt
 

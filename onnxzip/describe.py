@@ -53,6 +53,7 @@ def graph_summary(graph: LayerGraph) -> dict:
             "attention_heads": g.attention_heads,
             "attention_tie": g.attention_tie,
             "rotary": g.rotary,
+            "repeats": list(g.repeat_of) if g.repeat_of else None,
             "passes_through": sorted({p.op_type for p in graph.params if p.gid == gid}),
             "blocked_by": [n for n, _ in g.blocked_by] if not g.output else [],
         })

@@ -72,6 +72,8 @@ def format_signature(sig, group: str = "group ") -> str:
         index = list(sig[1])
         what = f"{index[0]}:{index[-1] + 1}" if index == list(range(index[0], index[-1] + 1)) else f"{len(index)} reordered"
         return f"channels({format_signature(sig[2], group)}, {what})"
+    if sig[0] == "repeat":
+        return f"repeat({format_signature(sig[3], group)}, {sig[1]} heads x{sig[2]})"
     return sig[0]
 
 
