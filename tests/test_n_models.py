@@ -287,3 +287,24 @@ def test_bundled_three_task_sample_zips_close_to_its_ensemble():
     ensemble = evaluate(EnsemblePredictor({t: ModelPredictor(p, task=t) for t, p in zip(tasks, paths)}), data).joint
     zipped = evaluate(ModelPredictor(result.model), data).joint
     assert zipped >= ensemble - 0.03 and zipped > 0.85
+
+
+@pytest.mark.parametrize("correction", ["off", "refit"])
+@pytest.mark.parametrize("method,params", [("permute", {}), ("zipit", {"alpha": 1.0, "beta": 0.0})])
+def test_zip_of_three_permuted_grouped_query_models(tiny, tmp_path, method, params, correction):
+    """Grouped-query attention over three models: key heads paired with the first model's, the
+    queries' merge repeated from the keys'."""
+    from tests.tiny_models import example_feeds
+
+    path = tiny("llama-gqa", 0, "dynamo")
+    paths = permuted_copies(path, tmp_path, 3)
+    calib = tmp_path / "tokens.npz"
+    np.savez(calib, **example_feeds("llama-gqa", 48, seed=1))
+    result = onnxzip.zip_models(paths, calib, method=method, params=params, tasks=["a", "b", "c"], stop_at="all",
+                                **CORRECTIONS[correction])
+    x = example_feeds("llama-gqa", 4, seed=5)
+    sess = lambda m: ort.InferenceSession(m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m),  # noqa: E731
+                                          providers=["CPUExecutionProvider"])
+    want = sess(path).run(None, x)[0]
+    for got in sess(result.model).run(None, x):
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
