@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from onnxzip.onnx_nodes import attr, toposort
 from onnxzip.runtime import session
 
-__all__ = ["split_fused_projections"]
+__all__ = ["split_fused_projections", "split_columns", "fused_candidates"]
 
 # ops that only move or pick entries of their first input
 _MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Split", "Slice", "Identity"}
@@ -31,7 +31,7 @@ _PARTS = (2, 3, 4)
 _PROBE = "::onnxzip_parts"
 
 
-def _candidates(m: onnx.ModelProto) -> list[tuple]:
+def fused_candidates(m: onnx.ModelProto) -> list[tuple]:
     """(layer node, bias Add node or None, output tensor, out features) of dense layers whose
     output only feeds ops that move entries."""
     inits = {t.name: t for t in m.graph.initializer}
@@ -145,7 +145,7 @@ def _parts_of(values: list[np.ndarray], width: int) -> int | None:
 
 def split_fused_projections(m: onnx.ModelProto, feeds: dict | None = None) -> list[str]:
     """Rewrite every fused dense layer into one layer per part plus a channel Concat (in place)."""
-    cands = _candidates(m)
+    cands = fused_candidates(m)
     if not cands:
         return []
     if feeds is None:
@@ -172,9 +172,17 @@ def split_fused_projections(m: onnx.ModelProto, feeds: dict | None = None) -> li
 
 
 def _split(m: onnx.ModelProto, node, bias, y: str, width: int, k: int) -> None:
+    d = width // k
+    parts = split_columns(m, node, bias, [np.arange(c * d, (c + 1) * d) for c in range(k)])
+    m.graph.node.append(helper.make_node("Concat", parts, [y], name=f"{node.name}/parts", axis=-1))
+
+
+def split_columns(m: onnx.ModelProto, node, bias, columns: list) -> list[str]:
+    """Replace dense layer ``node`` (and its bias Add) by one layer per entry of ``columns`` (the
+    output channels it keeps, in order); returns the parts' output tensors. The layer's output is
+    no longer computed: the caller rebuilds what read it."""
     inits = {t.name: t for t in m.graph.initializer}
     w = numpy_helper.to_array(inits[node.input[1]])
-    d = width // k
     out_axis = 1 if node.op_type == "MatMul" or not attr(node, "transB", 0) else 0
     gemm_bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
     b = numpy_helper.to_array(inits[gemm_bias]) if gemm_bias else None
@@ -183,11 +191,10 @@ def _split(m: onnx.ModelProto, node, bias, y: str, width: int, k: int) -> None:
         add_bias = bias.input[1] if bias.input[0] == node.output[0] else bias.input[0]
         b = numpy_helper.to_array(inits[add_bias])
     new_nodes, parts = [], []
-    for c in range(k):
-        sl = [slice(None)] * 2
-        sl[out_axis] = slice(c * d, (c + 1) * d)
+    for c, cols in enumerate(columns):
+        cols = np.asarray(cols, dtype=np.int64)
         wname = f"{node.input[1]}/part{c}"
-        m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w[tuple(sl)]), wname))
+        m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.take(w, cols, axis=out_axis)), wname))
         out = f"{node.output[0]}/part{c}"
         layer = onnx.NodeProto()
         layer.CopyFrom(node)
@@ -196,17 +203,16 @@ def _split(m: onnx.ModelProto, node, bias, y: str, width: int, k: int) -> None:
         layer.output[0] = out
         if gemm_bias:
             bname = f"{gemm_bias}/part{c}"
-            m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b.reshape(-1)[c * d:(c + 1) * d]), bname))
+            m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b.reshape(-1)[cols]), bname))
             layer.input[2] = bname
         new_nodes.append(layer)
         if bias is not None:
             bname = f"{add_bias}/part{c}"
-            m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b[c * d:(c + 1) * d]), bname))
+            m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b[cols]), bname))
             added = f"{bias.output[0]}/part{c}"
             new_nodes.append(helper.make_node("Add", [out, bname], [added], name=f"{bias.name}/part{c}"))
             out = added
         parts.append(out)
-    new_nodes.append(helper.make_node("Concat", parts, [y], name=f"{node.name}/parts", axis=-1))
     drop = {node.output[0]} | ({bias.output[0]} if bias is not None else set())
     kept = [n for n in m.graph.node if not (n.output and n.output[0] in drop)]
     del m.graph.node[:]
@@ -215,3 +221,4 @@ def _split(m: onnx.ModelProto, node, bias, y: str, width: int, k: int) -> None:
     keep_inits = [t for t in m.graph.initializer if t.name in used]
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep_inits)
+    return parts

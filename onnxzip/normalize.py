@@ -115,6 +115,12 @@ def _split_fused(m: onnx.ModelProto) -> list[str]:
     return split_fused_projections(m)
 
 
+def _split_interleaved(m: onnx.ModelProto) -> list[str]:
+    from onnxzip.fused_heads import split_interleaved_projections
+
+    return split_interleaved_projections(m)
+
+
 def _identity_gathers(m: onnx.ModelProto) -> list[str]:
     from onnxzip.strided import identity_gathers_to_reshapes
 
@@ -997,6 +1003,7 @@ PASSES = [
     ("Gemm with alpha = beta = 1", _silent(normalize_gemm)),
     ("fold BatchNormalization", _fold_batchnorm),
     ("split fused projections", _split_fused),
+    ("split projections fused per head", _split_interleaved),
     ("identity as_strided as Reshape", _identity_gathers),
     ("topological order", _silent(toposort)),
     ("dense layers read Flatten", canonical_flatten),

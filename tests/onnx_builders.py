@@ -277,3 +277,52 @@ def attention_op_model(seed: int = 0, heads: int = 4, kv_heads: int = 4, layout:
     nodes.append(helper.make_node("Gemm", ["pooled", "head.w", "head.b"], ["logits"], transB=1, name="head"))
     return graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", tokens, 8])],
                        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits, opset=23)
+
+
+def fused_per_head_attention_model(seed: int = 0, heads: int = 2, d: int = 4, cut: str = "split", tokens: int = 5,
+                                   width: int = 8) -> onnx.ModelProto:
+    """x [N, tokens, 8] -> dense embedding -> one Linear to q/k/v side by side in each head
+    (GPT-NeoX's ``query_key_value``: Reshape [.., heads, 3 * d], Transpose, then a Split, or three
+    Slices with ``cut="slice"``) -> softmax(q k^T) v -> output projection -> residual Add -> Relu
+    -> mean over tokens -> Gemm head."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def dense(name, x, n_in, n_out, out):
+        inits.append(numpy_helper.from_array((rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32), f"{name}.w"))
+        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(n_out)).astype(np.float32), f"{name}.b"))
+        nodes.extend([helper.make_node("MatMul", [x, f"{name}.w"], [f"{name}.mm"], name=name),
+                      helper.make_node("Add", [f"{name}.mm", f"{name}.b"], [out], name=f"{name}.add")])
+
+    dense("embed", "x", 8, width, "h")
+    dense("qkv", "h", width, 3 * heads * d, "qkv")
+    inits += [numpy_helper.from_array(np.array([0, 0, heads, 3 * d], np.int64), "qkv.shape"),
+              numpy_helper.from_array(np.array([0, 0, heads * d], np.int64), "a.shape"),
+              numpy_helper.from_array(np.array(1.0 / np.sqrt(d), np.float32), "scale")]
+    nodes += [helper.make_node("Reshape", ["qkv", "qkv.shape"], ["qkv4"], name="qkv.heads"),
+              helper.make_node("Transpose", ["qkv4"], ["qkvt"], perm=[0, 2, 1, 3], name="qkv.t")]
+    if cut == "split":
+        nodes.append(helper.make_node("Split", ["qkvt"], ["q", "k", "v"], axis=3, num_outputs=3, name="qkv.split"))
+    else:
+        for j, name in enumerate("qkv"):
+            for what, value in (("start", j * d), ("end", (j + 1) * d), ("axis", 3)):
+                inits.append(numpy_helper.from_array(np.array([value], np.int64), f"{name}.{what}"))
+            nodes.append(helper.make_node("Slice", ["qkvt", f"{name}.start", f"{name}.end", f"{name}.axis"], [name],
+                                          name=f"qkv.slice_{name}"))
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2], name="k.t"),
+              helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+              helper.make_node("Mul", ["scores", "scale"], ["scaled"], name="scale"),
+              helper.make_node("Softmax", ["scaled"], ["weights"], axis=-1, name="softmax"),
+              helper.make_node("MatMul", ["weights", "v"], ["ctx"], name="context"),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3], name="ctx.t"),
+              helper.make_node("Reshape", ["ctx_t", "a.shape"], ["a"], name="ctx.join")]
+    dense("o", "a", heads * d, width, "o")
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "tokens_axis"))
+    nodes += [helper.make_node("Add", ["o", "h"], ["res"], name="residual"),
+              helper.make_node("Relu", ["res"], ["act"], name="relu"),
+              helper.make_node("ReduceMean", ["act", "tokens_axis"], ["pooled"], keepdims=0, name="pool")]
+    inits += [numpy_helper.from_array((rng.standard_normal((5, width)) / np.sqrt(width)).astype(np.float32), "head.w"),
+              numpy_helper.from_array(np.zeros(5, np.float32), "head.b")]
+    nodes.append(helper.make_node("Gemm", ["pooled", "head.w", "head.b"], ["logits"], transB=1, name="head"))
+    return graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", tokens, 8])],
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits, opset=18)

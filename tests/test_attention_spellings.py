@@ -150,3 +150,32 @@ def test_the_attention_op_zips_with_its_heads_and_repeated_key_heads(tmp_path, l
     assert all(tuple(t.dims) == sizes[t.name] for t in result.model.graph.initializer if t.name in sizes)
     (got,) = run(result.model, x)
     assert got.shape == (5, 5) and np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("cut", ["split", "slice"])
+def test_q_k_v_fused_side_by_side_in_each_head_become_one_layer_per_part(tmp_path, cut):
+    # GPT-NeoX: one Linear read as [.., heads, 3 * d] and cut per head
+    from tests.onnx_builders import fused_per_head_attention_model
+
+    path = tmp_path / "a.onnx"
+    onnx.save(fused_per_head_attention_model(0, cut=cut), path)
+    graph = load_layer_graph(path)
+    assert any("fused per head" in n for n in graph.notes)
+    assert graph.max_depth() == graph.num_layers == 4, [u.reason for u in graph.unsupported]
+    heads = sorted(g.attention_heads for g in graph.groups.values() if g.attention_heads > 1)
+    assert heads == [2, 2]  # q with k, and v
+    rng = np.random.default_rng(2)
+    x = rng.random((5, 5, 8)).astype(np.float32)
+    want = run(path, x)[0]
+    permuted = permute_model(graph, random_permutations(graph, seed=3))
+    np.testing.assert_allclose(run(permuted, x)[0], want, atol=1e-5, rtol=1e-4)
+    other = tmp_path / "permuted.onnx"
+    onnx.save(permuted, other)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.random((48, 5, 8)).astype(np.float32))
+    for repair, refit in ((False, False), (True, True)):
+        result = onnxzip.zip_models(path, other, calib, method="zipit", params={"beta": 0.0}, stop_at="all",
+                                    do_repair=repair, refit=refit, tasks=["a", "b"])
+        for got in run(result.model, x):
+            np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+

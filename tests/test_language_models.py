@@ -151,6 +151,8 @@ LM_CASES = [
     ("llama", "dynamo", {"heads": 4, "kv_heads": 2, "opset": 23}),
     # partial rotary (Phi): half of each head's channels rotated, the rest passed through
     ("phi", "dynamo", {}), ("phi", "torchscript", {"mask": True}),
+    # GPT-NeoX: q/k/v fused side by side in each head, partial rotary
+    ("neox", "dynamo", {}), ("neox", "torchscript", {"mask": True}),
 ]
 
 

@@ -55,7 +55,8 @@ def build_language_model(arch: str, seed: int, hidden: int = 16, layers: int = 2
     """A tiny Hugging Face model with random weights: "bert" (BertForSequenceClassification, 3
     labels; inputs input_ids and attention_mask), "llama" (LlamaForCausalLM without a KV cache;
     input input_ids, and attention_mask with ``mask``: TorchScript can export LLaMA only with one) or
-    "phi" (PhiForCausalLM: partial rotary, parallel attention and MLP). Norm scales and all biases are made non-trivial, as after training (a Hugging
+    "phi" (PhiForCausalLM: partial rotary, parallel attention and MLP) or "neox" (GPTNeoXForCausalLM:
+    q/k/v fused side by side in each head). Norm scales and all biases are made non-trivial, as after training (a Hugging
     Face model starts with zero biases, and the dynamo exporter drops a zero bias)."""
     t = _torch()
     tf = _transformers()
@@ -69,6 +70,11 @@ def build_language_model(arch: str, seed: int, hidden: int = 16, layers: int = 2
                              num_key_value_heads=kv_heads or heads, intermediate_size=intermediate,
                              max_position_embeddings=2 * TOKENS, tie_word_embeddings=tie, use_cache=False)
         inner = tf.LlamaForCausalLM(cfg)
+    elif arch == "neox":  # q/k/v fused side by side in each head, a quarter of each head rotated
+        cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                               intermediate_size=intermediate, max_position_embeddings=2 * TOKENS, rotary_pct=0.25,
+                               use_cache=False, tie_word_embeddings=False)
+        inner = tf.GPTNeoXForCausalLM(cfg)
     elif arch == "phi":  # partial rotary: half of each head's channels rotated, the rest passed
         cfg = tf.PhiConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                            intermediate_size=intermediate, max_position_embeddings=2 * TOKENS,

@@ -317,10 +317,7 @@ class BuildContext:
 
     def cross_channel(self, node: onnx.NodeProto, space: Space) -> None:
         """``node`` mixes the channels of ``space``: fine for an output group, else a limit."""
-        space = space.part if isinstance(space, RepeatSpace) else space
-        gids = [leaf.gid for leaf in leaves(space)]
-        if isinstance(space, (HeadSpace, HeadsOnly, HeadPart)):  # attention tensors: their group
-            gids = [space.gid]
+        gids = _space_gids(space)
         for gid in gids:
             self.crossed.setdefault(gid, []).append((node.name, node.op_type))
 
@@ -328,8 +325,7 @@ class BuildContext:
         """``node`` takes ``space``'s features where the zip cannot follow them: a trunk that made
         them would hand a blocked tensor to the branches, so each group they belong to (attention
         heads included) limits the depth."""
-        space = space.part if isinstance(space, RepeatSpace) else space
-        gids = [space.gid] if isinstance(space, (HeadSpace, HeadsOnly)) else [leaf.gid for leaf in leaves(space)]
+        gids = _space_gids(space)
         for gid in gids:
             self.crossed.setdefault(gid, []).append((node.name, node.op_type))
 
@@ -441,6 +437,15 @@ def _carry_channels(ctx: BuildContext, node, outs: list) -> None:
     same = ctx.space(feeding)
     if isinstance(outs[0], GroupSpace) and isinstance(same, GroupSpace) and ctx.find(outs[0].gid) == ctx.find(same.gid):
         ctx.carried[node.output[0]] = GroupSpace(carried.gid, carried.size, node.output[0], carried.axis)
+
+
+def _space_gids(space: Space) -> list[int]:
+    """The groups whose features a tensor of ``space`` holds (attention tensors included)."""
+    if isinstance(space, RepeatSpace):
+        return _space_gids(space.part)
+    if isinstance(space, (HeadSpace, HeadsOnly, HeadPart)):
+        return [space.gid]
+    return [leaf.gid for leaf in leaves(space)]
 
 
 def _carry_head_axis(ctx: BuildContext, node, name: str, space: Space) -> None:
