@@ -72,13 +72,26 @@ def _signature_difference(la: Layer, lb: Layer) -> str:
         what.append(f"kind {sa[1]} vs {sb[1]}")
     if sa[2] != sb[2]:
         what.append(f"weight (out, in, kernel) {list(sa[2])} vs {list(sb[2])}")
-    if sa[3] != sb[3]:
-        what.append(f"input {_fmt(sa[3])} vs {_fmt(sb[3])}")
-    if sa[4] != sb[4]:
-        what.append(f"output {_fmt(sa[4])} vs {_fmt(sb[4])}")
+    for k, side in ((3, "input"), (4, "output")):
+        if sa[k] != sb[k]:
+            ta, tb = _fmt(sa[k]), _fmt(sb[k])
+            if ta == tb:  # the same groups, of other sizes
+                ta, tb = f"{ta} of {_width(sa[k])}", f"{tb} of {_width(sb[k])}"
+            what.append(f"{side} {ta} vs {tb}")
     if sa[0] != sb[0]:
         what.append(f"layer number {sa[0]} vs {sb[0]}")
     return "different " + "; ".join(what) if what else "different signature"
+
+
+def _width(sig) -> str:
+    """The channels of a space signature, in words (each part's for a concatenation)."""
+    if sig[0] == "group":
+        return f"{sig[2]} channels"
+    if sig[0] == "concat":
+        return "(" + ", ".join(_width(p) for p in sig[1:]) + ")"
+    if sig[0] in ("expand", "select"):
+        return _width(sig[-1])
+    return "-"
 
 
 def _describe(layer: Layer) -> str:
