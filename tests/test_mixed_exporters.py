@@ -49,7 +49,7 @@ def permuted(path, tmp_path, seed=7):
     return out
 
 
-@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+@pytest.mark.parametrize("arch", ["cnn", "resnet", "vit"])
 @pytest.mark.parametrize("method,params", [("permute", {}), ("zipit", {"beta": 0.0})])
 @pytest.mark.parametrize("repair", [False, True])
 def test_torchscript_zipped_with_a_permuted_dynamo_copy_gives_it_back(tiny, calib, tmp_path, arch, method, params, repair):
@@ -68,10 +68,11 @@ def test_torchscript_zipped_with_a_permuted_dynamo_copy_gives_it_back(tiny, cali
 
 
 def test_a_graph_that_depends_on_its_static_batch_keeps_it(tiny, calib, tmp_path):
-    """The dynamo ViT joins a class token already expanded to the batch ([4, 1, D]): the zipped
-    model takes batches of exactly 4, and still computes the TorchScript model's function."""
-    x_path = tiny("vit")
-    y_path = permuted(tiny("vit", exporter="dynamo", batch=4), tmp_path)
+    """The dynamo export of nn.MultiheadAttention folds the samples into the head axis ([4 * heads,
+    L, d]): the zipped model takes batches of exactly 4, and still computes the TorchScript model's
+    function."""
+    x_path = tiny("mha")
+    y_path = permuted(tiny("mha", exporter="dynamo", batch=4), tmp_path)
     x = images(10, seed=3)
     want = run(x_path, x)[0]
     for a, b in ((x_path, y_path), (y_path, x_path)):
@@ -159,6 +160,13 @@ def test_release_static_batch_checks_its_result(tiny):
     assert released is not None, note
     assert batch_of(released) == "batch" and "released" in note
     np.testing.assert_allclose(run(released, images(7, seed=6))[0], run(model, images(7, seed=6))[0], atol=1e-5)
+    # a class token expanded to the batch at export time: expanded at run time instead
     vit, _ = normalize(onnx.load(str(tiny("vit", exporter="dynamo", batch=4))))
-    kept, why = release_static_batch(vit, {"x": x})
-    assert kept is None and "depends on its static batch of 4" in why
+    released, note = release_static_batch(vit, {"x": x})
+    assert released is not None and "1 token repeated over the batch now Expands to it" in note, note
+    assert [n.op_type for n in released.graph.node].count("Expand") == 1
+    np.testing.assert_allclose(run(released, images(6, seed=6))[0], run(vit, images(6, seed=6))[0], atol=1e-5)
+    # attention with the samples folded into the head axis: kept
+    mha, _ = normalize(onnx.load(str(tiny("mha", exporter="dynamo", batch=4))))
+    kept, why = release_static_batch(mha, {"x": x})
+    assert kept is None and "depends on its static batch of 4" in why and "fails at another batch" in why
