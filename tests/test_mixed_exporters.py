@@ -170,3 +170,29 @@ def test_release_static_batch_checks_its_result(tiny):
     mha, _ = normalize(onnx.load(str(tiny("mha", exporter="dynamo", batch=4))))
     kept, why = release_static_batch(mha, {"x": x})
     assert kept is None and "depends on its static batch of 4" in why and "fails at another batch" in why
+
+
+def test_a_bias_only_the_second_model_has_needs_a_place_in_the_first(tiny, calib, tmp_path):
+    """A MatMul without a bias Add cannot take the merged bias of a partner that has one: the
+    message says so and what to do; the other order zips."""
+    path = tiny("vit")
+    graph = load_layer_graph(path)
+    layer = next(l for l in graph.layers if l.op_type == "MatMul" and l.bias is not None)
+    model = onnx.ModelProto()
+    model.CopyFrom(graph.model)
+    add = next(n for n in model.graph.node if n.op_type == "Add" and layer.bias in n.input)
+    matmul_out = next(i for i in add.input if i != layer.bias)
+    for n in model.graph.node:
+        for q, i in enumerate(n.input):
+            if i == add.output[0]:
+                n.input[q] = matmul_out
+    model.graph.node.remove(add)
+    none = tmp_path / "no_bias.onnx"
+    onnx.save(model, none)
+    info = onnxzip.check(none, path)
+    assert not info["zippable"]
+    assert "has a bias" in info["reason"] and "give the model with the bias first" in info["reason"], info["reason"]
+    assert onnxzip.check(path, none)["zippable"]
+    r = onnxzip.zip_models(path, none, calib, method="zipit", params={"beta": 0.0}, do_repair=False, refit=False,
+                           tasks=["a", "b"])
+    assert all(np.isfinite(o).all() for o in run(r.model, images(3, seed=1)))

@@ -52,10 +52,6 @@ def layer_signature(layer: Layer) -> tuple:
     )
 
 
-def _has_bias(layer: Layer) -> bool:
-    return layer.bias is not None or bool(layer.bias_chain)
-
-
 def _structure(layer: Layer) -> tuple:
     """:func:`layer_signature` without the bias: a missing bias is a zero bias (exporters drop
     all-zero biases, e.g. the dynamo exporter's optimizer after folding a freshly initialized
