@@ -115,6 +115,7 @@ def check(model_a, model_b=None, data=None, input_layout: str | None = None) -> 
         raise OptionError(f"check needs at least 2 models, got {sum(s is not None for s in sources)}")
     loaded, ops, layout_notes = _loaded_for_check(sources, input_layout)
     try:
+        layout_notes = layout_notes + _batch_notes(loaded, sources)
         graphs = [load_layer_graph(m, data) for m in loaded]
     except OnnxZipError as e:
         return {"zippable": False, "reason": str(e), "notes": layout_notes}
@@ -142,6 +143,21 @@ def check(model_a, model_b=None, data=None, input_layout: str | None = None) -> 
             for k, g in enumerate(graphs) for u in g.unsupported
         ],
     }
+
+
+def _batch_notes(loaded: list, sources: list) -> list[str]:
+    """What a zip will do about the models' batch axes, in words (raises when two static batches differ)."""
+    from onnxzip.graph.build import static_batch_of
+    from onnxzip.pipeline import static_batch
+
+    batches = [static_batch_of(m) for m in loaded]
+    batch = static_batch(batches, [str(s) for s in sources])
+    if batch is None or all(b is not None for b in batches):
+        return []
+    labels = model_labels(len(loaded))
+    fixed = ", ".join(l for l, b in zip(labels, batches) if b is not None)
+    return [f"batch: {fixed} fixed at {batch}, the others dynamic; a zip makes the static models take any batch "
+            f"where their graphs allow it (checked on the calibration data), else the zipped model takes exactly {batch}"]
 
 
 def _loaded_for_check(sources: list, input_layout: str | None) -> tuple[list, list, list]:

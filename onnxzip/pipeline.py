@@ -218,11 +218,22 @@ def prepare_models(models, data, batch_size: int = 64, max_samples: int | None =
     class_list = _class_embeddings(classes, tasks)
     specs = [_specs(m) for m in protos]
     _check_inputs(specs)
-    dataset = open_data(data, specs[0], tasks)
+    batch = static_batch([_batch_of(s) for s in specs], sources)
+    released = []
+    if batch is not None and any(_batch_of(s) is None for s in specs):
+        protos, released = _release_batches(protos, specs, notes, open_data(data, _with_batch(specs[0], batch), tasks))
+        specs = [_specs(m) for m in protos]
+        batch = static_batch([_batch_of(s) for s in specs], sources)
+    dataset = open_data(data, _with_batch(specs[0], batch), tasks)
     if dataset.per_task and len(dataset.task_names) != len(protos):
         raise CalibrationDataError(f"got data for tasks {dataset.task_names}; give data for every task {tasks}, or one mixed set")
     graphs = _layer_graphs(protos, specs, notes, _example_feeds(dataset, protos[0]), sources)
     warnings = [f"input layout: {note}; the zipped model takes that layout" for note in layout_notes]
+    warnings += [f"batch: model {label}'s {note}; the zipped model takes any batch" for label, note, ok in released if ok]
+    kept = [f"model {label}'s {note}" for label, note, ok in released if not ok]
+    if kept:
+        warnings.append(f"batch: {'; '.join(kept)}; statistics run on batches of {batch} and the zipped model takes "
+                        f"batches of exactly {batch}")
     n = dataset.num_samples if max_samples is None else min(max_samples, dataset.num_samples)
     warnings += _sample_count_warnings(n, holdout)
     timings = {"load_and_parse": time.perf_counter() - t0}
@@ -242,11 +253,65 @@ def _check_options(holdout: float, batch_size: int, max_samples: int | None) -> 
         raise OptionError(f"--max-samples {max_samples} must be at least 1")
 
 
+def _batch_of(specs: list[InputSpec]) -> int | None:
+    """A model's static batch size (None: a dynamic batch axis)."""
+    return next((s.dims[0] for s in specs if s.dims and s.dims[0]), None)
+
+
+def static_batch(batches: list[int | None], sources: list[str]) -> int | None:
+    """The batch size every model can be fed, given each model's static batch (None: dynamic):
+    the static batch of those that have one (the dynamo exporter bakes the example batch into
+    Reshape constants), None when every batch axis is dynamic. Models with a dynamic batch axis run
+    at that size too."""
+    fixed = {k: b for k, b in enumerate(batches) if b is not None}
+    if len(set(fixed.values())) > 1:
+        labels = model_labels(len(batches))
+        listed = ", ".join(f"{labels[k]} ({sources[k]}) {b}" for k, b in fixed.items())
+        raise ArchitectureMismatchError(
+            f"the models have different static batch sizes: {listed}; re-export them with the same example batch "
+            "size, or with a dynamic batch axis"
+        )
+    return next(iter(fixed.values()), None)
+
+
+def _release_batches(protos: list, specs: list, notes: list, dataset: DataSet) -> tuple[list, list]:
+    """Models with a static batch, zipped with models that take any batch: each made to take any
+    batch where its graph allows it (:func:`onnxzip.batchaxis.release_static_batch`, checked on
+    the first calibration batch). Returns the models and (model label, what happened, released?)
+    per static model; ``notes`` gets the same."""
+    from onnxzip.batchaxis import release_static_batch
+
+    rows = next(dataset.batches(batch_size=1)).feeds
+    out, said = [], []
+    labels = model_labels(len(protos))
+    for k, m in enumerate(protos):
+        if _batch_of(specs[k]) is None:
+            out.append(m)
+            continue
+        feeds = {name: rows[specs[0][j].name] for j, name in enumerate(s.name for s in specs[k])}
+        released, note = release_static_batch(m, feeds)
+        notes[k].append(note)
+        said.append((labels[k], note, released is not None))
+        out.append(released if released is not None else m)
+    return out, said
+
+
+def _with_batch(specs: list[InputSpec], batch: int | None) -> list[InputSpec]:
+    """The inputs with the batch axis fixed to ``batch`` (unchanged when None)."""
+    if batch is None:
+        return specs
+    return [InputSpec(s.name, (batch,) + tuple(s.dims[1:]), s.dtype) if s.dims else s for s in specs]
+
+
 def _layer_graphs(models: list, specs: list, notes: list, feeds: dict, sources: list[str]) -> list[LayerGraph]:
-    """Every model's layer graph, checked against the first model's."""
+    """Every model's layer graph, checked against the first model's. ``feeds``: one sample,
+    padded to the static batch when a model has one; models with a dynamic batch axis see the
+    sample alone."""
     graphs = []
     for k, m in enumerate(models):
         fk = {name: feeds[specs[0][j].name] for j, name in enumerate(s.name for s in specs[k])}
+        if _batch_of(specs[k]) is None:
+            fk = {name: v[:1] for name, v in fk.items()}
         graphs.append(build_layer_graph(m, fk, notes[k]))
     for k in range(1, len(graphs)):
         diff = first_difference(graphs[0], graphs[k])

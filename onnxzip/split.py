@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxzip.errors import ArchitectureMismatchError, InternalError
+from onnxzip.graph.build import static_batch_of
 from onnxzip.graph.layergraph import Layer, LayerGraph
 from onnxzip.graph.spaces import GroupSpace, InputSpace, NoFeatures, leaves
 from onnxzip.merge import Merges
@@ -310,9 +311,13 @@ class _Builder:
             if pa.node not in trunk_names:
                 continue
             total = None
+            shape = None
             for k, g in enumerate(self.graphs):
                 p = g.params[j]
                 v = np.moveaxis(self.value(k, p.initializer).astype(np.float64), p.axis, 0)
+                shape = v.shape if shape is None else shape
+                if v.shape != shape:
+                    v = _fit_param(v, shape, p.node)
                 if pa.heads:
                     m = self.merges.head_merge(pa.gid, pa.heads, k)
                 elif pa.space is not None:
@@ -323,10 +328,23 @@ class _Builder:
                 total = part if total is None else total + part
             self.new_inits[pa.initializer] = np.moveaxis(total, 0, pa.axis).astype(self.value(0, pa.initializer).dtype)
 
+    def _inputs(self) -> list:
+        """Model A's inputs; with a static batch axis when any source model has one (its nodes,
+        in the trunk or in its branch, may have that batch baked into Reshape constants)."""
+        inputs = [_copy_vi(i, i.name) for i in self.graphs[0].model.graph.input]
+        batch = next((b for g in self.graphs for b in [static_batch_of(g.model)] if b), None)
+        if batch is not None:
+            for i in inputs:
+                dims = i.type.tensor_type.shape.dim
+                if len(dims) and not dims[0].dim_value:
+                    dims[0].Clear()
+                    dims[0].dim_value = batch
+        return inputs
+
     def model(self, graph_outputs: list) -> onnx.ModelProto:
         a = self.graphs[0].model
         graph = helper.make_graph(
-            self.nodes, a.graph.name or "zipped", list(a.graph.input), graph_outputs,
+            self.nodes, a.graph.name or "zipped", self._inputs(), graph_outputs,
             initializer=[numpy_helper.from_array(np.asarray(v), name) for name, v in self.new_inits.items()],
         )
         model = helper.make_model(graph, opset_imports=list(a.opset_import), ir_version=a.ir_version)
@@ -489,6 +507,31 @@ def _site(g: LayerGraph, l: Layer, idx: int, k: int, node: str, weight: str, bia
         # a token-mixing layer's output carries the channel group: its own features are on its out axis
         axis = l.out_space.axis if isinstance(l.out_space, GroupSpace) else 1
     return LayerSite(idx, k, node, weight, bias, l.w_out_axis, preact, axis, chain, l.number, g.sample_layout(l.preact))
+
+
+def _fit_param(v: np.ndarray, shape: tuple, node: str) -> np.ndarray:
+    """Another model's per-channel parameter (channels on axis 0) in the first model's shape: the
+    same values spelled with other unit axes, or a value repeated along the batch (a class token
+    that the dynamo exporter expanded to its static batch, [8, 1, D], where the TorchScript
+    exporter keeps [1, 1, D] and expands at run time) on one side and broadcast on the other."""
+    if v.size == int(np.prod(shape)):
+        return v.reshape(shape)
+    if v.ndim != len(shape) or v.shape[0] != shape[0]:
+        raise ArchitectureMismatchError(f"per-channel parameter of '{node}': shape {list(v.shape)} cannot take the "
+                                        f"first model's {list(shape)} (channels first)")
+    for axis, (have, want) in enumerate(zip(v.shape, shape)):
+        if have == want:
+            continue
+        if want == 1 and np.array_equal(v, np.broadcast_to(v.take([0], axis=axis), v.shape)):
+            v = v.take([0], axis=axis)
+        elif have == 1:
+            v = np.repeat(v, want, axis=axis)
+        else:
+            raise ArchitectureMismatchError(
+                f"per-channel parameter of '{node}': shape {list(v.shape)} vs the first model's {list(shape)} "
+                f"(channels first) along axis {axis}, with values that differ along it; zip models from the same exporter"
+            )
+    return v
 
 
 def _merge_values(m: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -67,6 +67,9 @@ MODELS: list[Key] = sorted({
     # a static batch: the dynamo exporter folds the samples into attention's head axis
     # (test_attention_spellings, test_language_models)
     *(Key(a, exporter="dynamo", batch=4) for a in ("mha", "vit", "bert", "llama")),
+    # TorchScript (dynamic batch) zipped with dynamo (static batch) exports (test_mixed_exporters)
+    Key("cnn", exporter="dynamo", batch=4), Key("resnet", exporter="dynamo", batch=4),
+    Key("resnet", 1, "dynamo", batch=4),
 })
 
 

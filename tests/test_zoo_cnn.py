@@ -104,3 +104,52 @@ def test_vgg11_bn_with_a_wide_classifier_self_zips_exactly(zoo, repair):
     r = onnxzip.zip_models(path, path, zoo.calib, method="zipit", params={"alpha": 0.3, "beta": 0.0},
                            stop_at="all", do_repair=repair, refit=False, tasks=["a", "b"])
     assert _relative_error(r.model, path, zoo.images(8, seed=3)) < TOLERANCE
+
+
+def _batch(model: onnx.ModelProto):
+    d = model.graph.input[0].type.tensor_type.shape.dim[0]
+    return d.dim_value if d.HasField("dim_value") else d.dim_param
+
+
+@pytest.mark.parametrize("arch", ["regnet", "densenet"])
+def test_torchscript_and_dynamo_exports_zip_together(zoo, arch):
+    """TorchScript (dynamic batch) with dynamo (batch fixed at 8): the same weights give the
+    TorchScript model back, at any batch; different weights zip at full depth."""
+    ts, same, other = zoo(arch, "torchscript", 0), zoo(arch, "dynamo", 0), zoo(arch, "dynamo", 1)
+    x = zoo.images(8, seed=3)[:5]
+    for a, b in ((ts, same), (same, ts)):
+        for repair in (False, True):
+            r = onnxzip.zip_models(a, b, zoo.calib, method="zipit", params={"alpha": 0.3, "beta": 0.0},
+                                   stop_at="all", do_repair=repair, refit=False, tasks=["a", "b"])
+            assert _batch(r.model) == "batch", r.warnings
+            assert _relative_error(r.model, ts, x) < TOLERANCE, f"repair={repair}"
+    m = load_layer_graph(ts).num_layers
+    r = onnxzip.zip_models(ts, other, zoo.calib, method="zipit", params={"alpha": 0.3, "beta": 0.5},
+                           stop_at=m - 1, refit=False, tasks=["a", "b"])
+    assert r.stop_at == m - 1
+    outs = run(r.model, x)
+    assert len(outs) == 2 and all(o.shape == (5, 5) and np.isfinite(o).all() for o in outs)
+
+
+def test_a_fresh_resnet_whose_zero_biases_dynamo_drops_zips_across_exporters(zoo, tmp_path):
+    """Fresh BatchNorms fold into zero biases, which the dynamo exporter's optimizer leaves out
+    and the TorchScript exporter keeps: a missing bias is a zero bias."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from tests import zoo_cnn
+
+    zoo_cnn._torchvision()
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5).eval()
+    ts = zoo_cnn.export(model, tmp_path / "ts.onnx", "torchscript")
+    (tmp_path / "dy").mkdir()
+    dy = zoo_cnn.export(model, tmp_path / "dy" / "model.onnx", "dynamo")
+
+    def biased(path):
+        g = load_layer_graph(path)
+        return sum(1 for n in g.model.graph.node if n.op_type == "Conv" and len(n.input) > 2 and n.input[2])
+
+    assert biased(ts) > biased(dy)  # the spelling this test is about
+    info = onnxzip.check(ts, dy)
+    assert info["zippable"] and info["max_stop_at"] == info["num_layers"], info["reason"]
+    r = onnxzip.zip_models(dy, ts, zoo.calib, method="permute", stop_at="all", do_repair=False, tasks=["a", "b"])
+    assert _relative_error(r.model, ts, zoo.images(8, seed=3)[:3]) < TOLERANCE

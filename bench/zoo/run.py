@@ -30,6 +30,10 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 EXPORTERS = ("torchscript", "dynamo")
+# a row per exporter, and "mixed": the TorchScript export of seed 0 zipped with the dynamo export of
+# seed 1 (dynamic batch with static batch); its self-zip pairs the TorchScript export with the
+# dynamo export of the same weights
+ROWS = EXPORTERS + ("mixed",)
 SAMPLES = 32  # calibration rows per task
 BATCH = 8  # the export batch (static in dynamo exports)
 TOKENS, VOCAB = 16, 64
@@ -117,8 +121,10 @@ def _error_line(text: str) -> str:
     return _one_line(lines[0] if lines else "no output")
 
 
-def case(a: str, b: str, data: dict, send) -> None:
-    """Every stage of one model x exporter; each stage's result is sent as soon as it is known."""
+def case(a: str, b: str, data: dict, send, twin: str | None = None) -> None:
+    """Every stage of one model x exporter; each stage's result is sent as soon as it is known.
+    ``twin``: the model the self-zip pairs with ``a`` (default ``a`` itself; the same weights from
+    the other exporter for a mixed row)."""
     from onnxzip import check, inspect, zip_models
     from onnxzip.cost import count_params
 
@@ -167,7 +173,7 @@ def case(a: str, b: str, data: dict, send) -> None:
     reference = _run_outputs(a, data["a"])
     for key, repair in (("self_off", False), ("self_on", True)):
         try:
-            res = zip_models(a, a, data["a"], method="zipit", params=dict(SELF_PARAMS), stop_at=stop_at,
+            res = zip_models(a, twin or a, data["a"], method="zipit", params=dict(SELF_PARAMS), stop_at=stop_at,
                              do_repair=repair, refit=False, tasks=["x", "y"])
             got = _run_outputs(res.model, data["a"])
             worst = 0.0
@@ -191,20 +197,22 @@ def case(a: str, b: str, data: dict, send) -> None:
             name = next(iter(ref))
             agree[task] = float(np.mean(np.argmax(got[f"{task}/{name}"], -1) == np.argmax(ref[name], -1)))
         both = count_params(a) + count_params(b)
-        send({"pair": "ok", "pair_seconds": seconds, "pair_agree": agree,
+        dim = res.model.graph.input[0].type.tensor_type.shape.dim[0]
+        batch = dim.dim_value if dim.HasField("dim_value") else "any"
+        send({"pair": "ok" if twin is None else f"ok, batch {batch}", "pair_seconds": seconds, "pair_agree": agree,
               "pair_params": count_params(res.model) / both})
     except Exception as e:  # noqa: BLE001
         send({"pair": f"failed: {_one_line(e)}"})
 
 
-def _child(a, b, data, log, conn) -> None:
+def _child(a, b, data, log, conn, twin=None) -> None:
     import os
 
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # onnxruntime's own log lines (shape probes that
     os.dup2(fd, 1)  # onnxzip expects to fail) and anything printed go to the case's log, not the table
     os.dup2(fd, 2)
     try:
-        case(a, b, data, conn.send)
+        case(a, b, data, conn.send, twin)
     except BaseException as e:  # noqa: BLE001
         conn.send({"error": _one_line(e), "traceback": traceback.format_exc()})
     finally:
@@ -212,11 +220,11 @@ def _child(a, b, data, log, conn) -> None:
         conn.close()
 
 
-def run_case(a: str, b: str, data: dict, log: Path, limit: float) -> dict:
+def run_case(a: str, b: str, data: dict, log: Path, limit: float, twin: str | None = None) -> dict:
     """One case in a forked process; what it sent before a crash or the time limit is kept."""
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(a, b, data, str(log), send), daemon=True)  # dies with the table
+    proc = ctx.Process(target=_child, args=(a, b, data, str(log), send, twin), daemon=True)  # dies with the table
     t = time.perf_counter()
     proc.start()
     send.close()
@@ -290,7 +298,7 @@ def markdown(rows: list[list[str]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", default=[], metavar="NAME", help="a model name (repeatable)")
-    ap.add_argument("--exporter", choices=EXPORTERS, help="one exporter only")
+    ap.add_argument("--exporter", choices=ROWS, help="one exporter only (mixed: TorchScript seed 0 with dynamo seed 1)")
     ap.add_argument("--out", type=Path, default=HERE / "out", help="cache folder for exports and data")
     ap.add_argument("--time-limit", type=int, default=120, help="seconds per case (model x exporter), and per export")
     ap.add_argument("--skip-export", action="store_true", help="use what the cache holds; export nothing")
@@ -301,16 +309,17 @@ def main() -> None:
     unknown = set(args.only) - {m["name"] for m in zoo}
     if unknown:
         sys.exit(f"unknown model(s) {sorted(unknown)}; the zoo has: {', '.join(m['name'] for m in _model_list())}")
-    exporters = [args.exporter] if args.exporter else list(EXPORTERS)
+    exporters = [args.exporter] if args.exporter else list(ROWS)
+    to_export = list(EXPORTERS) if "mixed" in exporters else exporters
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not args.skip_export:
         cmd = [sys.executable, str(HERE / "export.py"), "--out", str(args.out), "--time-limit", str(args.time_limit)]
-        cmd += [x for m in zoo for x in ("--only", m["name"])] + [x for e in exporters for x in ("--exporter", e)]
+        cmd += [x for m in zoo for x in ("--only", m["name"])] + [x for e in to_export for x in ("--exporter", e)]
         with open(args.out / "export.log", "w") as log:
             try:  # each export has its own limit (export.py); this one only guards against a hang
                 subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False,
-                               timeout=120 + 4 * len(zoo) * len(exporters) * args.time_limit)
+                               timeout=120 + 4 * len(zoo) * len(to_export) * args.time_limit)
             except subprocess.TimeoutExpired:
                 print("the export step ran out of time; models not exported are marked so", file=sys.stderr)
     export_s = time.perf_counter() - t0
@@ -324,11 +333,18 @@ def main() -> None:
         folder.mkdir(exist_ok=True)
         data = write_data(folder, m["kind"], m["mask"])
         for exporter in exporters:
-            status_file = folder / f"{exporter}.json"
-            status = json.loads(status_file.read_text()) if status_file.exists() else {"status": "export failed",
-                                                                                        "error": "not exported (see export.log)"}
-            if status["status"] != "ok":
-                r = {"export": f"export failed: {status.get('error', '')}"}
+            failed = None
+            for e in (EXPORTERS if exporter == "mixed" else (exporter,)):
+                status_file = folder / f"{e}.json"
+                status = json.loads(status_file.read_text()) if status_file.exists() else {
+                    "status": "export failed", "error": "not exported (see export.log)"}
+                if status["status"] != "ok":
+                    failed = failed or f"{e} export failed: {status.get('error', '')}"
+            if failed:
+                r = {"export": failed if exporter == "mixed" else failed.split(" ", 1)[1]}
+            elif exporter == "mixed":
+                paths = [str(folder / f) for f in ("torchscript-0.onnx", "dynamo-1.onnx", "dynamo-0.onnx")]
+                r = run_case(paths[0], paths[1], data, folder / "mixed.log", args.time_limit, twin=paths[2])
             else:
                 paths = [str(folder / f"{exporter}-{s}.onnx") for s in (0, 1)]
                 r = run_case(paths[0], paths[1], data, folder / f"{exporter}.log", args.time_limit)

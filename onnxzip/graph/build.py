@@ -23,7 +23,7 @@ from onnxzip.ops.attention import carry_head_axis
 from onnxzip.onnx_nodes import attr
 from onnxzip.runtime import session
 
-__all__ = ["build_layer_graph", "probe_shapes", "example_inputs", "BuildContext"]
+__all__ = ["build_layer_graph", "probe_shapes", "example_inputs", "static_batch_of", "BuildContext"]
 
 MOVED_SAMPLES = "::onnxzip_moved_samples"  # probe_shapes' note in ``values``
 
@@ -43,6 +43,11 @@ def declared_inputs(model: onnx.ModelProto) -> list[tuple[str, list, type]]:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         specs.append((i.name, dims, _ONNX_TO_NP.get(t.elem_type, np.float32)))
     return specs
+
+
+def static_batch_of(model: onnx.ModelProto) -> int | None:
+    """The batch size fixed by the model's inputs (their axis 0), None when the batch axis is dynamic."""
+    return next((dims[0] for _, dims, _ in declared_inputs(model) if dims and dims[0]), None)
 
 
 def example_inputs(model: onnx.ModelProto, batch: int = 1) -> dict[str, np.ndarray]:

@@ -54,6 +54,44 @@ def layer_signature(layer: Layer) -> tuple:
     )
 
 
+def _structure(layer: Layer) -> tuple:
+    """:func:`layer_signature` without the bias: a missing bias is a zero bias (exporters drop
+    all-zero biases, e.g. the dynamo exporter's optimizer after folding a freshly initialized
+    BatchNormalization), so a bias in one model only is no difference in architecture."""
+    sig = layer_signature(layer)
+    return sig[:3] + sig[4:]
+
+
+def _signature_difference(la: Layer, lb: Layer) -> str:
+    """What differs between two layers' signatures, in words."""
+    sa, sb = _structure(la), _structure(lb)
+    what = []
+    if sa[1] != sb[1]:
+        what.append(f"kind {sa[1]} vs {sb[1]}")
+    if sa[2] != sb[2]:
+        what.append(f"weight (out, in, kernel) {list(sa[2])} vs {list(sb[2])}")
+    for k, side in ((3, "input"), (4, "output")):
+        if sa[k] != sb[k]:
+            ta, tb = _fmt(sa[k]), _fmt(sb[k])
+            if ta == tb:  # the same groups, of other sizes
+                ta, tb = f"{ta} of {_width(sa[k])}", f"{tb} of {_width(sb[k])}"
+            what.append(f"{side} {ta} vs {tb}")
+    if sa[0] != sb[0]:
+        what.append(f"layer number {sa[0]} vs {sb[0]}")
+    return "different " + "; ".join(what) if what else "different signature"
+
+
+def _width(sig) -> str:
+    """The channels of a space signature, in words (each part's for a concatenation)."""
+    if sig[0] == "group":
+        return f"{sig[2]} channels"
+    if sig[0] == "concat":
+        return "(" + ", ".join(_width(p) for p in sig[1:]) + ")"
+    if sig[0] in ("expand", "select"):
+        return _width(sig[-1])
+    return "-"
+
+
 def _describe(layer: Layer) -> str:
     ins = space_signature(layer.in_space)
     outs = space_signature(layer.out_space)
@@ -258,8 +296,11 @@ def first_difference(a: LayerGraph, b: LayerGraph) -> str | None:
         if sa is not None and sb is not None and tuple(sa[1:]) != tuple(sb[1:]):
             return _input_difference(na, sa, nb, sb)
     for k, (la, lb) in enumerate(zip(a.layers, b.layers)):
-        if layer_signature(la) != layer_signature(lb) and not head_sizes_differ(a, la, b, lb):
-            return f"layer {la.number} (#{k + 1}): A {_describe(la)} vs B {_describe(lb)}"
+        if _structure(la) != _structure(lb) and not head_sizes_differ(a, la, b, lb):
+            return f"layer {la.number} (#{k + 1}): {_signature_difference(la, lb)}: A {_describe(la)} vs B {_describe(lb)}"
+        if lb.bias is not None and la.bias is None and la.op_type not in ("Conv", "Gemm"):
+            return (f"layer {la.number} (#{k + 1}): B's {lb.describe()} ('{lb.node}') has a bias, A's {la.op_type} "
+                    f"('{la.node}') has none and no place for one; give the model with the bias first")
         ga, gb = conv_geometry(a, la), conv_geometry(b, lb)
         if ga is not None and gb is not None:
             for key, what in (("kernel", "kernel"), ("strides", "strides"), ("dilations", "dilations"), ("pads", "padding")):
@@ -278,18 +319,29 @@ def first_difference(a: LayerGraph, b: LayerGraph) -> str | None:
     pa, pb = a.params, b.params
     if len(pa) != len(pb):
         return f"A has {len(pa)} per-channel parameters, B has {len(pb)} (e.g. BatchNormalization kept in one model only)"
-    added = {"Sub": "Add", "Gather": "Add"}  # a constant subtracted, or looked up by positions (see ops.shape.constant_lookup), is added
+    # a constant subtracted, or looked up by positions (see ops.shape.constant_lookup), is added; a
+    # learned token broadcast by Expand or Tile (TorchScript) is the token joined by Concat (dynamo
+    # folds the Expand to its static batch)
+    added = {"Sub": "Add", "Gather": "Add", "Expand": "Concat", "Tile": "Concat"}
     for x, y in zip(pa, pb):
         if (x.gid, added.get(x.op_type, x.op_type)) != (y.gid, added.get(y.op_type, y.op_type)):
             return f"per-channel parameter differs: A {x.op_type} '{x.node}' on group {x.gid} vs B {y.op_type} '{y.node}' on group {y.gid}"
         sx, sy = a.shapes.get(x.initializer, ()), b.shapes.get(y.initializer, ())
-        if int(np.prod(sx, dtype=np.int64)) != int(np.prod(sy, dtype=np.int64)):
+        if int(np.prod(sx, dtype=np.int64)) != int(np.prod(sy, dtype=np.int64)) and not _broadcastable(sx, x.axis, sy, y.axis):
             return (f"per-channel parameter differs: A {x.op_type} '{x.node}' {list(sx)} vs B {y.op_type} '{y.node}' "
                     f"{list(sy)} on group {x.gid} (e.g. a position table looked up in one model, folded to the "
                     "positions used in the other: export both with the same exporter)")
     if len(a.outputs) != len(b.outputs):
         return f"A has {len(a.outputs)} outputs, B has {len(b.outputs)}"
     return None
+
+
+def _broadcastable(sx, ax: int, sy, ay: int) -> bool:
+    """Two per-channel parameters of the same rank and channels that differ only where one has a
+    unit axis (a token repeated over a static batch in one model, broadcast in the other)."""
+    if len(sx) != len(sy) or ax != ay or sx[ax] != sy[ay]:
+        return False
+    return all(p == q or 1 in (p, q) for p, q in zip(sx, sy))
 
 
 def model_labels(n: int) -> list[str]:
