@@ -214,9 +214,13 @@ def split_columns(m: onnx.ModelProto, node, bias, columns: list) -> list[str]:
             out = added
         parts.append(out)
     drop = {node.output[0]} | ({bias.output[0]} if bias is not None else set())
-    kept = [n for n in m.graph.node if not (n.output and n.output[0] in drop)]
+    # the parts take the layer's place: layers of one depth keep their order (the layer graph
+    # lists them in node order, and two exports of one network must list them alike)
+    at = next(k for k, n in enumerate(m.graph.node) if n.output and n.output[0] == node.output[0])
+    before = [n for n in m.graph.node[:at] if not (n.output and n.output[0] in drop)]
+    after = [n for n in m.graph.node[at:] if not (n.output and n.output[0] in drop)]
     del m.graph.node[:]
-    m.graph.node.extend(kept + new_nodes)
+    m.graph.node.extend(before + new_nodes + after)
     used = {i for n in m.graph.node for i in n.input}
     keep_inits = [t for t in m.graph.initializer if t.name in used]
     del m.graph.initializer[:]

@@ -401,7 +401,7 @@ def build_layer_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | Non
         for name, space in zip(node.output, outs):
             if name:
                 ctx.spaces[name] = space
-                if isinstance(space, (HeadSpace, HeadsOnly, HeadPart, RepeatSpace)) and name not in ctx.head_axis_of:
+                if isinstance(space, (HeadSpace, HeadsOnly, HeadPart, RepeatSpace, ConcatSpace)) and name not in ctx.head_axis_of:
                     _carry_head_axis(ctx, node, name, space)
     graph = _finish(ctx)
     graph.notes = list(notes)

@@ -16,20 +16,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxzip.graph.spaces import GroupSpace, HeadsOnly, HeadSpace, RepeatSpace
+from onnxzip.graph.spaces import ConcatSpace, GroupSpace, HeadsOnly, HeadSpace, RepeatSpace
 from onnxzip.ops.axes import map_axis
 
 __all__ = [
     "split_heads", "merge_heads", "move_heads", "map_heads", "attention_matmul", "transpose_heads", "set_head_axis",
-    "carry_head_axis", "repeat_heads", "head_count",
+    "carry_head_axis", "repeat_heads", "head_count", "head_concat",
 ]
 
 
 def head_count(space) -> int:
-    """The heads on a head-structured tensor's head axis (a repeat's, all of them)."""
+    """The heads on a head-structured tensor's head axis (a repeat's, all of them; a per-head
+    concatenation's, those of its parts)."""
     if isinstance(space, RepeatSpace):
         return space.heads * space.repeats
+    if isinstance(space, ConcatSpace):
+        return space.parts[0].heads
     return space.heads
+
+
+def head_concat(spaces) -> bool:
+    """Parts of several head-structured groups side by side in each head (a partial rotary whose
+    rotated and passed channels are separate layers): a :class:`ConcatSpace` of HeadSpaces with
+    one number of heads."""
+    parts = list(spaces)
+    return bool(parts) and all(isinstance(p, HeadSpace) for p in parts) and len({p.heads for p in parts}) == 1
 
 
 def set_head_axis(ctx, out: str, axis: int, fold: int = 1) -> None:
@@ -181,6 +192,20 @@ def attention_matmul(ctx, node):
         ctx.set_axis(out, ha)
         carry_head_axis(ctx, a, out, ha)
         return [HeadsOnly(g.gid, sa.heads)]
+    if isinstance(sa, ConcatSpace) and isinstance(sb, ConcatSpace) and head_concat(sa.parts) and head_concat(sb.parts):
+        # q and k each several groups side by side in every head: part i of q meets part i of k
+        pairs = list(zip(sa.parts, sb.parts))
+        if ctx.feature_axis(a) != ra - 1 or ctx.feature_axis(b) != rb - 2 or len(sa.parts) != len(sb.parts):
+            return None
+        if any((p.size, p.heads) != (q.size, q.heads) for p, q in pairs):
+            return None
+        joined = [ctx.union([GroupSpace(p.gid, p.size, a, ra - 1), GroupSpace(q.gid, q.size, b, rb - 2)], out, ha)
+                  for p, q in pairs]
+        for g in joined[1:]:
+            ctx.tie_heads(joined[0].gid, g.gid)
+        ctx.set_axis(out, ha)
+        carry_head_axis(ctx, a, out, ha)
+        return [HeadsOnly(joined[0].gid, head_count(sa))]
     if isinstance(sa, HeadSpace) and isinstance(sb, RepeatSpace) and isinstance(sb.part, HeadSpace):
         # grouped-query scores: every key head meets ``repeats`` query heads
         if ctx.feature_axis(a) != ra - 1 or ctx.feature_axis(b) != rb - 2 or sa.size != sb.size:

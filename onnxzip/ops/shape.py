@@ -9,7 +9,8 @@ from onnxzip.graph.spaces import (
 )
 from onnxzip.ops.axes import map_axis
 from onnxzip.ops.attention import (
-    carry_head_axis, map_heads, merge_heads, move_heads, repeat_heads, set_head_axis, split_heads, transpose_heads,
+    carry_head_axis, head_concat, map_heads, merge_heads, move_heads, repeat_heads, set_head_axis, split_heads,
+    transpose_heads,
 )
 from onnxzip.ops.registry import register
 from onnxzip.ops.rotary import join_within_heads, slice_within_heads, split_within_heads
@@ -66,8 +67,9 @@ def reshape(ctx, node, x, space):
         where = _axis_map(ctx, node, in_shape, out_shape)
         out = reshape_stack(ctx, node, space, where) if where is not None else None
         return [out] if out is not None else ctx.unsupported_op(node, "reshapes stacked q/k/v parts in an unknown way")
-    if isinstance(space, HeadSpace) or (isinstance(space, RepeatSpace) and x in ctx.head_axis_of):
-        merged = merge_heads(ctx, node, space, in_shape, out_shape) or move_heads(ctx, node, space, in_shape, out_shape)
+    if isinstance(space, HeadSpace) or (isinstance(space, (RepeatSpace, ConcatSpace)) and x in ctx.head_axis_of):
+        merged = None if isinstance(space, ConcatSpace) else merge_heads(ctx, node, space, in_shape, out_shape)
+        merged = merged or move_heads(ctx, node, space, in_shape, out_shape)
         if merged is None:
             merged = _move_heads(ctx, node, space, _axis_map(ctx, node, in_shape, out_shape))
         if merged is None and isinstance(space, HeadSpace):
@@ -159,7 +161,7 @@ def transpose(ctx, node, x, space):
     perm = list(ctx.attr(node, "perm", list(range(rank))[::-1]))
     if isinstance(space, StackSpace):
         return [transpose_stack(ctx, node, space, perm)]
-    if isinstance(space, (HeadSpace, HeadsOnly)) or (isinstance(space, RepeatSpace) and x in ctx.head_axis_of):
+    if isinstance(space, (HeadSpace, HeadsOnly)) or (isinstance(space, (RepeatSpace, ConcatSpace)) and x in ctx.head_axis_of):
         return transpose_heads(ctx, node, space, perm)
     return [_moved(ctx, node, space, perm.index(ctx.feature_axis(x)))]
 
@@ -191,6 +193,12 @@ def concat(ctx, node):
             return [_moved(ctx, node, parts[0], ch)]
         space = ConcatSpace(parts, sum(p.size for p in parts))
         ctx.set_axis(out, ch)
+        if head_concat(parts):  # groups side by side in each head: the heads stay on their axis
+            heads = {(ctx.head_axis_of.get(n), ctx.head_fold_of.get(n, 1)) for n, _ in feats}
+            head, fold = heads.pop() if len(heads) == 1 else (None, 1)
+            if head is None:
+                return ctx.unsupported_op(node, "joins attention heads on different axes")
+            set_head_axis(ctx, out, head, fold)
         return [space]
     # joined along another axis (tokens, say): the channels stay one group
     groups = [s for _, s in feats]
