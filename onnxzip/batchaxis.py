@@ -10,9 +10,10 @@ batch appears only as the leading entry of Reshape targets whose input has it on
 the input holds the batch folded into other axes (a strided view of a flattened tensor), a -1
 there lets the Reshape infer it. A token that the exporter expanded to the batch before a Concat
 (``[8, 1, D]``, every row the same) becomes its row, expanded to the features' batch at run time
-(Shape, Concat, Expand: the TorchScript spelling). Anything else (the batch folded into the head
-axis, ``[batch * heads, L, d]``) keeps the batch: the check below fails and the model is left as
-it is.
+(Shape, Concat, Expand: the TorchScript spelling). A Reshape whose output holds the samples folded
+into another axis (attention's ``[batch * heads, L, d]``), found by following the samples through
+the graph, infers that axis (-1). Anything else keeps the batch: the check below fails and the
+model is left as it is.
 
 The result is checked, not trusted: on calibration rows the released model must give the original
 model's outputs at its own batch, on one row and on two batches stacked (ONNX Runtime, tolerance
@@ -27,6 +28,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxzip.graph.build import probe_shapes
+from onnxzip.graph.samples import sample_layouts
 from onnxzip.onnx_nodes import attr
 from onnxzip.runtime import session
 
@@ -57,6 +59,9 @@ def release_static_batch(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
     edit = _Edit(m, inits, uses, shapes, batch)
+    consts = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer
+              if t.data_type == onnx.TensorProto.INT64 and len(t.dims) <= 1}
+    edit.layouts = sample_layouts(m, shapes, batch, consts) if batch > 1 else {}
     nodes = []
     for n in m.graph.node:
         if n.op_type == "Reshape":
@@ -91,6 +96,7 @@ class _Edit:
     def __init__(self, model, inits, uses, shapes, batch):
         self.m, self.inits, self.uses, self.shapes, self.batch = model, inits, uses, shapes, batch
         self.reshapes = self.tokens = 0
+        self.layouts: dict = {}  # tensor -> where it holds the samples (onnxzip.graph.samples)
 
     def _init(self, base: str, value: np.ndarray) -> str:
         name, k = base, 0
@@ -107,10 +113,19 @@ class _Edit:
             return
         target = numpy_helper.to_array(self.inits[n.input[1]])
         src = self.shapes.get(n.input[0])
-        if target.ndim != 1 or not target.size or int(target[0]) != self.batch or not src:
+        if target.ndim != 1 or not target.size or not src:
             return
         released = target.copy()
-        if src[0] == self.batch:  # the batch stays on axis 0: copy it from the input
+        if int(target[0]) != self.batch:
+            # the samples folded into another axis (attention's [batch * heads, L, d] or
+            # [L, batch * heads, d]): that axis, found by following the samples, is inferred
+            layout = self.layouts.get(n.output[0])
+            if layout is None or layout[0] >= target.size or (target == -1).any() or (target == 0).any():
+                return
+            if layout[1] * layout[2] == 1 and layout[0] == 0:
+                return
+            released[layout[0]] = -1
+        elif src[0] == self.batch:  # the batch stays on axis 0: copy it from the input
             if attr(n, "allowzero", 0):
                 if (target == 0).any():  # a literal 0 (an empty axis) elsewhere: leave it
                     return
