@@ -232,6 +232,34 @@ def strided_pool_head(seed: int = 0, batch: int = 4) -> onnx.ModelProto:
                        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 5])], inits, opset=18)
 
 
+class _TokenModel:
+    """Pieces of the small token models below: dense layers (MatMul + Add) and the common end
+    (output projection of the attention ``a``, residual Add with ``h``, Relu, mean over tokens,
+    a 5-class Gemm head)."""
+
+    def __init__(self, rng, inits: list, nodes: list):
+        self.rng, self.inits, self.nodes = rng, inits, nodes
+
+    def dense(self, name: str, x: str, n_in: int, n_out: int, out: str) -> None:
+        w = (self.rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+        self.inits += [numpy_helper.from_array(w, f"{name}.w"),
+                       numpy_helper.from_array((0.1 * self.rng.standard_normal(n_out)).astype(np.float32), f"{name}.b")]
+        self.nodes += [helper.make_node("MatMul", [x, f"{name}.w"], [f"{name}.mm"], name=name),
+                       helper.make_node("Add", [f"{name}.mm", f"{name}.b"], [out], name=f"{name}.add")]
+
+    def finish(self, attended: int, width: int, tokens: int, opset: int) -> onnx.ModelProto:
+        self.dense("o", "a", attended, width, "o")
+        self.inits.append(numpy_helper.from_array(np.array([1], np.int64), "tokens_axis"))
+        self.nodes += [helper.make_node("Add", ["o", "h"], ["res"], name="residual"),
+                       helper.make_node("Relu", ["res"], ["act"], name="relu"),
+                       helper.make_node("ReduceMean", ["act", "tokens_axis"], ["pooled"], keepdims=0, name="pool")]
+        w = (self.rng.standard_normal((5, width)) / np.sqrt(width)).astype(np.float32)
+        self.inits += [numpy_helper.from_array(w, "head.w"), numpy_helper.from_array(np.zeros(5, np.float32), "head.b")]
+        self.nodes.append(helper.make_node("Gemm", ["pooled", "head.w", "head.b"], ["logits"], transB=1, name="head"))
+        return graph_model(self.nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", tokens, 8])],
+                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], self.inits, opset=opset)
+
+
 def attention_op_model(seed: int = 0, heads: int = 4, kv_heads: int = 4, layout: str = "4d", d: int = 4,
                        tokens: int = 6, width: int = 16) -> onnx.ModelProto:
     """x [N, tokens, width] -> dense embedding -> q/k/v projections -> ONNX ``Attention`` (opset 23,
@@ -245,11 +273,7 @@ def attention_op_model(seed: int = 0, heads: int = 4, kv_heads: int = 4, layout:
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
-    def dense(name, x, n_in, n_out, out):
-        inits.append(numpy_helper.from_array((rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32), f"{name}.w"))
-        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(n_out)).astype(np.float32), f"{name}.b"))
-        nodes.extend([helper.make_node("MatMul", [x, f"{name}.w"], [f"{name}.mm"], name=name),
-                      helper.make_node("Add", [f"{name}.mm", f"{name}.b"], [out], name=f"{name}.add")])
+    dense = _TokenModel(rng, inits, nodes).dense
 
     dense("embed", "x", 8, width, "h")
     dense("q", "h", width, heads * d, "q")
@@ -267,16 +291,7 @@ def attention_op_model(seed: int = 0, heads: int = 4, kv_heads: int = 4, layout:
     else:
         nodes.append(helper.make_node("Attention", ["q", "k", "v"], ["a"], is_causal=1, q_num_heads=heads,
                                       kv_num_heads=kv_heads, name="attention"))
-    dense("o", "a", heads * d, width, "o")
-    inits.append(numpy_helper.from_array(np.array([1], np.int64), "tokens_axis"))
-    nodes += [helper.make_node("Add", ["o", "h"], ["res"], name="residual"),
-              helper.make_node("Relu", ["res"], ["act"], name="relu"),
-              helper.make_node("ReduceMean", ["act", "tokens_axis"], ["pooled"], keepdims=0, name="pool")]
-    inits += [numpy_helper.from_array((rng.standard_normal((5, width)) / np.sqrt(width)).astype(np.float32), "head.w"),
-              numpy_helper.from_array(np.zeros(5, np.float32), "head.b")]
-    nodes.append(helper.make_node("Gemm", ["pooled", "head.w", "head.b"], ["logits"], transB=1, name="head"))
-    return graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", tokens, 8])],
-                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits, opset=23)
+    return _TokenModel(rng, inits, nodes).finish(heads * d, width, tokens, opset=23)
 
 
 def fused_per_head_attention_model(seed: int = 0, heads: int = 2, d: int = 4, cut: str = "split", tokens: int = 5,
@@ -288,11 +303,7 @@ def fused_per_head_attention_model(seed: int = 0, heads: int = 2, d: int = 4, cu
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
-    def dense(name, x, n_in, n_out, out):
-        inits.append(numpy_helper.from_array((rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32), f"{name}.w"))
-        inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(n_out)).astype(np.float32), f"{name}.b"))
-        nodes.extend([helper.make_node("MatMul", [x, f"{name}.w"], [f"{name}.mm"], name=name),
-                      helper.make_node("Add", [f"{name}.mm", f"{name}.b"], [out], name=f"{name}.add")])
+    dense = _TokenModel(rng, inits, nodes).dense
 
     dense("embed", "x", 8, width, "h")
     dense("qkv", "h", width, 3 * heads * d, "qkv")
@@ -316,13 +327,4 @@ def fused_per_head_attention_model(seed: int = 0, heads: int = 2, d: int = 4, cu
               helper.make_node("MatMul", ["weights", "v"], ["ctx"], name="context"),
               helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3], name="ctx.t"),
               helper.make_node("Reshape", ["ctx_t", "a.shape"], ["a"], name="ctx.join")]
-    dense("o", "a", heads * d, width, "o")
-    inits.append(numpy_helper.from_array(np.array([1], np.int64), "tokens_axis"))
-    nodes += [helper.make_node("Add", ["o", "h"], ["res"], name="residual"),
-              helper.make_node("Relu", ["res"], ["act"], name="relu"),
-              helper.make_node("ReduceMean", ["act", "tokens_axis"], ["pooled"], keepdims=0, name="pool")]
-    inits += [numpy_helper.from_array((rng.standard_normal((5, width)) / np.sqrt(width)).astype(np.float32), "head.w"),
-              numpy_helper.from_array(np.zeros(5, np.float32), "head.b")]
-    nodes.append(helper.make_node("Gemm", ["pooled", "head.w", "head.b"], ["logits"], transB=1, name="head"))
-    return graph_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", tokens, 8])],
-                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits, opset=18)
+    return _TokenModel(rng, inits, nodes).finish(heads * d, width, tokens, opset=18)

@@ -128,20 +128,7 @@ def test_the_attention_op_zips_with_its_heads_and_repeated_key_heads(tmp_path, l
     assert graph.max_depth() == graph.num_layers == 4, [u.reason for u in graph.unsupported]
     repeated = [g for g in graph.groups.values() if g.repeat_of is not None]
     assert [g.repeat_of[1] for g in repeated] == ([] if kv_heads == 4 else [4 // kv_heads])
-    rng = np.random.default_rng(2)
-    x = rng.random((5, 6, 8)).astype(np.float32)
-    want = run(path, x)[0]
-    permuted = permute_model(graph, random_permutations(graph, seed=3))
-    np.testing.assert_allclose(run(permuted, x)[0], want, atol=1e-5, rtol=1e-4)
-    other = tmp_path / "permuted.onnx"
-    onnx.save(permuted, other)
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=rng.random((48, 6, 8)).astype(np.float32))
-    for repair, refit in ((False, False), (True, False), (True, True)):
-        result = onnxzip.zip_models(path, other, calib, method="zipit", params={"beta": 0.0}, stop_at="all",
-                                    do_repair=repair, refit=refit, tasks=["a", "b"])
-        for got in run(result.model, x):
-            np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    x, calib = _permutation_invariants(graph, path, tmp_path, tokens=6)
     pair = tmp_path / "b.onnx"
     onnx.save(attention_op_model(1, 4, kv_heads, layout), pair)
     result = onnxzip.zip_models(path, pair, calib, method="zipit", params={"alpha": 0.3, "beta": 0.125},
@@ -164,18 +151,26 @@ def test_q_k_v_fused_side_by_side_in_each_head_become_one_layer_per_part(tmp_pat
     assert graph.max_depth() == graph.num_layers == 4, [u.reason for u in graph.unsupported]
     heads = sorted(g.attention_heads for g in graph.groups.values() if g.attention_heads > 1)
     assert heads == [2, 2]  # q with k, and v
+    _permutation_invariants(graph, path, tmp_path, tokens=5)
+
+
+def _permutation_invariants(graph, path, tmp_path, tokens: int):
+    """A token model ([N, tokens, 8] in): a random permutation of every group computes the same,
+    and zipping it with that permuted copy gives it back, without and with the correction and the
+    refit. Returns example inputs and a calibration file."""
     rng = np.random.default_rng(2)
-    x = rng.random((5, 5, 8)).astype(np.float32)
+    x = rng.random((5, tokens, 8)).astype(np.float32)
     want = run(path, x)[0]
     permuted = permute_model(graph, random_permutations(graph, seed=3))
     np.testing.assert_allclose(run(permuted, x)[0], want, atol=1e-5, rtol=1e-4)
     other = tmp_path / "permuted.onnx"
     onnx.save(permuted, other)
     calib = tmp_path / "calib.npz"
-    np.savez(calib, x=rng.random((48, 5, 8)).astype(np.float32))
-    for repair, refit in ((False, False), (True, True)):
+    np.savez(calib, x=rng.random((48, tokens, 8)).astype(np.float32))
+    for repair, refit in ((False, False), (True, False), (True, True)):
         result = onnxzip.zip_models(path, other, calib, method="zipit", params={"beta": 0.0}, stop_at="all",
                                     do_repair=repair, refit=refit, tasks=["a", "b"])
         for got in run(result.model, x):
             np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    return x, calib
 
