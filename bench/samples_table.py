@@ -1,6 +1,6 @@
 """Accuracy, parameters and FLOPs of every merge method on every bundled sample pair.
 
-    python bench/samples_table.py [--pairs resnet20,vgg] [--json out.json]
+    python bench/samples_table.py [--pairs resnet20,vgg] [--json out.json] [--default-partial]
 
 Prints a markdown table (the one in the README): per pair, model A, model B and their
 ensemble, then the default zip (zipit with alpha and beta chosen without labels), average,
@@ -9,7 +9,8 @@ layers but the heads shared), zipit (0.5, 1) at two partial depths, all with the
 correction, and each method without it. Every figure comes from `onnxzip.evaluate` on the test
 splits, with exact statistics (every position, the correction on every row). Statistics are
 collected once per pair and reused by every candidate (the default zip holds out 20% of the
-calibration samples to score its candidates, so it collects its own).
+calibration samples to score its candidates, so it collects its own). ``--default-partial`` adds the
+default zip at the two partial depths too (each a zip of its own: label-free search and refit).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def partial_depths(m: int) -> list[int]:
     return sorted({max(1, round(m / 3)), max(1, round(2 * m / 3))} - {m - 1, m})
 
 
-def rows_for_pair(name: str, entry: dict) -> list[dict]:
+def rows_for_pair(name: str, entry: dict, default_partial: bool = False) -> list[dict]:
     a, b = SAMPLES / entry["a"], SAMPLES / entry["b"]
     tasks = {"a": load_task_data(SAMPLES / entry["test_a"]), "b": load_task_data(SAMPLES / entry["test_b"])}
     pa, pb = ModelPredictor(str(a), task="a"), ModelPredictor(str(b), task="b")
@@ -57,12 +58,15 @@ def rows_for_pair(name: str, entry: dict) -> list[dict]:
     add("model A", pa, cost_a)
     add("model B", pb, cost_b)
     add("ensemble", EnsemblePredictor({"a": pa, "b": pb}), both)
-    t = time.perf_counter()
-    z = zip_models(str(a), str(b), str(SAMPLES / entry["calib"]), tasks=["a", "b"])
-    chosen = ",".join(f"{k}={v}" for k, v in z.selection["alpha_beta"].items())
-    fix = "refit" if z.refit is not None else "REPAIR"
-    add(f"default: zipit label-free ({chosen}) + {fix} {z.stop_at}/{z.num_layers}", ModelPredictor(z.model),
-        (count_params(z.model), count_flops(z.model).total), time.perf_counter() - t)
+    def add_default(stop_at=None):
+        t = time.perf_counter()
+        z = zip_models(str(a), str(b), str(SAMPLES / entry["calib"]), tasks=["a", "b"], stop_at=stop_at)
+        chosen = ",".join(f"{k}={v}" for k, v in z.selection["alpha_beta"].items())
+        fix = "refit" if z.refit is not None else "REPAIR"
+        add(f"default: zipit label-free ({chosen}) + {fix} {z.stop_at}/{z.num_layers}", ModelPredictor(z.model),
+            (count_params(z.model), count_flops(z.model).total), time.perf_counter() - t)
+
+    add_default()
     t = time.perf_counter()
     pair = prepare_pair(str(a), str(b), str(SAMPLES / entry["calib"]), tasks=["a", "b"])
     stats_time = time.perf_counter() - t
@@ -82,6 +86,9 @@ def rows_for_pair(name: str, entry: dict) -> list[dict]:
             label += " " + ",".join(f"{k}={v}" for k, v in params.items())
         label += f" {z.stop_at}/{m}" + ("" if repair else " no repair")
         add(label, ModelPredictor(z.model), (count_params(z.model), count_flops(z.model).total), elapsed)
+    if default_partial:
+        for d in partial_depths(m):
+            add_default(d)
     return rows
 
 
@@ -106,13 +113,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", default=None, help="comma-separated pair names from samples/digits/manifest.json")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--default-partial", action="store_true",
+                    help="also the default zip (label-free alpha/beta, refit) at the two partial depths")
     args = ap.parse_args()
     manifest = json.loads((SAMPLES / "manifest.json").read_text())
     names = args.pairs.split(",") if args.pairs else list(manifest)
     rows = []
     for name in names:
         t = time.perf_counter()
-        rows += rows_for_pair(name, manifest[name])
+        rows += rows_for_pair(name, manifest[name], args.default_partial)
         print(f"[{name}: {time.perf_counter() - t:.0f}s]", file=sys.stderr, flush=True)
     print(markdown(rows))
     if args.json:

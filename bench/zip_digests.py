@@ -56,18 +56,18 @@ def digest(path: Path, canonical: bool = False) -> str:
 def main() -> None:
     canonical = "--canonical" in sys.argv[1:]
     manifest = json.loads((SAMPLES / "manifest.json").read_text())
-    pairs = {name: (SAMPLES / e["a"], SAMPLES / e["b"], {}) for name, e in manifest.items()}
+    pairs = {name: (SAMPLES / e["a"], SAMPLES / e["b"], {}, SAMPLES / e["calib"]) for name, e in manifest.items()}
     classes = {t: SAMPLES / f"classes_{t}.npy" for t in "ab"}
-    pairs.update({f"{arch}-emb": (SAMPLES / f"{arch}_emb_a.onnx", SAMPLES / f"{arch}_emb_b.onnx", classes)
-                  for arch in ("mlp", "vgg")})
+    pairs.update({f"{arch}-emb": (SAMPLES / f"{arch}_emb_a.onnx", SAMPLES / f"{arch}_emb_b.onnx", classes,
+                                  SAMPLES / "calib.npz") for arch in ("mlp", "vgg")})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "z.onnx"
-        for name, (a, b, cls) in pairs.items():
+        for name, (a, b, cls, calib) in pairs.items():
             runs = [(m, p, d, r) for m, p, d, r in CONFIGS] + ([("zipit", {}, None, True)] if name in ("vgg", "mlp") else [])
             if cls:
                 runs = [(m, p, "all", r) for m, p, d, r in CONFIGS[:3]]
             for method, params, depth, repair in runs:
-                zip_models(a, b, SAMPLES / "calib.npz", output=out, method=method, params=params, stop_at=depth,
+                zip_models(a, b, calib, output=out, method=method, params=params, stop_at=depth,
                            tasks=["a", "b"], do_repair=repair, classes=cls or None, refit=False)
                 label = f"{method} {json.dumps(params, sort_keys=True)} stop_at={depth} repair={repair}"
                 print(f"{name} | {label} | {digest(out, canonical)}", flush=True)

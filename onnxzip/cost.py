@@ -38,8 +38,12 @@ ConstantOfShape, Identity, Cast, CastLike, Slice, Split,
 Pad, Expand, Tile, Dropout, Range
 ========================================================  ==================================================
 
-A node whose shapes cannot be inferred counts 0 and is listed in :attr:`FlopReport.unknown`; an op type
-outside the table counts 0 and is listed in :attr:`FlopReport.uncounted`.
+Shapes that onnx shape inference leaves unknown (e.g. a Hugging Face BERT's position ids, sliced to a
+length computed from ``Shape``) are measured by one onnxruntime run of the same small copy on zeros
+(weights included: shapes do not depend on values; the file's external data is not read). That run
+needs every input dimension: batch 1 and ``dims`` for the other symbolic ones. A node whose shapes are
+still unknown counts 0 and is listed in :attr:`FlopReport.unknown`; an op type outside the table counts
+0 and is listed in :attr:`FlopReport.uncounted`.
 
 **Latency** (:func:`measure_latency`): onnxruntime with graph optimization ENABLE_ALL, median and p90
 wall time of one batch.
@@ -198,6 +202,12 @@ class _Shapes:
 
     def get(self, name: str) -> Shape | None:
         return self._shapes.get(name) if name else None
+
+    def fill(self, measured: Mapping[str, Shape]) -> None:
+        """Take ``measured`` shapes for the names inference left unknown."""
+        for name, shape in measured.items():
+            if self._shapes.get(name) is None:
+                self._shapes[name] = shape
 
 
 def _has_input(node: onnx.NodeProto, i: int) -> bool:
@@ -422,7 +432,52 @@ def count_flops(model: ModelLike, dims: Mapping[str, int] | None = None) -> Flop
     except Exception:  # inference failed as a whole: every node will be unknown
         inferred = copy
     shapes = _Shapes(inferred.graph, proto.graph.initializer)
+    report = _count(proto, shapes, batch)
+    if report.unknown:
+        base_dir = None if isinstance(model, onnx.ModelProto) else os.path.dirname(os.fspath(model))
+        measured = _run_shapes(copy, base_dir)
+        if measured:
+            shapes.fill(measured)
+            report = _count(proto, shapes, batch)
+    return report
 
+
+def _run_shapes(copy: onnx.ModelProto, base_dir: str | None) -> dict[str, Shape]:
+    """Every node output's shape from one onnxruntime run of the inference copy on zeros (its large
+    float initializers are inputs there, fed zeros too; the small ones it keeps are read from
+    external data in ``base_dir`` where they live there); {} when an input dimension is still
+    symbolic or the copy does not run."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(copy)
+    for init in probe.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            if base_dir is None:
+                return {}
+            try:
+                onnx.external_data_helper.load_external_data_for_tensor(init, base_dir)
+            except (OSError, ValueError):
+                return {}
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+    names = list(dict.fromkeys(o for n in probe.graph.node for o in n.output if o))
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    feeds = {}
+    for vi in probe.graph.input:
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        if not vi.type.HasField("tensor_type") or not t.HasField("shape") or min(dims, default=0) < 0:
+            return {}
+        feeds[vi.name] = np.zeros(dims, dtype=onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    try:
+        sess = runtime_session(probe, optimization="disable")
+        values = sess.run(names, feeds)
+    except Exception:  # noqa: BLE001 - any failure leaves the shapes unknown, as before
+        return {}
+    return {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(names, values)}
+
+
+def _count(proto: onnx.ModelProto, shapes: _Shapes, batch: int) -> FlopReport:
     by_op: dict[str, int] = {}
     by_node: dict[str, int] = {}
     unknown: list[str] = []

@@ -133,6 +133,29 @@ def test_samples_regenerate_command_runs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exporter  # samples/train_transformers.py needs torch, transformers and scikit-learn
+def test_transformer_samples_command_runs(tmp_path):
+    """samples/train_transformers.py shortened (the BERT pair, one epoch, no dynamo): the token files it
+    writes are the committed ones byte for byte, the manifest gets the pair, and the pair zips."""
+    import shutil
+
+    out = tmp_path / "digits"
+    out.mkdir()
+    for name in ("calib", "train_a", "train_b", "test_a", "test_b"):
+        shutil.copy(SAMPLES / f"{name}.npz", out)
+    r = subprocess.run([sys.executable, "samples/train_transformers.py", "--only", "bert", "--epochs", "1",
+                        "--no-dynamo", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("calib", "train_a", "train_b", "test_a", "test_b"):
+        assert (out / f"tokens_{name}.npz").read_bytes() == (SAMPLES / f"tokens_{name}.npz").read_bytes(), name
+    entry = json.loads((out / "manifest.json").read_text())["bert"]
+    assert entry == json.loads((SAMPLES / "manifest.json").read_text())["bert"]
+    z = runner.invoke(app, ["zip", str(out / "bert_a.onnx"), str(out / "bert_b.onnx"), "-d", str(out / entry["calib"]),
+                            "--tasks", "a,b", "-o", str(tmp_path / "z.onnx")])
+    assert z.exit_code == 0, z.output
+
+
+@pytest.mark.slow
 def test_samples_table_command_runs():
     r = subprocess.run([sys.executable, "bench/samples_table.py", "--pairs", "mlp"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)

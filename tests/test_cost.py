@@ -139,6 +139,41 @@ def test_unknown_shapes_fall_back_and_named_dims():
     assert count_flops(model, dims={"L": 10}).total == 10
 
 
+def _sliced_table_model(table_rows: int = 16):
+    """x [N, 8] + P[:, :x.shape[1]] (a Slice whose end is computed from Shape, as in a Hugging Face BERT's
+    position ids): onnx shape inference leaves the slice and everything after it unknown."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["n"]),
+        helper.make_node("Unsqueeze", ["n", "zero1"], ["end"]),
+        helper.make_node("Slice", ["P", "zero1", "end", "one1"], ["p"]),
+        helper.make_node("Add", ["x", "p"], ["y"], name="add"),
+        helper.make_node("MatMul", ["y", "W"], ["z"], name="mm"),
+    ]
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero1"),
+             numpy_helper.from_array(np.array([1], np.int64), "one1"),
+             _init("P", 1, table_rows), _init("W", 8, 16)]
+    return graph_model(nodes, [_vi("x", ["N", 8])], [_vi("z", ["N", 16])], inits)
+
+
+def test_shapes_inference_cannot_know_are_measured_with_onnxruntime(tmp_path):
+    model = _sliced_table_model()
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {v.name: v.type.tensor_type.shape for v in inferred.graph.value_info}
+    assert not all(d.HasField("dim_value") for d in shapes["y"].dim)  # the case: inference cannot say
+    report = count_flops(model)
+    assert report.unknown == [] and report.by_node["add"] == 8 and report.by_node["mm"] == 2 * 16 * 8
+    # the same from a file whose tensors are all in external data (small ones are read back)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+              size_threshold=0)
+    assert count_flops(path).total == report.total
+    # in memory with the external data not loaded, the run cannot happen: unknown, counted 0, as before
+    unloaded = onnx.load(str(path), load_external_data=False)
+    assert count_flops(unloaded).unknown == ["add", "mm"]
+
+
 def test_uncounted_op_types_are_listed():
     node = helper.make_node("Hardmax", ["x"], ["y"])
     report = count_flops(_single(node, ["N", 5], ["N", 5]))
