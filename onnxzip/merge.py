@@ -188,26 +188,53 @@ def fixed_merge(size: int, n_models: int) -> GroupMerge:
     return GroupMerge(np.hstack([eye / n_models] * n_models), np.vstack([eye] * n_models), fixed=True)
 
 
-def _head_pairing(corrs: list[np.ndarray], heads: int, rotary: list[bool] | None = None) -> np.ndarray:
-    """Pair model A's heads with model B's: Hungarian on the summed within-head matching scores
-    (for a rotary group, channel i of one head only meets channel i of the other: the diagonal)."""
+def _pair_turns(cross: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a rotary head's channel pairs (i, i + d/2): the angle that best turns the second model's
+    pair onto the first's, and the agreement it reaches, from their cross-correlation block (first
+    model's channels x second's). Turning both q's and k's pair by one angle leaves their products,
+    and every position's rotation, unchanged."""
+    h = cross.shape[0] // 2
+    a, b = np.diag(cross)[:h] + np.diag(cross)[h:], np.diag(cross, -h) - np.diag(cross, h)
+    return np.arctan2(b, a), np.hypot(a, b)
+
+
+def _turn(angles: np.ndarray) -> np.ndarray:
+    """The d x d matrix turning each pair (i, i + d/2) by ``angles[i]``."""
+    h = len(angles)
+    c, s = np.cos(angles), np.sin(angles)
+    q = np.zeros((2 * h, 2 * h))
+    idx = np.arange(h)
+    q[idx, idx], q[idx, idx + h], q[idx + h, idx], q[idx + h, idx + h] = c, -s, s, c
+    return q
+
+
+def _head_pairing(corrs: list[np.ndarray], heads: int, rotary: list[str] | None = None) -> np.ndarray:
+    """Pair model A's heads with model B's: Hungarian on the summed within-head matching scores.
+    For a rotary group channel i of one head only meets channel i of the other ("fixed": the
+    diagonal), or its pair (i, i + d/2) turned by the best angle ("pairs")."""
     from scipy.optimize import linear_sum_assignment
 
     score = np.zeros((heads, heads))
-    for c, fixed in zip(corrs, rotary or [False] * len(corrs)):
+    for c, kind in zip(corrs, rotary or [None] * len(corrs)):
         f = c.shape[0] // 2
         d = f // heads
         cross = np.nan_to_num(c[:f, f:], neginf=-1.0, posinf=1.0)
         for i in range(heads):
             for j in range(heads):
                 block = cross[i * d:(i + 1) * d, j * d:(j + 1) * d]
-                if fixed:
+                if kind == "pairs":
+                    score[i, j] += _pair_turns(block)[1].sum()
+                elif kind == "fixed":
                     score[i, j] += np.trace(block)
-                    continue
-                r, k = linear_sum_assignment(block, maximize=True)
-                score[i, j] += block[r, k].sum()
+                else:
+                    r, k = linear_sum_assignment(block, maximize=True)
+                    score[i, j] += block[r, k].sum()
     _, pairing = linear_sum_assignment(score, maximize=True)
     return pairing
+
+
+def _rotary_kind(g) -> str | None:
+    return ("pairs" if g.rotary_pairs else "fixed") if g.rotary else None
 
 
 def head_merges(groups: list, stats: PairStats, method: str, params: dict, n_models: int = 2,
@@ -233,7 +260,7 @@ def head_merges(groups: list, stats: PairStats, method: str, params: dict, n_mod
         folded = [_fold_repeats(similarity(stats.groups[q.gid]), q.attention_heads // q.repeat_of[1], q.repeat_of[1],
                                 n_models) * q.repeat_of[1] for q in repeating if q.gid in stats.groups]
         corrs[gid] = (corrs[gid] + sum(folded)) / (1 + sum(q.repeat_of[1] for q in repeating if q.gid in stats.groups))
-    rotary = [g.rotary for g in groups if g.gid in corrs]
+    rotary = [_rotary_kind(g) for g in groups if g.gid in corrs]
     if method == "average" or not corrs:
         pairings = [np.arange(heads)] * (n_models - 1)
     else:
@@ -267,7 +294,11 @@ def _head_group_merge(g, c: np.ndarray, pairings: list, method: str, params: dic
         members = [i] + [int(p[i]) for p in pairings]
         idx = np.concatenate([k * f + h * d + np.arange(d) for k, h in enumerate(members)])
         if g.rotary:
-            m, u = np.hstack([np.eye(d) / n_models] * n_models), np.vstack([np.eye(d)] * n_models)
+            # channels in place, or each pair (i, i + d/2) of every other model turned onto the
+            # first model's: merged = mean_k Q_k x_k, model k ~ Q_k^T merged
+            turns = [np.eye(d)] + [_turn(_pair_turns(c[i * d:(i + 1) * d, k * f + h * d:k * f + (h + 1) * d])[0])
+                                   if g.rotary_pairs else np.eye(d) for k, h in enumerate(members[1:], start=1)]
+            m, u = np.hstack([q / n_models for q in turns]), np.vstack([q.T for q in turns])
         else:
             m, u = match(c[np.ix_(idx, idx)], method=method, **{**params, "num_models": n_models})
         m_full[i * d:(i + 1) * d, idx] = m

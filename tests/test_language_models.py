@@ -356,3 +356,45 @@ def test_grouped_query_attention_repeats_the_key_groups_merge_on_every_query_hea
     r = repeat_matrix(p, heads=2, repeats=2)
     for (g, i, c), (h, j, e) in [((0, 1, 2), (1, 1, 0)), ((1, 0, 1), (0, 1, 1)), ((1, 1, 0), (1, 1, 2))]:
         assert r[(g * 2 + i) * 3 + c, (h * 2 + j) * 3 + e] == (p[g * 3 + c, h * 3 + e] if i == j else 0)
+
+
+def test_rotary_pairs_turned_by_any_angle_are_turned_back(tiny, token_calib, tmp_path):
+    """Rotary embeddings turn channels i and i + d/2 of every head together, so turning q's and k's
+    pairs by fixed angles (any angle per head and pair) leaves the model's function unchanged; a
+    zip of the model with such a copy finds the angles and gives the model back."""
+    from scipy.linalg import block_diag
+
+    from onnxzip.merge import GroupMerge, Merges
+    from onnxzip.split import build_zipped_model
+
+    path = tiny("llama", exporter="dynamo")
+    graph = load_layer_graph(path)
+    (g,) = [g for g in graph.groups.values() if g.rotary]
+    assert g.rotary_pairs and g.attention_heads == 2
+    h = g.size // g.attention_heads // 2
+    rng = np.random.default_rng(0)
+    blocks = []
+    for _ in range(g.attention_heads):
+        c, s = np.cos(a := rng.uniform(-np.pi, np.pi, h)), np.sin(a)
+        blocks.append(np.block([[np.diag(c), -np.diag(s)], [np.diag(s), np.diag(c)]]))
+    turn = block_diag(*blocks)
+    merges = Merges({gid: GroupMerge(np.eye(gr.size), np.eye(gr.size), fixed=gr.output) for gid, gr in graph.groups.items()})
+    merges[g.gid] = GroupMerge(turn, turn.T)
+    turned, _ = build_zipped_model([graph], merges, graph.num_layers, ["model"])
+    onnx.save(turned, tmp_path / "turned.onnx")
+    x = example_feeds("llama", 6, seed=8)
+    want = run(path, x)[0]
+    assert relative_error(run(turned, x)[0], want) < 1e-5
+    assert not np.allclose(numpy_weights(turned, graph, g.gid), numpy_weights(onnx.load(str(path)), graph, g.gid))
+    result = onnxzip.zip_models(path, tmp_path / "turned.onnx", token_calib("llama"), method="zipit",
+                                params={"beta": 0.0}, do_repair=False, stop_at="all", tasks=["a", "b"])
+    for got in run(result.model, x):
+        assert relative_error(got, want) < 1e-4
+
+
+def numpy_weights(model, graph, gid):
+    """The weight of the first layer that writes group ``gid``."""
+    from onnx import numpy_helper
+
+    layer = graph.layers[graph.groups[gid].producers[0]]
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == layer.weight)

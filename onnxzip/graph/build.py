@@ -127,6 +127,7 @@ class BuildContext:
         self.repeats: dict[int, tuple[int, int]] = {}  # grouped-query attention: q's group -> (k's group, repeats)
         self.tie_parent: dict[int, int] = {}
         self.rotary: set[int] = set()  # groups whose within-head channel order is fixed (see fix_within_heads)
+        self.rotary_cuts: dict[int, set] = {}  # gid -> the channel ranges of whole heads its rotary cuts kept
         self.pieces: dict[int, list[frozenset]] = {}  # gid -> channel sets every merge must keep apart
         self.consumers: dict[str, int] = {}
         for n in model.graph.node:
@@ -257,6 +258,13 @@ class BuildContext:
         """A constant varies along the within-head axis (rotary cos/sin tables): the merge may pair
         and merge whole heads, but channel i of a head only meets channel i of another head."""
         self.rotary.add(gid)
+
+    def note_rotary_cut(self, gid: int, kept: tuple | None) -> None:
+        """A cut of a rotary group's heads kept channels ``kept`` (a range of a whole head; None
+        for anything else). When every cut keeps one half, [0, d/2) or [d/2, d) (rotate_half),
+        channel i turns with channel i + d/2 by the same angle, and a merge may turn each such pair
+        (``FeatureGroup.rotary_pairs``)."""
+        self.rotary_cuts.setdefault(gid, set()).add(kept)
 
     def tie_find(self, gid: int) -> int:
         gid = self.find(gid)
@@ -601,6 +609,13 @@ def _groups(ctx: BuildContext, order: list[Layer], remap: dict[int, int], spaces
         if gid in groups:
             groups[gid].attention_heads = heads
             groups[gid].attention_tie = remap.get(ctx.find(ctx.tie_find(old_root)), gid)
+    cuts: dict[int, set] = {}
+    for old, kept in ctx.rotary_cuts.items():
+        cuts.setdefault(remap.get(ctx.find(old)), set()).update(kept)
+    for gid, kept in cuts.items():
+        if gid in groups and groups[gid].attention_heads > 1:
+            d = groups[gid].size // groups[gid].attention_heads
+            groups[gid].rotary_pairs = kept == {(0, d // 2), (d // 2, d)} and d % 2 == 0
     for old_q, (old_k, repeats) in ctx.repeats.items():
         q, k = remap.get(ctx.find(old_q)), remap.get(ctx.find(old_k))
         if q in groups and k in groups:

@@ -96,6 +96,9 @@ class FeatureGroup:
     attention_heads: int = 1  # > 1: channels form attention heads of size // heads (attention); merges keep heads whole
     attention_tie: int | None = None  # groups with the same tie share one assignment of attention heads
     rotary: bool = False  # attention heads rotated by position (RoPE): channels keep their place within a head
+    # rotary by rotate_half on whole heads: channel i of a head turns with channel i + d/2 by one
+    # angle, so a merge may turn each such pair (2-D rotations commute) instead of keeping it in place
+    rotary_pairs: bool = False
     # grouped-query attention's queries: (the keys' group, repeats). Each key head meets ``repeats``
     # query heads in a row; this group's merge is the keys' merge on every repeat (RepeatSpace)
     repeat_of: tuple | None = None

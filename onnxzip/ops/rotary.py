@@ -19,10 +19,10 @@ from onnxzip.ops.attention import carry_head_axis
 __all__ = ["slice_within_heads", "split_within_heads", "join_within_heads", "within_head_constant"]
 
 
-def slice_within_heads(ctx, node, space):
+def slice_within_heads(ctx, node, space, index: list | None = None):
     """A Slice of the within-head axis (rotate_half's halves, a partial rotary's rotated channels
     and the rest): a :class:`HeadPart`, and the group's channels stay in place within heads; None
-    for any other Slice."""
+    for any other Slice. ``index``: the channels it keeps, when its bounds are known."""
     x, out = node.input[0], node.output[0]
     axis, head = ctx.feature_axis(x), ctx.head_axis_of.get(x)
     in_shape, out_shape = ctx.shape(x), ctx.shape(out)
@@ -31,9 +31,19 @@ def slice_within_heads(ctx, node, space):
     if not 0 < out_shape[axis] < in_shape[axis] or any(a != b for k, (a, b) in enumerate(zip(in_shape, out_shape)) if k != axis):
         return None
     ctx.fix_within_heads(space.gid)
+    _note_cut(ctx, space, index)
     ctx.set_axis(out, axis)
     carry_head_axis(ctx, x, out, head)
     return [_part(space, out_shape[axis])]
+
+
+def _note_cut(ctx, space, index) -> None:
+    """Record which channels of a whole head a cut keeps (rotate_half keeps [0, d/2) and [d/2, d):
+    channel i and i + d/2 then turn together, see :meth:`BuildContext.note_rotary_cut`)."""
+    d = space.size // space.heads
+    whole = isinstance(space, HeadSpace)
+    ctx.note_rotary_cut(space.gid, (0, d // 2) if whole and index == list(range(d // 2)) else
+                        (d // 2, d) if whole and index == list(range(d // 2, d)) else None)
 
 
 def split_within_heads(ctx, node, space):
@@ -44,8 +54,11 @@ def split_within_heads(ctx, node, space):
     if head is None or ctx.attr(node, "axis", 0) % ctx.rank(x) != axis:
         return None
     ctx.fix_within_heads(space.gid)
-    outs = []
+    outs, start = [], 0
     for o in node.output:
+        width = ctx.shape(o)[axis]
+        _note_cut(ctx, space, list(range(start, start + width)))
+        start += width
         ctx.set_axis(o, axis)
         carry_head_axis(ctx, x, o, head)
         outs.append(_part(space, ctx.shape(o)[axis]))

@@ -351,7 +351,9 @@ def keep_channels(ctx, node, x, space):
                 return outs[1:]
     axis = ctx.feature_axis(x)
     if ctx.shape(node.output[0])[axis] != ctx.shape(x)[axis]:
-        half = slice_within_heads(ctx, node, space) if node.op_type == "Slice" and isinstance(space, (HeadSpace, HeadPart)) else None
+        half = None
+        if node.op_type == "Slice" and isinstance(space, (HeadSpace, HeadPart)):
+            half = slice_within_heads(ctx, node, space, _sliced_channels(ctx, node, axis))
         if half is not None:
             return half
         # a Slice of the channel axis with constant bounds selects channels (see :func:`split`)
