@@ -138,6 +138,12 @@ def similarity(group_stats, keys: np.ndarray | None = None) -> np.ndarray:
     mean = np.asarray(group_stats.mean, dtype=np.float64)
     std = np.sqrt(np.maximum(np.diagonal(group_stats.covariance), 0.0))
     scale = max(float(np.abs(mean).max(initial=0.0)), float(std.max(initial=0.0)), 1e-30)
+    # constant next to the group's values (even when every feature of the group is: a network
+    # whose deep features no longer depend on the input): what is left of their spread is
+    # rounding, and its correlations are noise; the tie-breaks decide
+    constant = std <= CONSTANT * scale
+    corr[constant, :] = 0.0
+    corr[:, constant] = 0.0
     dist = (np.abs(mean[:, None] - mean[None, :]) + np.abs(std[:, None] - std[None, :])) / scale
     sim = corr - TIE_BREAK * dist
     copies = np.argwhere(corr > 1.0 - NEAR_ONE)
@@ -147,7 +153,7 @@ def similarity(group_stats, keys: np.ndarray | None = None) -> np.ndarray:
         i, j = copies[:, 0], copies[:, 1]
         sim[i, j] = 1.0 - TIE_BREAK * (dist[i, j] + _relative(mean, i, j) + _relative(std, i, j))
     if keys is not None:
-        still = np.flatnonzero(std <= CONSTANT * scale)
+        still = np.flatnonzero(constant)
         if len(still) > 1:
             k = np.asarray(keys, dtype=np.float64)[still]
             k_scale = max(float(np.abs(k).max(initial=0.0)), 1e-30)

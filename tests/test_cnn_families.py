@@ -172,6 +172,20 @@ def test_constant_features_pair_with_their_twins_by_their_keys():
         np.testing.assert_array_equal(u[:5], u[5:])  # each feature with its twin
 
 
+def test_a_group_constant_on_the_data_pairs_features_by_their_values():
+    """Every feature of a group constant up to rounding (a deep layer whose output no longer depends
+    on the input): two exports of the same network differ there by rounding only, so the
+    correlations are noise; each feature pairs with its twin by its value."""
+    rng = np.random.default_rng(2)
+    values = rng.uniform(0.1, 0.9, 6)
+    a = values + 1e-9 * rng.standard_normal((300, 6))
+    b = values + 1e-9 * rng.standard_normal((300, 6))  # the other export's rounding
+    sim = similarity(_stats(np.hstack([a, b])))
+    for method, params in (("zipit", {"beta": 0.0}), ("permute", {})):
+        _, u = match(sim, method=method, **params)
+        np.testing.assert_array_equal(u[:6], u[6:])
+
+
 def test_near_copies_do_not_beat_exact_copies():
     """Rounding makes a near-copy's correlation exceed the exact copy's; the tie-breaks decide."""
     rng = np.random.default_rng(1)
