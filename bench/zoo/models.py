@@ -320,6 +320,26 @@ def build(model: ZooModel, seed: int) -> tuple[nn.Module, dict]:
     if model.library in ("torchvision", "timm", "transformers"):  # some transformers models import torchvision
         _torchvision_ops()
     torch.manual_seed(seed)
-    module = model.build().eval()
+    module = _as_if_trained(model.build().eval(), seed)
     example = _image(seed) if model.kind == "image" else _tokens(seed, model.takes_mask)
     return module, example
+
+
+def _as_if_trained(module: nn.Module, seed: int) -> nn.Module:
+    """Give the parameters a fresh initialization leaves trivial the spread training gives them:
+    norm scales around 1 (not exactly 1), biases and BatchNorm statistics off zero. Exporters treat
+    the trivial values specially (the dynamo exporter drops an all-zero bias and a scale of ones),
+    which trained models never show."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for m in module.modules():
+            is_norm = isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(m).__name__
+            for name, p in m.named_parameters(recurse=False):
+                if name == "bias":
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                elif is_norm and name == "weight":
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return module
