@@ -203,6 +203,14 @@ def upsample(images8: np.ndarray) -> np.ndarray:
 
 
 def make_data():
+    """The images upsampled to 16x16: ``{split_task: (images, labels)}`` and the calibration images."""
+    return split_tasks(lambda images: upsample(images))
+
+
+def split_tasks(prepare):
+    """The digits split into tasks a (0-4) and b (5-9), train and test (stratified), and the
+    calibration rows (CALIB_PER_TASK training images of each task, shuffled together), on the images
+    ``prepare`` makes of the raw 8x8 grids (0..16): ``({split_task: (images, labels)}, calib)``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -212,13 +220,12 @@ def make_data():
     train_idx, test_idx = train_test_split(
         idx, test_size=TEST_FRACTION, stratify=target, random_state=SPLIT_SEED, shuffle=True)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    x_all = upsample(images)
+    x_all = prepare(images)
     data = {}
     for task, lo in (("a", 0), ("b", 5)):
         for split, sel in (("train", train_idx), ("test", test_idx)):
             s = sel[(target[sel] >= lo) & (target[sel] < lo + NUM_CLASSES)]
             data[f"{split}_{task}"] = (x_all[s], target[s] - lo)
-    # Calibration: unlabeled training images, CALIB_PER_TASK from each task, shuffled together.
     rng = np.random.default_rng(CALIB_SEED)
     parts = [rng.choice(len(data[f"train_{t}"][0]), CALIB_PER_TASK, replace=False) for t in "ab"]
     calib = np.concatenate([data["train_a"][0][parts[0]], data["train_b"][0][parts[1]]])

@@ -70,8 +70,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # shared with the other torch samples: the split, augmentation, npz writer, file sizes
 from train_digits import (  # noqa: E402
-    CALIB_PER_TASK, CALIB_SEED, NUM_CLASSES, OPSET, DYNAMO_OPSET, SIZE, SPLIT_SEED, TEST_FRACTION,
-    file_size, save_npz, shift_batch, upsample,
+    DYNAMO_OPSET, NUM_CLASSES, OPSET, SIZE, file_size, save_npz, shift_batch, split_tasks, upsample,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -120,24 +119,7 @@ def _torchvision_ops() -> None:
 def token_data(out: Path) -> tuple[dict, np.ndarray]:
     """The split of ``train_digits.make_data`` on the raw 8x8 images: ``{split_task: (grid, labels)}``
     with grid [N, 8, 8] int64 in 0..16, and the calibration grids; checked against the image files."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images, target = digits.images.astype(np.int64), digits.target.astype(np.int64)
-    idx = np.arange(len(target))
-    train_idx, test_idx = train_test_split(
-        idx, test_size=TEST_FRACTION, stratify=target, random_state=SPLIT_SEED, shuffle=True)
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    data = {}
-    for task, lo in (("a", 0), ("b", 5)):
-        for split, sel in (("train", train_idx), ("test", test_idx)):
-            s = sel[(target[sel] >= lo) & (target[sel] < lo + NUM_CLASSES)]
-            data[f"{split}_{task}"] = (images[s], target[s] - lo)
-    rng = np.random.default_rng(CALIB_SEED)
-    parts = [rng.choice(len(data[f"train_{t}"][0]), CALIB_PER_TASK, replace=False) for t in "ab"]
-    calib = np.concatenate([data["train_a"][0][parts[0]], data["train_b"][0][parts[1]]])
-    calib = calib[rng.permutation(len(calib))]
+    data, calib = split_tasks(lambda images: images.astype(np.int64))
     # the same images as the image files, row for row
     for name, grid in [(k, v[0]) for k, v in data.items()] + [("calib", calib)]:
         with np.load(out / f"{name}.npz") as f:
