@@ -59,9 +59,7 @@ def release_static_batch(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
     edit = _Edit(m, inits, uses, shapes, batch)
-    consts = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer
-              if t.data_type == onnx.TensorProto.INT64 and len(t.dims) <= 1}
-    edit.layouts = sample_layouts(m, shapes, batch, consts) if batch > 1 else {}
+    edit.layouts = sample_layouts(m, shapes, batch) if batch > 1 else {}
     nodes = []
     for n in m.graph.node:
         if n.op_type == "Reshape":

@@ -19,14 +19,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxzip.onnx_nodes import attr, toposort
+from onnxzip.onnx_nodes import attr, consumers, toposort
 from onnxzip.runtime import session
 
-__all__ = ["split_fused_projections", "split_columns", "fused_candidates"]
+__all__ = ["split_fused_projections", "split_columns", "fused_candidates", "SHAPE_OPS"]
 
 # ops that only move or pick entries of their first input
 _MOVES = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Split", "Slice", "Identity"}
-_SHAPES = {"Shape", "Size"}  # read a tensor's shape, not its entries
+SHAPE_OPS = {"Shape", "Size"}  # read a tensor's shape, not its entries
 _PARTS = (2, 3, 4)
 _PROBE = "::onnxzip_parts"
 
@@ -35,10 +35,7 @@ def fused_candidates(m: onnx.ModelProto) -> list[tuple]:
     """(layer node, bias Add node or None, output tensor, out features) of dense layers whose
     output only feeds ops that move entries."""
     inits = {t.name: t for t in m.graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in m.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    readers = consumers(m)
     outputs = {o.name for o in m.graph.output}
     found = []
     for n in m.graph.node:
@@ -49,13 +46,13 @@ def fused_candidates(m: onnx.ModelProto) -> list[tuple]:
         else:
             continue
         y, bias = n.output[0], None
-        users = [u for u in consumers.get(y, []) if u.op_type not in _SHAPES]
+        users = [u for u in readers.get(y, []) if u.op_type not in SHAPE_OPS]
         if n.op_type == "MatMul" and len(users) == 1 and users[0].op_type == "Add" and y not in outputs:
             add = users[0]
             other = add.input[1] if add.input[0] == y else add.input[0]
             if other in inits and list(inits[other].dims) == [width]:
                 bias, y = add, add.output[0]
-                users = [u for u in consumers.get(y, []) if u.op_type not in _SHAPES]
+                users = [u for u in readers.get(y, []) if u.op_type not in SHAPE_OPS]
         if y in outputs or not users or any(u.op_type not in _MOVES or u.input[0] != y for u in users):
             continue
         if not any(width % k == 0 for k in _PARTS):
@@ -66,18 +63,15 @@ def fused_candidates(m: onnx.ModelProto) -> list[tuple]:
 
 def _closure(m: onnx.ModelProto, y: str) -> tuple[list[str], list[str]]:
     """Tensors the moving ops compute from ``y``, and those of them other ops (or outputs) read."""
-    consumers: dict[str, list] = {}
-    for n in m.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    readers = consumers(m)
     outputs = {o.name for o in m.graph.output}
     inside, stack, ends = [], [y], []
     seen = {y}
     while stack:
         t = stack.pop()
         leaves = t in outputs
-        for c in consumers.get(t, []):
-            if c.op_type in _SHAPES:
+        for c in readers.get(t, []):
+            if c.op_type in SHAPE_OPS:
                 continue
             if c.op_type in _MOVES and c.input[0] == t:
                 for o in c.output:

@@ -17,22 +17,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxzip.fused import fused_candidates, split_columns
-from onnxzip.onnx_nodes import attr, toposort
+from onnxzip.fused import SHAPE_OPS, fused_candidates, split_columns
+from onnxzip.onnx_nodes import attr, consumers, toposort
+from onnxzip.ops.axes import slice_bounds
 from onnxzip.runtime import session
 
 __all__ = ["split_interleaved_projections"]
-
-_SHAPES = {"Shape", "Size"}
-
-
-def _readers(m: onnx.ModelProto) -> dict[str, list]:
-    readers: dict[str, list] = {}
-    for n in m.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    return readers
-
 
 def _int_value(m: onnx.ModelProto, name: str, probed: dict) -> np.ndarray | None:
     """An integer initializer, or a small integer tensor as the shape probe computed it."""
@@ -60,7 +50,7 @@ def _cut(m: onnx.ModelProto, y: str, shapes: dict, probed: dict, readers: dict, 
     chain, perms, t = [reshape], [], reshape.output[0]
     rank = len(shape)
     while True:
-        users = [u for u in readers.get(t, []) if u.op_type not in _SHAPES]
+        users = [u for u in readers.get(t, []) if u.op_type not in SHAPE_OPS]
         if len(users) == 1 and users[0].op_type == "Transpose":
             perm = list(attr(users[0], "perm", list(range(rank))[::-1]))
             if perm[-1] != rank - 1:
@@ -90,19 +80,12 @@ def _cut(m: onnx.ModelProto, y: str, shapes: dict, probed: dict, readers: dict, 
 def _slice_start(m: onnx.ModelProto, node, rank: int, probed: dict) -> int | None:
     """The start of a Slice along the last axis (bounds constant or computed from shapes); None
     otherwise."""
-    names = list(node.input[1:]) + [""] * (4 - len(node.input[1:]))
-    starts = _int_value(m, names[0], probed) if names[0] else None
-    axes = _int_value(m, names[2], probed) if names[2] else None
-    steps = _int_value(m, names[3], probed) if names[3] else None
-    if starts is None or (names[2] and axes is None) or (names[3] and steps is None):
+    names = [node.input[k] if len(node.input) > k else "" for k in range(1, 5)]
+    values = [_int_value(m, n, probed) if n else None for n in names]
+    if values[0] is None or any(n and v is None for n, v in zip(names[2:], values[2:])):
         return None
-    starts = starts.reshape(-1).tolist()
-    axes = axes.reshape(-1).tolist() if axes is not None else list(range(len(starts)))
-    steps = steps.reshape(-1).tolist() if steps is not None else [1] * len(starts)
-    found = [(s, st) for s, a, st in zip(starts, axes, steps) if int(a) % rank == rank - 1]
-    if len(found) != 1 or found[0][1] != 1:
-        return None
-    return int(found[0][0])
+    bounds = slice_bounds([values[0], None, values[2], values[3]], rank, rank - 1)
+    return None if bounds is None or bounds[2] != 1 else bounds[0]
 
 
 def _rewrite(m: onnx.ModelProto, node, bias, heads: int, k: int, perms: list, ends: list, chain: list,
@@ -158,7 +141,7 @@ def split_interleaved_projections(m: onnx.ModelProto, feeds: dict | None = None)
         shapes = probe_shapes(m, feeds, probed)
     except Exception:  # noqa: BLE001 - a model the probe cannot run is left as it is
         return []
-    readers = _readers(m)
+    readers = consumers(m)
     found = []
     for node, bias, y, width in cands:
         cut = _cut(m, y, shapes, probed, readers, width)

@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from onnxzip.errors import ModelLoadError, OptionError
 from onnxzip.fused import split_fused_projections
-from onnxzip.onnx_nodes import attr, prune, toposort
+from onnxzip.onnx_nodes import attr, consumers, prune, toposort
 from onnxzip.runtime import session
 
 __all__ = [
@@ -286,10 +286,7 @@ def fold_batchnorm(m: onnx.ModelProto) -> dict[str, int]:
     """Fold BatchNormalization into the Conv or Gemm that alone feeds it; return counts per op type."""
     g = m.graph
     inits = _init_map(m)
-    consumers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    readers = consumers(m)
     producer = {o: n for n in g.node for o in n.output}
     graph_outputs = {o.name for o in g.output}
     remove = set()
@@ -299,7 +296,7 @@ def fold_batchnorm(m: onnx.ModelProto) -> dict[str, int]:
             continue
         x = bn.input[0]
         layer = producer.get(x)
-        if layer is None or consumers.get(x, 0) != 1 or x in graph_outputs or not all(i in inits for i in bn.input[1:5]):
+        if layer is None or len(readers.get(x, [])) != 1 or x in graph_outputs or not all(i in inits for i in bn.input[1:5]):
             continue
         w_axis = _bn_weight_axis(layer, inits)
         if w_axis is None or not _fold_into(m, layer, bn, inits, w_axis):
@@ -393,15 +390,6 @@ _SINKABLE = {
 _LAYOUT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 
 
-def _consumers(m: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list] = {}
-    for n in m.graph.node:
-        for i in n.input:
-            if i:
-                out.setdefault(i, []).append(n)
-    return out
-
-
 def _scalar_const(name: str, inits: dict) -> bool:
     return name in inits and int(np.prod(inits[name].dims, dtype=np.int64)) == 1
 
@@ -420,7 +408,7 @@ def simplify_transposes(m: onnx.ModelProto) -> tuple[int, int]:
     while changed:
         changed = False
         inits = {t.name: t for t in g.initializer}
-        cons = _consumers(m)
+        cons = consumers(m)
         for t in list(g.node):
             if t.op_type != "Transpose" or t.output[0] in outputs:
                 continue
@@ -531,7 +519,7 @@ def sum_to_mean(m: onnx.ModelProto) -> int:
     """
     g = m.graph
     inits = _init_map(m)
-    cons = _consumers(m)
+    cons = consumers(m)
     outputs = {o.name for o in g.output}
     shapes = None
     fused = 0
@@ -633,7 +621,7 @@ def canonical_flatten(m: onnx.ModelProto) -> list[str]:
     """
     g = m.graph
     inits = {t.name: t for t in g.initializer}
-    cons = _consumers(m)
+    cons = consumers(m)
     producer = {o: n for n in g.node for o in n.output}
     outputs = {o.name for o in g.output}
     shapes = None
@@ -666,7 +654,7 @@ def canonical_flatten(m: onnx.ModelProto) -> list[str]:
         ops = " -> ".join(n.op_type for n in reversed(chain))
         notes.append(f"dense layer '{layer.name}' read {list(shapes.get(src))} through {ops}: now Flatten with its "
                      f"kernel rows permuted (element order of the source tensor, row-major)")
-        cons = _consumers(m)
+        cons = consumers(m)
         producer = {o: n for n in g.node for o in n.output}
     if notes:
         m.CopyFrom(prune(m))
@@ -683,7 +671,7 @@ def channel_permutations(m: onnx.ModelProto) -> list[str]:
     targets comes along). Returns one note per rewritten chain.
     """
     g = m.graph
-    cons = _consumers(m)
+    cons = consumers(m)
     producer = {o: n for n in g.node for o in n.output}
     outputs = {o.name for o in g.output}
     inits = {t.name for t in g.initializer}
@@ -868,7 +856,7 @@ def guess_layout(model: onnx.ModelProto, name: str) -> str | None:
     if len(dims) != 4:
         return None
     inits = {t.name: t for t in model.graph.initializer}
-    cons = _consumers(model)
+    cons = consumers(model)
     frontier, seen, channels = [name], set(), None
     while frontier and channels is None:
         t = frontier.pop(0)

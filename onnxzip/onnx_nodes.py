@@ -9,7 +9,7 @@ from onnx import helper
 
 from onnxzip.errors import ModelLoadError
 
-__all__ = ["attr", "attrs", "conv_pads", "prune", "toposort"]
+__all__ = ["attr", "attrs", "consumers", "conv_pads", "prune", "toposort"]
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -24,6 +24,16 @@ def attr(node: onnx.NodeProto, name: str, default=None):
 def attrs(node: onnx.NodeProto) -> dict:
     """Every attribute of ``node`` by name, as ``helper.make_node`` takes them (strings undecoded)."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes of the main graph that read it, in node order."""
+    found: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            if i:
+                found.setdefault(i, []).append(n)
+    return found
 
 
 def prune(model: onnx.ModelProto) -> onnx.ModelProto:

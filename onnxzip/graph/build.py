@@ -20,7 +20,7 @@ from onnxzip.graph.spaces import (
 )
 from onnxzip.ops import get_handler
 from onnxzip.ops.attention import carry_head_axis
-from onnxzip.onnx_nodes import attr
+from onnxzip.onnx_nodes import attr, consumers
 from onnxzip.runtime import session
 
 __all__ = ["build_layer_graph", "probe_shapes", "example_inputs", "static_batch_of", "BuildContext"]
@@ -436,8 +436,7 @@ def _sample_layouts(ctx: BuildContext, feeds: dict[str, np.ndarray]) -> dict[str
             batch = 2
         except ModelLoadError:
             pass
-    consts = {n: ctx.const(n) for n in ctx.consts if ctx.consts[n].data_type == onnx.TensorProto.INT64 and len(ctx.consts[n].dims) <= 1}
-    return sample_layouts(ctx.model, shapes, batch, consts)
+    return sample_layouts(ctx.model, shapes, batch)
 
 
 def _carry_channels(ctx: BuildContext, node, outs: list) -> None:
@@ -706,16 +705,13 @@ def _number_layers(model: onnx.ModelProto, layers: list[Layer]) -> None:
 
 def _bias_chains(model: onnx.ModelProto, ctx: BuildContext) -> None:
     """Per layer, the per-channel bias Adds that follow it alone (MatMul + Add is one dense layer)."""
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    readers = consumers(model)
     outputs = {o.name for o in model.graph.output}
     params = {(p.node, p.input_index) for p in ctx.params}
     for layer in ctx.layers:
         t = layer.output
-        while t not in outputs and len(consumers.get(t, [])) == 1:
-            n = consumers[t][0]
+        while t not in outputs and len(readers.get(t, [])) == 1:
+            n = readers[t][0]
             if n.op_type not in ("Add", "Sub") or len(n.input) != 2:
                 break
             k = 1 if n.input[0] == t else 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxzip.onnx_nodes import attr
 
@@ -47,9 +48,12 @@ def sample_layouts(model: onnx.ModelProto, shapes: dict, batch: int, consts: dic
 
     ``shapes`` must come from a run on a batch of ``batch`` samples (``batch`` > 1 makes the
     layouts unambiguous; with 1 every layout is trivially right). A tensor whose layout the rules
-    below cannot follow (a Slice or Gather along the samples, say) is left out.
+    below cannot follow (a Slice or Gather along the samples, say) is left out. ``consts``: the
+    small integer initializers by name (read from the model when None).
     """
-    consts = consts or {}
+    if consts is None:  # the small integer initializers (Gather indices, reduction axes)
+        consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                  if t.data_type == onnx.TensorProto.INT64 and len(t.dims) <= 1}
     inits = {t.name for t in model.graph.initializer}
     stride: dict[str, int] = {}
     for i in model.graph.input:

@@ -62,7 +62,7 @@ def attention(ctx, node):
     (qg, qh, qsize), (kg, kh, ksize), (vg, vh, vsize) = found
     if kh != vh or qh % kh or qsize // qh != ksize // kh:
         return ctx.unsupported_op(node, "Attention heads of q, k and v do not line up")
-    if mask and not _mask_ok(ctx, mask, layout_4d):
+    if mask and not _mask_ok(ctx, mask):
         return ctx.unsupported_op(node, "Attention mask with one value per head")
     out = node.output[0]
     repeats = qh // kh
@@ -82,7 +82,7 @@ def attention(ctx, node):
     return [part if repeats == 1 else RepeatSpace(part, vh, repeats, vsize * repeats)]
 
 
-def _mask_ok(ctx, mask: str, layout_4d: bool) -> bool:
+def _mask_ok(ctx, mask: str) -> bool:
     """A mask or additive bias shared by all heads (broadcast over the head axis)."""
     shape = ctx.shape(mask) or ()
     if len(shape) < 3:

@@ -7,7 +7,7 @@ from onnxzip.graph.spaces import (
     Blocked, ConcatSpace, ExpandSpace, GroupSpace, HeadPart, HeadsOnly, HeadSpace, InputSpace, NoFeatures, RepeatSpace,
     StackSpace,
 )
-from onnxzip.ops.axes import map_axis
+from onnxzip.ops.axes import map_axis, slice_bounds
 from onnxzip.ops.attention import (
     carry_head_axis, head_concat, map_heads, merge_heads, move_heads, repeat_heads, set_head_axis, split_heads,
     transpose_heads,
@@ -388,39 +388,31 @@ def _cut_parts(ctx, node, space: ConcatSpace, widths: list[int], outputs: list[s
     return outs
 
 
+def _slice_bounds(ctx, node, axis: int):
+    """(start, end, step) of a Slice along ``axis`` with bounds known at build time (constants or
+    computed from shapes); None when they are not, or the Slice leaves ``axis`` whole."""
+    names = [node.input[k] if len(node.input) > k else "" for k in range(1, 5)]
+    values = [ctx.int_value(n) if n else None for n in names]
+    if values[0] is None or values[1] is None or any(n and v is None for n, v in zip(names[2:], values[2:])):
+        return None
+    return slice_bounds(values, ctx.rank(node.input[0]), axis)
+
+
 def _slice_start(ctx, node, axis: int) -> int | None:
     """Where a Slice with bounds known at build time and step 1 starts on ``axis`` (None if it
     does not cut that axis that way); the width comes from the output's shape."""
-    ins = [node.input[k] if len(node.input) > k else "" for k in range(5)]
-    vals = [ctx.int_value(i) if i else None for i in ins]
-    if any(v is None for v in vals[1:3]) or any(i and v is None for i, v in zip(ins[3:], vals[3:])):
-        return None
-    starts = vals[1].reshape(-1).tolist()
-    rank = ctx.rank(node.input[0])
-    axes = [a % rank for a in vals[3].reshape(-1).tolist()] if ins[3] else list(range(len(starts)))
-    steps = vals[4].reshape(-1).tolist() if ins[4] else [1] * len(starts)
-    if axis not in axes or steps[axes.index(axis)] != 1:
+    bounds = _slice_bounds(ctx, node, axis)
+    if bounds is None or bounds[2] != 1:
         return None
     size = ctx.shape(node.input[0])[axis]
-    start = starts[axes.index(axis)]
+    start = bounds[0]
     return max(0, min(size, start + size if start < 0 else start))
 
 
 def _sliced_channels(ctx, node, axis):
-    """The channels a Slice keeps along ``axis`` (constant starts/ends/axes/steps), else None."""
-    rank = ctx.rank(node.input[0])
-    size = ctx.shape(node.input[0])[axis]
-    names = list(node.input[1:]) + [""] * (4 - len(node.input[1:]))
-    values = [ctx.int_value(n) if n else None for n in names]
-    if values[0] is None or values[1] is None or any(n and v is None for n, v in zip(names[2:], values[2:])):
-        return None
-    starts, ends = values[0].reshape(-1).tolist(), values[1].reshape(-1).tolist()
-    axes = values[2].reshape(-1).tolist() if names[2] else list(range(len(starts)))
-    steps = values[3].reshape(-1).tolist() if names[3] else [1] * len(starts)
-    for st, en, ax, sp in zip(starts, ends, axes, steps):
-        if int(ax) % rank == axis:
-            return list(range(size))[slice(int(st), int(en), int(sp))]
-    return None
+    """The channels a Slice keeps along ``axis`` (bounds known at build time), else None."""
+    bounds = _slice_bounds(ctx, node, axis)
+    return None if bounds is None else list(range(ctx.shape(node.input[0])[axis]))[slice(*bounds)]
 
 
 @register("Split")
